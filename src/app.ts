@@ -1,0 +1,144 @@
+/**
+ * buildGateway(config) assembles the gateway and never listens (server.ts
+ * does). Registration order below IS the request pipeline:
+ *
+ *   config -> transport guard + auth (onRequest) -> limits (preHandler)
+ *          -> proxy (HTTP: @fastify/http-proxy, WebSocket: bridge)
+ *   audit + metrics beside every step; admin listener separate.
+ */
+import { randomUUID } from 'node:crypto'
+import { readFileSync } from 'node:fs'
+import type { IncomingMessage } from 'node:http'
+import Fastify, { LogController, type FastifyInstance } from 'fastify'
+import pino, { type DestinationStream } from 'pino'
+import type { Config } from './config/load.js'
+import { configWarnings } from './config/load.js'
+import { loggerOptions } from './observability/logger.js'
+import { createMetrics, type Metrics } from './observability/metrics.js'
+import { createAudit, type Audit } from './observability/audit.js'
+import { KeyStore } from './auth/keys.js'
+import authPlugin from './auth/plugin.js'
+import { registerHttpProxy } from './proxy/http.js'
+import { registerWsProxy, type WsBridge } from './proxy/ws.js'
+import { buildAdmin } from './admin/plugin.js'
+import { Readiness } from './admin/readiness.js'
+
+export interface GatewayDeps {
+  /** Where logs go (default stdout); tests capture them here. */
+  logStream?: DestinationStream
+}
+
+export interface Gateway {
+  app: FastifyInstance
+  admin: FastifyInstance
+  config: Config
+  keys: KeyStore
+  metrics: Metrics
+  audit: Audit
+  readiness: Readiness
+  ws: WsBridge
+  /** Loads the JWKS (readiness waits for it; requests never block on it). */
+  start (): Promise<void>
+  /** Graceful stop: readiness fails, WebSockets get 1001, in-flight requests finish. */
+  close (): Promise<void>
+}
+
+const REQUEST_ID_RE = /^[A-Za-z0-9._:-]{1,128}$/
+
+/** A caller-supplied X-Request-Id is kept when it is sane, otherwise a new one. */
+function requestId (req: IncomingMessage): string {
+  const h = req.headers['x-request-id']
+  return typeof h === 'string' && REQUEST_ID_RE.test(h) ? h : randomUUID()
+}
+
+export async function buildGateway (config: Config, deps: GatewayDeps = {}): Promise<Gateway> {
+  const logger = pino(loggerOptions(config.log.level), deps.logStream ?? process.stdout)
+  const tls = config.server.tls
+  const app = Fastify({
+    loggerInstance: logger,
+    logController: new LogController({ disableRequestLogging: true }),
+    trustProxy: config.server.trustProxy as boolean, // Fastify accepts a hop count too; its types omit it
+    genReqId: requestId,
+    requestIdHeader: false,
+    return503OnClosing: true,
+    ...(tls !== undefined ? { https: { cert: readFileSync(tls.cert), key: readFileSync(tls.key) } } : {})
+  }) as unknown as FastifyInstance
+  for (const w of configWarnings(config)) app.log.warn({ component: 'config' }, w)
+
+  // Node removes the socket's error listener before emitting 'upgrade'; a
+  // client reset while auth is pending must not crash the process (STACK-NOTES §2).
+  app.server.prependListener('upgrade', (_req: IncomingMessage, socket) => {
+    socket.on('error', () => socket.destroy())
+  })
+
+  // --- observability: used by every later step ---------------------------
+  const metrics = createMetrics()
+  const audit = createAudit(metrics)
+  app.addHook('onRequest', (request, reply, done) => {
+    reply.header('x-request-id', request.id)
+    done()
+  })
+  app.addHook('onResponse', (_request, reply, done) => {
+    metrics.observeRequest(reply.statusCode, reply.elapsedTime / 1000)
+    done()
+  })
+  app.setErrorHandler((err: Error & { statusCode?: number, code?: string }, request, reply) => {
+    const status = err.statusCode !== undefined && err.statusCode >= 400 && err.statusCode < 600 ? err.statusCode : 500
+    if (status >= 500) request.log.error({ err }, 'request failed')
+    return reply.code(status).type('application/json; charset=utf-8')
+      .send(JSON.stringify(status >= 500
+        ? { error: 'internal_error', error_description: 'The gateway failed to handle the request' }
+        : { error: 'bad_request', error_description: err.code ?? 'invalid request' }))
+  })
+  app.setNotFoundHandler((_request, reply) =>
+    reply.code(405).type('application/json; charset=utf-8')
+      .send(JSON.stringify({ error: 'method_not_allowed', error_description: 'The gateway does not forward this method' })))
+
+  // --- auth: onRequest, so it also guards WebSocket upgrades ---------------
+  const keys = new KeyStore({
+    issuer: config.auth.issuer,
+    jwksUrl: config.auth.jwksUrl,
+    cacheTtlMs: config.auth.jwks.cacheTtlMs,
+    minRefreshIntervalMs: config.auth.jwks.minRefreshIntervalMs,
+    fetchTimeoutMs: config.auth.jwks.fetchTimeoutMs,
+    metrics,
+    log: app.log.child({ component: 'jwks' })
+  })
+  await app.register(authPlugin, { config, keys, audit })
+
+  // --- limits: registered here, before the proxy routes (issue: rate limits) -
+
+  // --- proxy: last, so every hook above applies to its routes --------------
+  await registerHttpProxy(app, config, metrics)
+  const ws = await registerWsProxy(app, config, metrics)
+
+  // --- admin listener -------------------------------------------------------
+  const readiness = new Readiness()
+  readiness.add('jwks', () => keys.ready
+    ? { ok: true, detail: `${keys.size} keys` }
+    : { ok: false, detail: keys.error ?? 'not loaded yet' })
+  const admin = buildAdmin(app.log, metrics, readiness)
+
+  let closing: Promise<void> | undefined
+  return {
+    app,
+    admin,
+    config,
+    keys,
+    metrics,
+    audit,
+    readiness,
+    ws,
+    start: () => keys.start(),
+    close () {
+      closing ??= (async () => {
+        readiness.draining = true
+        ws.closeAll('gateway shutting down')
+        await app.close()
+        await admin.close()
+        await keys.close()
+      })()
+      return closing
+    }
+  }
+}

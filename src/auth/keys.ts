@@ -1,0 +1,250 @@
+/**
+ * Signing keys from the issuer's JWKS, pinned by configuration: JWKS_URL, or
+ * the jwks_uri that OIDC discovery on the *configured* issuer advertises
+ * (discovery through get-jwks). Never a location taken from a token.
+ *
+ * Why not get-jwks' per-kid cache: it re-converts the JWK to PEM on every call
+ * (~450 µs a request, STACK-NOTES §8), has no negative cache (every made-up kid
+ * is a JWKS fetch), and drops keys one ttl after the endpoint goes down. This
+ * store keeps the whole key set, prepared once per kid, and:
+ *   - answers known kids synchronously (the hot path is a Map lookup);
+ *   - refreshes in the background when the set is older than cacheTtl, and
+ *     keeps serving the last good set while the endpoint is down;
+ *   - on an unknown kid refetches at most once per minRefreshInterval, all
+ *     concurrent misses sharing that one fetch (single flight); other unknown
+ *     kids are refused meanwhile (negative cache by time);
+ *   - bounds every fetch: undici connect/headers/body timeouts that fire, and a
+ *     body size cap.
+ */
+import { createPublicKey } from 'node:crypto'
+import { Agent, request } from 'undici'
+import buildGetJwks from 'get-jwks'
+import type { FastifyBaseLogger } from 'fastify'
+import type { Metrics } from '../observability/metrics.js'
+import { DiscoveryFailedError, JwksUnavailableError } from '../errors.js'
+
+export const MAX_JWKS_BYTES = 1024 * 1024
+export const MAX_JWKS_KEYS = 100
+
+export interface KeyStoreOptions {
+  issuer: string
+  jwksUrl: string | undefined
+  cacheTtlMs: number
+  minRefreshIntervalMs: number
+  fetchTimeoutMs: number
+  metrics: Metrics
+  log: FastifyBaseLogger
+}
+
+export interface PreparedKey {
+  kid: string | undefined
+  /** SPKI PEM, computed once; @fastify/jwt caches one verifier per PEM string. */
+  pem: string
+  /** The JWK's alg, when it pins one. */
+  alg: string | undefined
+  kty: string
+}
+
+export type KeyResult =
+  | { key: PreparedKey }
+  | { error: 'unknown_kid' | 'jwks_unavailable' }
+
+export class KeyStore {
+  private keys = new Map<string, PreparedKey>()
+  private loadedAt = 0
+  private lastAttempt = 0
+  private inflight: Promise<void> | undefined
+  private jwksUri: string | undefined
+  private readonly agent: Agent
+  private readonly getJwks: ReturnType<typeof buildGetJwks>
+  private lastError: string | undefined
+  private timer: NodeJS.Timeout | undefined
+
+  constructor (private readonly opts: KeyStoreOptions) {
+    const t = opts.fetchTimeoutMs
+    this.agent = new Agent({ connect: { timeout: t }, headersTimeout: t, bodyTimeout: t, connections: 4 })
+    this.jwksUri = opts.jwksUrl
+    // get-jwks' own `timeout` option is ignored and an AbortSignal in
+    // fetchOptions would be reused after it fired; a dispatcher with timeouts works.
+    this.getJwks = buildGetJwks({
+      providerDiscovery: true,
+      issuersWhitelist: [opts.issuer],
+      fetchOptions: { dispatcher: this.agent } as never
+    })
+  }
+
+  /** True once a key set has been loaded (readiness). */
+  get ready (): boolean { return this.loadedAt > 0 }
+  get size (): number { return this.keys.size }
+  get error (): string | undefined { return this.lastError }
+
+  /**
+   * The key for a token header. Synchronous for known kids; otherwise a
+   * promise that resolves after at most one shared refetch.
+   */
+  lookup (kid: string | undefined, alg: string): KeyResult | Promise<KeyResult> {
+    const now = Date.now()
+    const hit = this.find(kid, alg)
+    if (hit !== undefined) {
+      if (now - this.loadedAt > this.opts.cacheTtlMs) this.refresh(now).catch(() => {})
+      return { key: hit }
+    }
+    if (this.inflight === undefined && now - this.lastAttempt < this.opts.minRefreshIntervalMs) {
+      return { error: this.ready ? 'unknown_kid' : 'jwks_unavailable' }
+    }
+    return this.refresh(now).then(() => {
+      const key = this.find(kid, alg)
+      if (key !== undefined) return { key }
+      return { error: this.ready ? 'unknown_kid' : 'jwks_unavailable' }
+    })
+  }
+
+  /** Loads the key set (single flight); never rejects, failures are kept for readiness. */
+  refresh (now = Date.now()): Promise<void> {
+    if (this.inflight !== undefined) return this.inflight
+    this.lastAttempt = now
+    this.inflight = this.fetchKeys()
+      .then((keys) => {
+        this.keys = keys
+        this.loadedAt = Date.now()
+        this.lastError = undefined
+        this.opts.metrics.jwksFetches.labels('ok').inc()
+        this.opts.metrics.jwksKeys.set(keys.size)
+        this.opts.metrics.jwksLastSuccess.set(this.loadedAt / 1000)
+        this.opts.log.debug({ keys: keys.size }, 'jwks loaded')
+      }, (err: Error) => {
+        this.opts.metrics.jwksFetches.labels('error').inc()
+        if (this.lastError !== err.message) {
+          // One line per distinct problem, not per attempt.
+          this.opts.log.error({ err: { message: err.message, code: (err as { code?: string }).code } },
+            this.ready ? 'jwks refresh failed; serving the last good key set' : 'jwks fetch failed')
+        }
+        this.lastError = err.message
+        if (this.jwksUri !== this.opts.jwksUrl) this.jwksUri = undefined // rediscover next time
+      })
+      .finally(() => { this.inflight = undefined })
+    return this.inflight
+  }
+
+  /**
+   * Loads the key set now and keeps it fresh: retries until the first load
+   * succeeds, then refreshes whenever the set is older than cacheTtl. Requests
+   * never wait for this; they keep using the last good set.
+   */
+  start (): Promise<void> {
+    const every = Math.max(1000, Math.min(this.opts.minRefreshIntervalMs || 1000, this.opts.cacheTtlMs))
+    this.timer = setInterval(() => {
+      if (!this.ready || Date.now() - this.loadedAt > this.opts.cacheTtlMs) this.refresh().catch(() => {})
+    }, every)
+    this.timer.unref()
+    return this.refresh()
+  }
+
+  async close (): Promise<void> {
+    clearInterval(this.timer)
+    await this.inflight
+    await this.agent.close()
+  }
+
+  private find (kid: string | undefined, alg: string): PreparedKey | undefined {
+    if (kid !== undefined) {
+      const k = this.keys.get(kid)
+      return k !== undefined && (k.alg === undefined || k.alg === alg) ? k : undefined
+    }
+    // No kid in the token: acceptable only when exactly one key can match.
+    let only: PreparedKey | undefined
+    for (const k of this.keys.values()) {
+      if (k.alg !== undefined && k.alg !== alg) continue
+      if (!ktyFits(k.kty, alg)) continue
+      if (only !== undefined) return undefined
+      only = k
+    }
+    return only
+  }
+
+  private async discover (): Promise<string> {
+    if (this.jwksUri !== undefined) return this.jwksUri
+    let uri: string
+    try {
+      uri = await this.getJwks.getJwksUri(this.opts.issuer + '/')
+    } catch (err) {
+      throw new DiscoveryFailedError(`${this.opts.issuer}/.well-known/openid-configuration: ${(err as Error).message}`)
+    }
+    try {
+      const u = new URL(uri)
+      if (u.protocol !== 'https:' && u.protocol !== 'http:') throw new Error('not http(s)')
+    } catch {
+      throw new DiscoveryFailedError(`jwks_uri ${JSON.stringify(uri)} is not an http(s) URL`)
+    }
+    this.jwksUri = uri
+    return uri
+  }
+
+  private async fetchKeys (): Promise<Map<string, PreparedKey>> {
+    const uri = await this.discover()
+    const t = this.opts.fetchTimeoutMs
+    let res
+    try {
+      res = await request(uri, {
+        dispatcher: this.agent,
+        headersTimeout: t,
+        bodyTimeout: t,
+        headers: { accept: 'application/json, application/jwk-set+json' }
+      })
+    } catch (err) {
+      throw new JwksUnavailableError(`${uri}: ${(err as Error).message}`)
+    }
+    const chunks: Buffer[] = []
+    let size = 0
+    for await (const chunk of res.body) {
+      size += (chunk as Buffer).length
+      if (size > MAX_JWKS_BYTES) {
+        res.body.destroy()
+        throw new JwksUnavailableError(`${uri}: response larger than ${MAX_JWKS_BYTES} bytes`)
+      }
+      chunks.push(chunk as Buffer)
+    }
+    if (res.statusCode !== 200) throw new JwksUnavailableError(`${uri}: HTTP ${res.statusCode}`)
+    let body: unknown
+    try {
+      body = JSON.parse(Buffer.concat(chunks).toString('utf8'))
+    } catch {
+      throw new JwksUnavailableError(`${uri}: not JSON`)
+    }
+    const jwks = (body as { keys?: unknown }).keys
+    if (!Array.isArray(jwks)) throw new JwksUnavailableError(`${uri}: no "keys" array`)
+    const keys = new Map<string, PreparedKey>()
+    for (const jwk of jwks.slice(0, MAX_JWKS_KEYS)) {
+      const key = prepare(jwk)
+      if (key !== undefined) keys.set(key.kid ?? `#${keys.size}`, key)
+    }
+    if (keys.size === 0) throw new JwksUnavailableError(`${uri}: no usable signing key`)
+    return keys
+  }
+}
+
+/** A JWK as a ready PEM, or undefined for encryption keys and what we cannot use. */
+function prepare (jwk: unknown): PreparedKey | undefined {
+  if (typeof jwk !== 'object' || jwk === null) return undefined
+  const j = jwk as Record<string, unknown>
+  if (j.use !== undefined && j.use !== 'sig') return undefined
+  if (j.kty !== 'RSA' && j.kty !== 'EC' && j.kty !== 'OKP') return undefined
+  if (j.d !== undefined) return undefined // never accept private material
+  try {
+    const pem = createPublicKey({ key: j as never, format: 'jwk' }).export({ type: 'spki', format: 'pem' }).toString()
+    return {
+      kid: typeof j.kid === 'string' ? j.kid : undefined,
+      pem,
+      alg: typeof j.alg === 'string' ? j.alg : undefined,
+      kty: j.kty
+    }
+  } catch {
+    return undefined
+  }
+}
+
+function ktyFits (kty: string, alg: string): boolean {
+  if (alg.startsWith('RS') || alg.startsWith('PS')) return kty === 'RSA'
+  if (alg.startsWith('ES')) return kty === 'EC'
+  return alg === 'EdDSA' && kty === 'OKP'
+}

@@ -1,0 +1,291 @@
+/**
+ * Configuration: YAML file (CONFIG_FILE, default config/gateway.yaml) overlaid by
+ * environment variables (env wins), validated all at once, then deep-frozen.
+ * Nothing after this reads process.env.
+ */
+import { readFileSync, existsSync } from 'node:fs'
+import { parse as parseYaml } from 'yaml'
+import { ConfigInvalidError } from '../errors.js'
+import { LEAVES, type LeafPath, type LeafValues } from './settings.js'
+import { JWT_ALGORITHMS, type JwtAlgorithm, type LogLevel, type TrustProxy } from './parsers.js'
+import { compilePattern, patternError, type PathMatcher } from './patterns.js'
+
+export const DEFAULT_CONFIG_FILE = 'config/gateway.yaml'
+
+const HTTP_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'] as const
+export type HttpMethod = typeof HTTP_METHODS[number]
+
+export interface RoleRule {
+  path: string
+  /** Empty = every method. */
+  methods: HttpMethod[]
+  /** The caller needs at least one of these. */
+  roles: string[]
+  match: PathMatcher
+}
+
+export interface Config {
+  /** Where the YAML came from (undefined: defaults and env only). */
+  source: string | undefined
+  server: {
+    host: string
+    port: number
+    tls: { cert: string, key: string } | undefined
+    allowInsecureHttp: boolean
+    trustProxy: TrustProxy
+    shutdownDelayMs: number
+    shutdownTimeoutMs: number
+  }
+  admin: { host: string, port: number }
+  upstream: {
+    url: string
+    timeoutMs: number
+    connectTimeoutMs: number
+    connections: number
+    forwardAuthorization: boolean
+  }
+  auth: {
+    issuer: string
+    audiences: string[]
+    acceptAzpAsAudience: boolean
+    jwksUrl: string | undefined
+    algorithms: JwtAlgorithm[]
+    clockToleranceSec: number
+    roleClients: string[]
+    verifyCacheSize: number
+    jwks: { cacheTtlMs: number, minRefreshIntervalMs: number, fetchTimeoutMs: number }
+    publicPaths: string[]
+    isPublic: PathMatcher
+    routes: RoleRule[]
+  }
+  log: { level: LogLevel }
+  redis: { url: string | undefined }
+  rateLimit: { max: number, windowMs: number }
+}
+
+/** YAML keys that are not scalar leaves (validated below). */
+const STRUCTURED = new Set(['auth.publicPaths', 'auth.routes'])
+
+export interface LoadOptions {
+  env?: NodeJS.ProcessEnv
+  /** Overrides CONFIG_FILE (used by check-config --file). */
+  file?: string
+}
+
+export function loadConfig (opts: LoadOptions = {}): Config {
+  const env = opts.env ?? process.env
+  const errors: string[] = []
+  const explicitFile = opts.file ?? nonEmpty(env.CONFIG_FILE)
+  const file = explicitFile ?? DEFAULT_CONFIG_FILE
+  let yaml: Record<string, unknown> = {}
+  let source: string | undefined
+  if (explicitFile !== undefined || existsSync(file)) {
+    try {
+      const doc: unknown = parseYaml(readFileSync(file, 'utf8'), { uniqueKeys: true })
+      source = file
+      if (doc === null || doc === undefined) yaml = {}
+      else if (isObject(doc)) yaml = doc
+      else errors.push(`${file} (CONFIG_FILE): must be a YAML mapping at the top level`)
+    } catch (err) {
+      errors.push(`${file} (CONFIG_FILE): ${(err as Error).message.split('\n')[0]}`)
+    }
+  }
+
+  checkUnknownKeys(yaml, '', errors)
+
+  const values: Record<string, unknown> = {}
+  for (const [path, leaf] of Object.entries(LEAVES) as Array<[LeafPath, typeof LEAVES[LeafPath]]>) {
+    const label = `${path} (${leaf.env})`
+    const fromEnv = nonEmpty(env[leaf.env])
+    const raw = fromEnv ?? getPath(yaml, path)
+    if (raw === undefined || raw === null) {
+      if ('required' in leaf && leaf.required === true) errors.push(`${label}: is required`)
+      values[path] = 'default' in leaf ? leaf.default : undefined
+      continue
+    }
+    const parsed = leaf.parse(raw)
+    if (parsed.ok) values[path] = parsed.value
+    else errors.push(`${label}: ${parsed.error}${fromEnv !== undefined ? ' (from environment)' : ''}`)
+  }
+  const v = values as LeafValues
+
+  const publicPaths = parsePatternList(getPath(yaml, 'auth.publicPaths'), 'auth.publicPaths', errors)
+  const routes = parseRoleRules(getPath(yaml, 'auth.routes'), errors)
+
+  const cert = v['server.tls.cert']
+  const key = v['server.tls.key']
+  if ((cert === undefined) !== (key === undefined)) {
+    errors.push('server.tls (TLS_CERT, TLS_KEY): set both the certificate and the key, or neither')
+  }
+  for (const [path, file] of [['server.tls.cert (TLS_CERT)', cert], ['server.tls.key (TLS_KEY)', key]] as const) {
+    if (file !== undefined && !existsSync(file)) errors.push(`${path}: file not found: ${file}`)
+  }
+
+  if (errors.length > 0) {
+    throw new ConfigInvalidError(errors.map((e) => `  - ${e}`).join('\n'))
+  }
+
+  const publicMatchers = publicPaths.map(compilePattern)
+  const config: Config = {
+    source,
+    server: {
+      host: v['server.host'],
+      port: v['server.port'],
+      tls: cert !== undefined && key !== undefined ? { cert, key } : undefined,
+      allowInsecureHttp: v['server.allowInsecureHttp'],
+      trustProxy: v['server.trustProxy'],
+      shutdownDelayMs: v['server.shutdownDelay'],
+      shutdownTimeoutMs: v['server.shutdownTimeout']
+    },
+    admin: { host: v['admin.host'], port: v['admin.port'] },
+    upstream: {
+      url: v['upstream.url'],
+      timeoutMs: v['upstream.timeout'],
+      connectTimeoutMs: v['upstream.connectTimeout'],
+      connections: v['upstream.connections'],
+      forwardAuthorization: v['upstream.forwardAuthorization']
+    },
+    auth: {
+      issuer: v['auth.issuer'].replace(/\/+$/, ''),
+      audiences: v['auth.audience'],
+      acceptAzpAsAudience: v['auth.acceptAzpAsAudience'],
+      jwksUrl: v['auth.jwksUrl'],
+      algorithms: v['auth.algorithms'],
+      clockToleranceSec: v['auth.clockTolerance'],
+      roleClients: v['auth.roleClients'].length > 0 ? v['auth.roleClients'] : v['auth.audience'],
+      verifyCacheSize: v['auth.verifyCacheSize'],
+      jwks: {
+        cacheTtlMs: v['auth.jwks.cacheTtl'],
+        minRefreshIntervalMs: v['auth.jwks.minRefreshInterval'],
+        fetchTimeoutMs: v['auth.jwks.fetchTimeout']
+      },
+      publicPaths,
+      isPublic: (p) => publicMatchers.some((m) => m(p)),
+      routes
+    },
+    log: { level: v['log.level'] },
+    redis: { url: v['redis.url'] },
+    rateLimit: { max: v['rateLimit.max'], windowMs: v['rateLimit.window'] }
+  }
+  return deepFreeze(config)
+}
+
+/** Problems worth a warning at start, not a refusal. */
+export function configWarnings (config: Config): string[] {
+  const warnings: string[] = []
+  if (config.auth.audiences.includes('account')) {
+    warnings.push('auth.audience (JWT_AUDIENCE) contains "account": every Keycloak token of the realm carries aud "account", so any client\'s token would be accepted. Add an audience mapper for the gateway\'s client and use its id, or set JWT_ACCEPT_AZP=true with the client id.')
+  }
+  if (config.server.tls === undefined && !config.server.allowInsecureHttp && config.server.trustProxy === false) {
+    warnings.push('no TLS_CERT/TLS_KEY, ALLOW_INSECURE_HTTP=false and TRUST_PROXY=false: every request that carries a token will be refused as plaintext. Terminate TLS here, or behind a trusted proxy that sets X-Forwarded-Proto.')
+  }
+  const jwksBase = config.auth.jwksUrl ?? config.auth.issuer
+  if (jwksBase.startsWith('http:') && !isLoopback(jwksBase)) {
+    warnings.push('the JWKS is fetched over plain http from a non-loopback host: a network attacker could substitute signing keys. Use https.')
+  }
+  if (config.server.allowInsecureHttp) {
+    warnings.push('ALLOW_INSECURE_HTTP=true: bearer tokens are accepted over plaintext. Development only.')
+  }
+  return warnings
+}
+
+function isLoopback (u: string): boolean {
+  const host = new URL(u).hostname
+  return host === 'localhost' || host === '[::1]' || host.startsWith('127.')
+}
+
+function parsePatternList (raw: unknown, path: string, errors: string[]): string[] {
+  if (raw === undefined || raw === null) return []
+  if (!Array.isArray(raw)) {
+    errors.push(`${path}: must be a list of path patterns`)
+    return []
+  }
+  const out: string[] = []
+  for (const [i, p] of raw.entries()) {
+    const err = patternError(p)
+    if (err !== undefined) errors.push(`${path}[${i}] (${JSON.stringify(p)}): ${err}`)
+    else out.push(p as string)
+  }
+  return out
+}
+
+function parseRoleRules (raw: unknown, errors: string[]): RoleRule[] {
+  if (raw === undefined || raw === null) return []
+  if (!Array.isArray(raw)) {
+    errors.push('auth.routes: must be a list of { path, methods?, roles }')
+    return []
+  }
+  const rules: RoleRule[] = []
+  for (const [i, item] of raw.entries()) {
+    const at = `auth.routes[${i}]`
+    if (!isObject(item)) {
+      errors.push(`${at}: must be a mapping { path, methods?, roles }`)
+      continue
+    }
+    for (const k of Object.keys(item)) {
+      if (!['path', 'methods', 'roles'].includes(k)) errors.push(`${at}.${k}: unknown key`)
+    }
+    const pErr = patternError(item.path)
+    if (pErr !== undefined) errors.push(`${at}.path: ${pErr}`)
+    const methods = item.methods ?? []
+    const methodsOk = Array.isArray(methods) && methods.every((m) => typeof m === 'string' && (HTTP_METHODS as readonly string[]).includes(m.toUpperCase()))
+    if (!methodsOk) errors.push(`${at}.methods: must be a list of ${HTTP_METHODS.join(', ')}`)
+    const roles = item.roles
+    const rolesOk = Array.isArray(roles) && roles.length > 0 && roles.every((r) => typeof r === 'string' && r.length > 0)
+    if (!rolesOk) errors.push(`${at}.roles: must be a non-empty list of role names`)
+    if (pErr === undefined && methodsOk && rolesOk) {
+      const path = item.path as string
+      rules.push({
+        path,
+        methods: (methods as string[]).map((m) => m.toUpperCase() as HttpMethod),
+        roles: roles as string[],
+        match: compilePattern(path)
+      })
+    }
+  }
+  return rules
+}
+
+/** Every YAML key must be a known leaf, a structured key, or a parent of one. */
+function checkUnknownKeys (node: Record<string, unknown>, prefix: string, errors: string[]): void {
+  for (const [k, val] of Object.entries(node)) {
+    const path = prefix === '' ? k : `${prefix}.${k}`
+    if (path in LEAVES || STRUCTURED.has(path)) continue
+    const isParent = Object.keys(LEAVES).some((p) => p.startsWith(path + '.')) ||
+      [...STRUCTURED].some((p) => p.startsWith(path + '.'))
+    if (!isParent) {
+      errors.push(`${path}: unknown key`)
+    } else if (!isObject(val)) {
+      errors.push(`${path}: must be a mapping`)
+    } else {
+      checkUnknownKeys(val, path, errors)
+    }
+  }
+}
+
+function getPath (obj: Record<string, unknown>, path: string): unknown {
+  let cur: unknown = obj
+  for (const k of path.split('.')) {
+    if (!isObject(cur)) return undefined
+    cur = cur[k]
+  }
+  return cur
+}
+
+function isObject (v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v)
+}
+
+function nonEmpty (s: string | undefined): string | undefined {
+  return s === undefined || s.trim() === '' ? undefined : s
+}
+
+function deepFreeze<T> (obj: T): T {
+  if (typeof obj === 'object' && obj !== null && !Object.isFrozen(obj)) {
+    Object.freeze(obj)
+    for (const v of Object.values(obj)) deepFreeze(v)
+  }
+  return obj
+}
+
+export { HTTP_METHODS, JWT_ALGORITHMS }

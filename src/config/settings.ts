@@ -1,0 +1,85 @@
+/**
+ * Every scalar setting of the gateway: its YAML path, its environment variable,
+ * its default and what it means. One table (as envoy's settings.go), so the
+ * loader, `check-config` and the README reference cannot drift apart.
+ * Structured settings that env cannot express (publicPaths, routes) are YAML
+ * only and validated in load.ts.
+ */
+import {
+  bool, duration, int, JWT_ALGORITHMS, list, LOG_LEVELS, oneOf, port, seconds, str, trustProxy, url,
+  type JwtAlgorithm, type LogLevel, type Parser, type TrustProxy
+} from './parsers.js'
+
+export interface Leaf<T> {
+  /** Environment variable that overrides the YAML value. */
+  env: string
+  parse: Parser<T>
+  /** Value when neither YAML nor env sets it; undefined = unset (or required). */
+  default?: T
+  required?: boolean
+  /** Masked by check-config and never logged. */
+  secret?: boolean
+  doc: string
+}
+
+/** A leaf that always has a value: a default, or required (the loader refuses to start without it). */
+function leaf<T> (def: Leaf<T> & ({ default: T } | { required: true })): Leaf<T> { return def }
+/** A leaf that may stay unset. */
+function optional<T> (def: Leaf<T>): Leaf<T | undefined> { return def }
+
+export const DEFAULT_PORT = 8080
+export const DEFAULT_ADMIN_PORT = 9090
+export const DEFAULT_UPSTREAM_URL = 'http://127.0.0.1:3000'
+export const DEFAULT_UPSTREAM_TIMEOUT_MS = 30_000
+export const DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS = 5_000
+export const DEFAULT_UPSTREAM_CONNECTIONS = 128
+export const DEFAULT_CLOCK_TOLERANCE_S = 5
+export const DEFAULT_JWKS_CACHE_TTL_MS = 10 * 60_000
+export const DEFAULT_JWKS_MIN_REFRESH_MS = 10_000
+export const DEFAULT_JWKS_FETCH_TIMEOUT_MS = 5_000
+export const DEFAULT_JWT_CACHE_SIZE = 10_000
+export const DEFAULT_RATE_LIMIT_MAX = 100
+export const DEFAULT_RATE_LIMIT_WINDOW_MS = 60_000
+export const DEFAULT_SHUTDOWN_DELAY_MS = 5_000
+export const DEFAULT_SHUTDOWN_TIMEOUT_MS = 30_000
+
+/**
+ * The table. Keys are YAML paths (dot-separated). Order = README order.
+ */
+export const LEAVES = {
+  'server.host': leaf({ env: 'HOST', parse: str, default: '0.0.0.0', doc: 'Interface the public listener binds.' }),
+  'server.port': leaf({ env: 'PORT', parse: port, default: DEFAULT_PORT, doc: 'Public listener port (HTTP and WebSocket).' }),
+  'server.tls.cert': optional({ env: 'TLS_CERT', parse: str, doc: 'Path to a PEM certificate chain; with `TLS_KEY` the public listener serves HTTPS.' }),
+  'server.tls.key': optional({ env: 'TLS_KEY', parse: str, secret: true, doc: 'Path to the PEM private key for `TLS_CERT`.' }),
+  'server.allowInsecureHttp': leaf({ env: 'ALLOW_INSECURE_HTTP', parse: bool, default: false, doc: 'Accept bearer tokens over plain HTTP (development only). Otherwise a token over plaintext is refused with 401, unless it came through a trusted proxy with `X-Forwarded-Proto: https`.' }),
+  'server.trustProxy': leaf({ env: 'TRUST_PROXY', parse: trustProxy, default: false as TrustProxy, doc: 'Which proxies in front of the gateway to trust for `X-Forwarded-For`/`-Proto`/`-Host`: `false`, `true` (every hop), a hop count, or a comma list of IPs/CIDRs.' }),
+  'server.shutdownDelay': leaf({ env: 'SHUTDOWN_DELAY', parse: duration(), default: DEFAULT_SHUTDOWN_DELAY_MS, doc: 'On SIGTERM, how long `/readyz` reports 503 before the listener stops accepting (lets load balancers drain).' }),
+  'server.shutdownTimeout': leaf({ env: 'SHUTDOWN_TIMEOUT', parse: duration(1000), default: DEFAULT_SHUTDOWN_TIMEOUT_MS, doc: 'Upper bound for the whole shutdown; the process exits after it even if requests are still open.' }),
+  'admin.host': leaf({ env: 'ADMIN_HOST', parse: str, default: '127.0.0.1', doc: 'Interface of the admin listener (`/metrics`, `/healthz`, `/readyz`). Keep it private; the container image sets `0.0.0.0`.' }),
+  'admin.port': leaf({ env: 'ADMIN_PORT', parse: port, default: DEFAULT_ADMIN_PORT, doc: 'Admin listener port. Never served on the public port.' }),
+  'upstream.url': leaf({ env: 'UPSTREAM_URL', parse: url(['http', 'https']), default: DEFAULT_UPSTREAM_URL, doc: 'Base URL of the app every allowed request is forwarded to (HTTP and WebSocket).' }),
+  'upstream.timeout': leaf({ env: 'UPSTREAM_TIMEOUT', parse: duration(100), default: DEFAULT_UPSTREAM_TIMEOUT_MS, doc: 'Time to wait for the app\'s response headers (and between body chunks) before answering 504.' }),
+  'upstream.connectTimeout': leaf({ env: 'UPSTREAM_CONNECT_TIMEOUT', parse: duration(100), default: DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS, doc: 'TCP/TLS connect timeout to the app; on expiry the client gets 502.' }),
+  'upstream.connections': leaf({ env: 'UPSTREAM_CONNECTIONS', parse: int(1, 10_000), default: DEFAULT_UPSTREAM_CONNECTIONS, doc: 'Maximum pooled keep-alive connections to the app.' }),
+  'upstream.forwardAuthorization': leaf({ env: 'FORWARD_AUTHORIZATION', parse: bool, default: false, doc: 'Forward the client\'s `Authorization` header to the app. Off by default: the app gets the verified identity in `X-User-*` headers instead.' }),
+  'auth.issuer': leaf({ env: 'JWT_ISSUER', parse: url(['http', 'https']), required: true, doc: 'Expected `iss`, e.g. `https://keycloak.example.com/realms/myrealm`. OIDC discovery runs at `<JWT_ISSUER>/.well-known/openid-configuration` unless `JWKS_URL` is set.' }),
+  'auth.audience': leaf({ env: 'JWT_AUDIENCE', parse: list(str, { nonEmpty: true }), required: true, doc: 'Accepted audiences (comma list); a token must name at least one in `aud` (or in `azp` when `JWT_ACCEPT_AZP` is on).' }),
+  'auth.acceptAzpAsAudience': leaf({ env: 'JWT_ACCEPT_AZP', parse: bool, default: false, doc: 'Also accept a token whose `azp` (Keycloak\'s client id) is one of the audiences. For Keycloak realms without an audience mapper (`aud: "account"`).' }),
+  'auth.jwksUrl': optional({ env: 'JWKS_URL', parse: url(['http', 'https']), doc: 'Pin the JWKS location instead of discovering it. The JWKS location is never taken from a token.' }),
+  'auth.algorithms': leaf({ env: 'JWT_ALGORITHMS', parse: list(oneOf(JWT_ALGORITHMS), { nonEmpty: true }), default: ['RS256'] as JwtAlgorithm[], doc: `Allowed signature algorithms (comma list of ${JWT_ALGORITHMS.join(', ')}). \`none\` and HMAC are never accepted.` }),
+  'auth.clockTolerance': leaf({ env: 'JWT_CLOCK_TOLERANCE', parse: seconds, default: DEFAULT_CLOCK_TOLERANCE_S, doc: 'Seconds of clock skew allowed on `exp` and `nbf`.' }),
+  'auth.roleClients': leaf({ env: 'JWT_ROLE_CLIENTS', parse: list(str), default: [] as string[], doc: 'Clients whose `resource_access.<client>.roles` count as roles, named `<client>:<role>` (realm roles keep their plain name). Empty: the audiences.' }),
+  'auth.verifyCacheSize': leaf({ env: 'JWT_CACHE_SIZE', parse: int(0, 1_000_000), default: DEFAULT_JWT_CACHE_SIZE, doc: 'Verified tokens kept (LRU, never past their `exp`) so a repeated token skips the signature check. 0 disables.' }),
+  'auth.jwks.cacheTtl': leaf({ env: 'JWKS_CACHE_TTL', parse: duration(1000), default: DEFAULT_JWKS_CACHE_TTL_MS, doc: 'How long a fetched JWKS is fresh; after it the keys are refreshed in the background. Known keys keep working while the JWKS endpoint is down.' }),
+  'auth.jwks.minRefreshInterval': leaf({ env: 'JWKS_MIN_REFRESH_INTERVAL', parse: duration(), default: DEFAULT_JWKS_MIN_REFRESH_MS, doc: 'An unknown `kid` triggers at most one JWKS refetch per interval (single flight); other unknown kids are refused from a negative cache meanwhile.' }),
+  'auth.jwks.fetchTimeout': leaf({ env: 'JWKS_FETCH_TIMEOUT', parse: duration(100), default: DEFAULT_JWKS_FETCH_TIMEOUT_MS, doc: 'Connect, header and body timeout for discovery and JWKS fetches.' }),
+  'log.level': leaf({ env: 'LOG_LEVEL', parse: oneOf(LOG_LEVELS), default: 'info' as LogLevel, doc: `Log level: ${LOG_LEVELS.join(', ')}.` }),
+  'redis.url': optional({ env: 'REDIS_URL', parse: url(['redis', 'rediss']), secret: true, doc: 'Redis for shared rate limits (`redis://[:password@]host:6379/db`, `rediss://` for TLS). Unset: in-process limits, per replica.' }),
+  'rateLimit.max': leaf({ env: 'RATE_LIMIT_MAX', parse: int(1), default: DEFAULT_RATE_LIMIT_MAX, doc: 'Requests (HTTP and WebSocket upgrades) per user (`sub`) per window.' }),
+  'rateLimit.window': leaf({ env: 'RATE_LIMIT_WINDOW', parse: duration(1000), default: DEFAULT_RATE_LIMIT_WINDOW_MS, doc: 'Rate-limit window: milliseconds or a duration (`60s`, `1m`).' })
+} as const
+
+export type LeafPath = keyof typeof LEAVES
+type LeafValue<P extends LeafPath> = typeof LEAVES[P] extends Leaf<infer T> ? T : never
+/** Resolved scalar values by YAML path; optional leaves may be undefined. */
+export type LeafValues = { [P in LeafPath]: LeafValue<P> }

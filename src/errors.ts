@@ -1,0 +1,21 @@
+/**
+ * The one catalogue of gateway errors. Codes are stable (operators and tests
+ * match on them); messages may improve. Request-time denials are not thrown
+ * errors but audited outcomes (see auth/reasons.ts), so a flood of bad tokens
+ * costs no stack traces.
+ */
+import createError from '@fastify/error'
+
+export const ConfigInvalidError = createError('GW_CONFIG_INVALID', 'invalid configuration:\n%s')
+export const JwksUnavailableError = createError('GW_JWKS_UNAVAILABLE', 'JWKS unavailable: %s', 503)
+export const DiscoveryFailedError = createError('GW_DISCOVERY_FAILED', 'OIDC discovery failed: %s', 503)
+
+/** A GW_* error with a code, for places that need one without a catalogue entry yet. */
+export class GatewayError extends Error {
+  readonly code: string
+  constructor (code: string, message: string) {
+    super(message)
+    this.code = code
+    this.name = 'GatewayError'
+  }
+}

@@ -1,0 +1,72 @@
+/**
+ * Entrypoint: loadConfig() -> buildGateway() -> listen public + admin ->
+ * graceful shutdown. Invalid configuration exits 1 before binding any port.
+ *
+ * SIGTERM/SIGINT: /readyz turns 503 at once, the public port keeps serving for
+ * SHUTDOWN_DELAY (load balancers notice and drain), then WebSockets get 1001,
+ * the listener closes and in-flight requests finish; SHUTDOWN_TIMEOUT bounds it
+ * all. A second signal exits at once.
+ */
+import { loadConfig, type Config } from './config/load.js'
+import { buildGateway } from './app.js'
+
+export async function main (env: NodeJS.ProcessEnv = process.env): Promise<void> {
+  let config: Config
+  try {
+    config = loadConfig({ env })
+  } catch (err) {
+    process.stderr.write(`resonance-gateway: ${(err as Error).message}\n`)
+    process.exit(1)
+  }
+
+  const gw = await buildGateway(config)
+  const log = gw.app.log
+  gw.start().catch(() => {}) // failures are logged and shown by /readyz; requests answer meanwhile
+  await gw.app.listen({ host: config.server.host, port: config.server.port })
+  await gw.admin.listen({ host: config.admin.host, port: config.admin.port })
+  log.info({
+    public: gw.app.addresses(),
+    admin: gw.admin.addresses(),
+    upstream: config.upstream.url,
+    issuer: config.auth.issuer,
+    tls: config.server.tls !== undefined,
+    config: config.source ?? '(defaults and environment)'
+  }, 'gateway listening')
+
+  let stopping = false
+  const stop = (signal: string): void => {
+    if (stopping) {
+      log.warn({ signal }, 'second signal: exiting now')
+      process.exit(1)
+    }
+    stopping = true
+    log.info({ signal, delayMs: config.server.shutdownDelayMs }, 'shutting down: readiness failed, draining')
+    gw.readiness.draining = true
+    const force = setTimeout(() => {
+      log.error({ timeoutMs: config.server.shutdownTimeoutMs }, 'shutdown timed out: exiting')
+      process.exit(1)
+    }, config.server.shutdownTimeoutMs)
+    force.unref()
+    setTimeout(() => {
+      gw.close().then(() => {
+        log.info('shutdown complete')
+        process.exit(0)
+      }, (err: unknown) => {
+        log.error({ err }, 'shutdown failed')
+        process.exit(1)
+      })
+    }, config.server.shutdownDelayMs).unref()
+  }
+  process.on('SIGTERM', () => stop('SIGTERM'))
+  process.on('SIGINT', () => stop('SIGINT'))
+}
+
+process.on('uncaughtException', (err) => {
+  process.stderr.write(JSON.stringify({ level: 60, time: Date.now(), msg: 'uncaught exception', err: { message: err.message, stack: err.stack } }) + '\n')
+  process.exit(1)
+})
+
+main().catch((err: Error) => {
+  process.stderr.write(`resonance-gateway: failed to start: ${err.message}\n`)
+  process.exit(1)
+})

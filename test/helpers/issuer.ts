@@ -1,0 +1,418 @@
+// A real OpenID Provider (the `oidc-provider` package) shaped like a Keycloak realm, on an ephemeral loopback port.
+//
+// Layout, as Keycloak serves it:
+//   issuer     http://127.0.0.1:<port>/realms/<realm>
+//   discovery  ${issuer}/.well-known/openid-configuration
+//   jwks_uri   ${issuer}/protocol/openid-connect/certs
+//   token      ${issuer}/protocol/openid-connect/token
+//
+// Every caller is a client_credentials client: the adapter answers for ANY client id matching SUB_PATTERN with the
+// shared TEST_CLIENT_SECRET, so `sub` (= client id) needs no registration. Per-token roles, username, ttl and audience
+// travel as extra form fields of the token request; oidc-provider strips unknown fields from `ctx.oidc.params` but keeps
+// the parsed body in `ctx.oidc.body`, where `extraTokenClaims` and `getResourceServerInfo` read them. The token is
+// still minted and signed by the provider's own token endpoint.
+import { generateKeyPair, randomBytes, type KeyObject } from 'node:crypto'
+import http from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { promisify } from 'node:util'
+import { calculateJwkThumbprint, type JWK } from 'jose'
+
+export interface TokenOptions {
+  sub?: string
+  realmRoles?: string[]
+  clientRoles?: Record<string, string[]>
+  username?: string
+  ttlSeconds?: number
+  audience?: string
+}
+
+export type JwksMode = 'ok' | 'error' | 'hang'
+
+export interface TestIssuer {
+  issuer: string
+  jwksUrl: string
+  audience: string
+  token (opts?: TokenOptions): Promise<string>
+  currentKid (): string
+  publicKeyPem (): string
+  rotate (): Promise<void>
+  dropOldKeys (): Promise<void>
+  setJwksMode (mode: JwksMode): void
+  readonly stats: { discovery: number, jwks: number }
+  close (): Promise<void>
+}
+
+export const DEFAULT_REALM = 'resonance'
+export const DEFAULT_AUDIENCE = 'resonance-gateway'
+export const DEFAULT_SUB = 'test-user'
+export const DEFAULT_TTL_SECONDS = 300
+export const TEST_CLIENT_SECRET = 'test-client-secret-shared-by-every-client'
+export const TOKEN_SCOPE = 'profile email'
+const SUB_PATTERN = /^[A-Za-z0-9._-]+$/
+// oidc-provider needs an absolute URI as resource indicator; the audience itself comes from getResourceServerInfo.
+const RESOURCE_INDICATOR = 'urn:resonance:test-resource'
+
+const DISCOVERY_PATH = '/.well-known/openid-configuration'
+const ROUTES = {
+  authorization: '/protocol/openid-connect/auth',
+  token: '/protocol/openid-connect/token',
+  userinfo: '/protocol/openid-connect/userinfo',
+  jwks: '/protocol/openid-connect/certs',
+  end_session: '/protocol/openid-connect/logout',
+  introspection: '/protocol/openid-connect/token/introspect',
+  revocation: '/protocol/openid-connect/revoke',
+  pushed_authorization_request: '/protocol/openid-connect/ext/par/request'
+}
+
+// Extra token-request form fields (see the header comment).
+const PARAM = {
+  realmRoles: 'x_realm_roles',
+  clientRoles: 'x_client_roles',
+  username: 'x_username',
+  ttl: 'x_ttl',
+  audience: 'x_audience'
+} as const
+
+// --- the minimal slice of oidc-provider's (untyped) API used here -------------------------------------------------
+
+interface ProviderContext {
+  oidc?: { body?: Record<string, unknown> }
+}
+interface ProviderToken {
+  clientId?: string
+}
+interface OidcProvider {
+  callback (): (req: http.IncomingMessage, res: http.ServerResponse) => void
+  on (event: string, listener: (...args: unknown[]) => void): unknown
+}
+type ProviderConstructor = new (issuer: string, configuration: Record<string, unknown>) => OidcProvider
+
+let providerModule: Promise<ProviderConstructor> | undefined
+
+// oidc-provider 9 prints "Unsupported runtime" on Node 20 when its module is evaluated. Import it lazily, with that
+// one console.warn line filtered out. The specifier is a variable so that tsc does not look for (absent) typings.
+function loadProvider (): Promise<ProviderConstructor> {
+  providerModule ??= (async () => {
+    const specifier = 'oidc-provider'
+    const warn = console.warn
+    console.warn = (...args: unknown[]) => {
+      if (typeof args[0] === 'string' && args[0].includes('Unsupported runtime')) return
+      warn.apply(console, args)
+    }
+    try {
+      const mod = await import(specifier) as { default: ProviderConstructor }
+      return mod.default
+    } finally {
+      console.warn = warn
+    }
+  })()
+  return providerModule
+}
+
+// --- keys ---------------------------------------------------------------------------------------------------------
+
+interface SigningKey {
+  kid: string
+  privateJwk: JWK
+  publicPem: string
+}
+
+const generateRsa = promisify(generateKeyPair)
+
+async function newSigningKey (): Promise<SigningKey> {
+  const { privateKey, publicKey } = await generateRsa('rsa', { modulusLength: 2048 }) as {
+    privateKey: KeyObject
+    publicKey: KeyObject
+  }
+  const jwk = privateKey.export({ format: 'jwk' }) as JWK
+  const kid = await calculateJwkThumbprint(jwk)
+  return {
+    kid,
+    privateJwk: { ...jwk, kid, alg: 'RS256', use: 'sig' },
+    publicPem: publicKey.export({ type: 'spki', format: 'pem' }).toString()
+  }
+}
+
+// --- adapter: answers for any client id, stores the rest in memory ------------------------------------------------
+
+function clientMetadata (clientId: string): Record<string, unknown> {
+  return {
+    client_id: clientId,
+    client_secret: TEST_CLIENT_SECRET,
+    grant_types: ['client_credentials'],
+    response_types: [],
+    redirect_uris: [],
+    token_endpoint_auth_method: 'client_secret_basic'
+  }
+}
+
+function createAdapter () {
+  // shared by every provider instance this issuer builds (rotation rebuilds the provider)
+  const store = new Map<string, { payload: Record<string, unknown>, expiresAt: number }>()
+  const live = (key: string) => {
+    const entry = store.get(key)
+    if (entry === undefined) return undefined
+    if (entry.expiresAt <= Date.now()) {
+      store.delete(key)
+      return undefined
+    }
+    return entry
+  }
+
+  return class TestAdapter {
+    readonly model: string
+    constructor (model: string) {
+      this.model = model
+    }
+
+    async upsert (id: string, payload: Record<string, unknown>, expiresIn?: number): Promise<void> {
+      const expiresAt = typeof expiresIn === 'number' ? Date.now() + expiresIn * 1000 : Infinity
+      store.set(`${this.model}:${id}`, { payload, expiresAt })
+    }
+
+    async find (id: string): Promise<Record<string, unknown> | undefined> {
+      if (this.model === 'Client') return SUB_PATTERN.test(id) ? clientMetadata(id) : undefined
+      return live(`${this.model}:${id}`)?.payload
+    }
+
+    async findByUserCode (): Promise<undefined> {
+      return undefined
+    }
+
+    async findByUid (): Promise<undefined> {
+      return undefined
+    }
+
+    async consume (id: string): Promise<void> {
+      const entry = live(`${this.model}:${id}`)
+      if (entry !== undefined) entry.payload.consumed = Math.floor(Date.now() / 1000)
+    }
+
+    async destroy (id: string): Promise<void> {
+      store.delete(`${this.model}:${id}`)
+    }
+
+    async revokeByGrantId (grantId: string): Promise<void> {
+      for (const [key, entry] of store) {
+        if (entry.payload.grantId === grantId) store.delete(key)
+      }
+    }
+  }
+}
+
+// --- per-token parameters read back from the token request body ---------------------------------------------------
+
+function bodyParam (ctx: ProviderContext, name: string): string | undefined {
+  const value = ctx.oidc?.body?.[name]
+  return typeof value === 'string' && value !== '' ? value : undefined
+}
+
+function jsonParam<T> (ctx: ProviderContext, name: string): T | undefined {
+  const value = bodyParam(ctx, name)
+  return value === undefined ? undefined : JSON.parse(value) as T
+}
+
+// --- the issuer ---------------------------------------------------------------------------------------------------
+
+export async function startIssuer (opts: { realm?: string, audience?: string } = {}): Promise<TestIssuer> {
+  const realm = opts.realm ?? DEFAULT_REALM
+  const audience = opts.audience ?? DEFAULT_AUDIENCE
+  if (!SUB_PATTERN.test(realm)) throw new TypeError(`startIssuer: invalid realm name ${JSON.stringify(realm)}`)
+
+  const Provider = await loadProvider()
+  const Adapter = createAdapter()
+  const prefix = `/realms/${realm}`
+
+  let keys: SigningKey[] = [await newSigningKey()]
+  let mode: JwksMode = 'ok'
+  const stats = { discovery: 0, jwks: 0 }
+  const hanging = new Set<http.ServerResponse>()
+  let lastServerError: unknown
+  let closing: Promise<void> | undefined
+  let handler: ((req: http.IncomingMessage, res: http.ServerResponse) => void) | undefined
+
+  const server = http.createServer((req, res) => {
+    const path = (req.url ?? '/').split('?')[0] ?? '/'
+    if (path !== prefix && !path.startsWith(`${prefix}/`)) {
+      res.writeHead(404, { 'content-type': 'application/json' }).end('{"error":"Realm does not exist"}')
+      return
+    }
+    const rest = path.slice(prefix.length)
+    const isDiscovery = rest === DISCOVERY_PATH
+    const isJwks = rest === ROUTES.jwks
+    if (isDiscovery) stats.discovery++
+    if (isJwks) stats.jwks++
+
+    if ((isDiscovery || isJwks) && mode !== 'ok') {
+      if (mode === 'hang') {
+        // accept and never answer; close() destroys the socket
+        hanging.add(res)
+        res.on('close', () => hanging.delete(res))
+        return
+      }
+      res.writeHead(500, { 'content-type': 'application/json' }).end('{"error":"injected failure"}')
+      return
+    }
+
+    if (handler === undefined) {
+      res.writeHead(503).end()
+      return
+    }
+    // Mount the provider under /realms/<realm>: oidc-provider derives its mount path from originalUrl vs url.
+    Object.assign(req, { originalUrl: req.url })
+    req.url = (req.url ?? '/').slice(prefix.length) || '/'
+    handler(req, res)
+  })
+  server.keepAliveTimeout = 1_000
+
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject)
+    server.listen(0, '127.0.0.1', () => {
+      server.off('error', reject)
+      resolve()
+    })
+  })
+  const { port } = server.address() as AddressInfo
+  const issuer = `http://127.0.0.1:${port}${prefix}`
+
+  const current = (): SigningKey => {
+    const key = keys[0]
+    if (key === undefined) throw new Error('issuer has no signing key')
+    return key
+  }
+
+  // Keycloak-like rotation = a new provider whose first signing key is the new one; older keys stay published.
+  const build = () => {
+    const provider = new Provider(issuer, {
+      adapter: Adapter,
+      jwks: { keys: keys.map((k) => k.privateJwk) },
+      routes: ROUTES,
+      clients: [],
+      scopes: ['openid', 'offline_access', 'profile', 'email'],
+      features: {
+        devInteractions: { enabled: false },
+        clientCredentials: { enabled: true },
+        introspection: { enabled: false },
+        revocation: { enabled: false },
+        resourceIndicators: {
+          enabled: true,
+          defaultResource: async () => RESOURCE_INDICATOR,
+          getResourceServerInfo: async (ctx: ProviderContext) => {
+            const ttl = bodyParam(ctx, PARAM.ttl)
+            return {
+              scope: TOKEN_SCOPE,
+              audience: bodyParam(ctx, PARAM.audience) ?? audience,
+              accessTokenFormat: 'jwt',
+              accessTokenTTL: ttl === undefined ? DEFAULT_TTL_SECONDS : Number(ttl),
+              jwt: { sign: { alg: 'RS256', kid: current().kid } }
+            }
+          }
+        }
+      },
+      ttl: {
+        ClientCredentials: (_ctx: unknown, token: { resourceServer?: { accessTokenTTL?: number } }) =>
+          token.resourceServer?.accessTokenTTL ?? DEFAULT_TTL_SECONDS
+      },
+      extraTokenClaims: async (ctx: ProviderContext, token: ProviderToken) => {
+        const claims: Record<string, unknown> = {
+          typ: 'Bearer',
+          azp: token.clientId,
+          realm_access: { roles: jsonParam<string[]>(ctx, PARAM.realmRoles) ?? [] }
+        }
+        const clientRoles = jsonParam<Record<string, string[]>>(ctx, PARAM.clientRoles)
+        if (clientRoles !== undefined) {
+          claims.resource_access = Object.fromEntries(
+            Object.entries(clientRoles).map(([client, roles]) => [client, { roles }]))
+        }
+        const username = bodyParam(ctx, PARAM.username)
+        if (username !== undefined) claims.preferred_username = username
+        return claims
+      },
+      formats: {
+        customizers: {
+          // Keycloak's access tokens carry `typ: JWT` in the header (oidc-provider would write RFC 9068 `at+jwt`)
+          jwt: async (_ctx: unknown, _token: unknown, jwt: { header?: Record<string, unknown> }) => {
+            jwt.header = { ...jwt.header, typ: 'JWT' }
+          }
+        }
+      },
+      clientBasedCORS: () => false,
+      renderError: async (ctx: { type: string, body: unknown }, out: unknown) => {
+        ctx.type = 'application/json'
+        ctx.body = out
+      }
+    })
+    provider.on('server_error', (_ctx: unknown, err: unknown) => { lastServerError = err })
+    handler = provider.callback()
+  }
+  build()
+
+  const tokenUrl = `${issuer}${ROUTES.token}`
+
+  return {
+    issuer,
+    jwksUrl: `${issuer}${ROUTES.jwks}`,
+    audience,
+    stats,
+
+    async token (o: TokenOptions = {}): Promise<string> {
+      const sub = o.sub ?? DEFAULT_SUB
+      if (!SUB_PATTERN.test(sub)) throw new TypeError(`token: sub must match ${SUB_PATTERN}, got ${JSON.stringify(sub)}`)
+      if (o.ttlSeconds !== undefined && (!Number.isSafeInteger(o.ttlSeconds) || o.ttlSeconds < 1)) {
+        throw new TypeError(`token: ttlSeconds must be an integer >= 1, got ${o.ttlSeconds}`)
+      }
+      const form = new URLSearchParams({ grant_type: 'client_credentials', scope: TOKEN_SCOPE })
+      if (o.realmRoles !== undefined) form.set(PARAM.realmRoles, JSON.stringify(o.realmRoles))
+      if (o.clientRoles !== undefined) form.set(PARAM.clientRoles, JSON.stringify(o.clientRoles))
+      if (o.username !== undefined) form.set(PARAM.username, o.username)
+      if (o.ttlSeconds !== undefined) form.set(PARAM.ttl, String(o.ttlSeconds))
+      if (o.audience !== undefined) form.set(PARAM.audience, o.audience)
+
+      const basic = Buffer.from(`${encodeURIComponent(sub)}:${encodeURIComponent(TEST_CLIENT_SECRET)}`).toString('base64')
+      const res = await fetch(tokenUrl, {
+        method: 'POST',
+        headers: { authorization: `Basic ${basic}`, 'content-type': 'application/x-www-form-urlencoded' },
+        body: form
+      })
+      const body = await res.json() as { access_token?: unknown, error?: string, error_description?: string }
+      if (!res.ok || typeof body.access_token !== 'string') {
+        const cause = res.status >= 500 ? lastServerError : undefined
+        throw new Error(`token endpoint answered ${res.status}: ${body.error ?? ''} ${body.error_description ?? ''}`.trim(),
+          { cause })
+      }
+      return body.access_token
+    },
+
+    currentKid: () => current().kid,
+    publicKeyPem: () => current().publicPem,
+
+    async rotate (): Promise<void> {
+      keys = [await newSigningKey(), ...keys]
+      build()
+    },
+
+    async dropOldKeys (): Promise<void> {
+      keys = [current()]
+      build()
+    },
+
+    setJwksMode (next: JwksMode): void {
+      mode = next
+    },
+
+    close (): Promise<void> {
+      closing ??= new Promise<void>((resolve) => {
+        server.close(() => resolve())
+        for (const res of hanging) res.destroy()
+        hanging.clear()
+        server.closeAllConnections()
+      })
+      return closing
+    }
+  }
+}
+
+// a fresh random string, handy for unique subs in tests
+export function randomSub (prefix = 'user'): string {
+  return `${prefix}-${randomBytes(6).toString('hex')}`
+}
