@@ -26,8 +26,13 @@ export async function registerHttpProxy (app: FastifyInstance, config: Config, m
       bodyTimeout: u.timeoutMs,
       connect: { timeout: u.connectTimeoutMs }
     },
-    preRewrite: (url: string) => stripQueryToken(url),
     replyOptions: {
+      // The raw query, minus access_token (never re-encoded otherwise).
+      queryString: (_search, reqUrl) => {
+        const url = stripQueryToken(reqUrl)
+        const q = url.indexOf('?')
+        return q === -1 ? '' : url.slice(q + 1)
+      },
       rewriteRequestHeaders: (request, headers) => upstreamHeaders(headers, forwardContext(request as FastifyRequest, config)),
       onError: (reply, { error }) => {
         const kind = upstreamErrorKind(error)
