@@ -78,8 +78,11 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     reply.header('x-request-id', request.id)
     done()
   })
-  app.addHook('onResponse', (_request, reply, done) => {
+  app.addHook('onResponse', (request, reply, done) => {
     metrics.observeRequest(reply.statusCode, reply.elapsedTime / 1000)
+    // An upgrade answered with a status (401/403/429/502...) owns a socket the
+    // HTTP parser has let go of: nothing else would ever close it.
+    if (request.raw.upgrade) request.raw.socket.destroy()
     done()
   })
   app.setErrorHandler((err: Error & { statusCode?: number, code?: string }, request, reply) => {

@@ -11,11 +11,11 @@
 // travel as extra form fields of the token request; oidc-provider strips unknown fields from `ctx.oidc.params` but keeps
 // the parsed body in `ctx.oidc.body`, where `extraTokenClaims` and `getResourceServerInfo` read them. The token is
 // still minted and signed by the provider's own token endpoint.
-import { generateKeyPair, randomBytes, type KeyObject } from 'node:crypto'
+import { createPrivateKey, generateKeyPair, randomBytes, sign as rsaSign, type KeyObject } from 'node:crypto'
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { promisify } from 'node:util'
-import { calculateJwkThumbprint, type JWK } from 'jose'
+import { base64url, calculateJwkThumbprint, type JWK } from 'jose'
 
 export interface TokenOptions {
   sub?: string
@@ -33,6 +33,12 @@ export interface TestIssuer {
   jwksUrl: string
   audience: string
   token (opts?: TokenOptions): Promise<string>
+  /**
+   * Signs an arbitrary payload with the CURRENT real private signing key (RS256). The header is
+   * `{ alg: 'RS256', typ: 'JWT', kid: currentKid() }` merged with `header`, so it may override (even lie about)
+   * any field; the signature is always RS256 over exactly the header and payload given.
+   */
+  sign (payload: Record<string, unknown>, header?: Record<string, unknown>): Promise<string>
   currentKid (): string
   publicKeyPem (): string
   rotate (): Promise<void>
@@ -381,6 +387,14 @@ export async function startIssuer (opts: { realm?: string, audience?: string } =
           { cause })
       }
       return body.access_token
+    },
+
+    async sign (payload: Record<string, unknown>, header: Record<string, unknown> = {}): Promise<string> {
+      const key = current()
+      const fullHeader = { alg: 'RS256', typ: 'JWT', kid: key.kid, ...header }
+      const signingInput = `${base64url.encode(JSON.stringify(fullHeader))}.${base64url.encode(JSON.stringify(payload))}`
+      const privateKey = createPrivateKey({ key: { ...key.privateJwk }, format: 'jwk' })
+      return `${signingInput}.${base64url.encode(rsaSign('sha256', Buffer.from(signingInput), privateKey))}`
     },
 
     currentKid: () => current().kid,
