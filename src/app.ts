@@ -22,6 +22,8 @@ import { registerHttpProxy } from './proxy/http.js'
 import { registerWsProxy, type WsBridge } from './proxy/ws.js'
 import { buildAdmin } from './admin/plugin.js'
 import { Readiness } from './admin/readiness.js'
+import { connectRedis, createRedis, redisCheck } from './limits/redis.js'
+import type { Redis } from 'ioredis'
 
 export interface GatewayDeps {
   /** Where logs go (default stdout); tests capture them here. */
@@ -82,7 +84,7 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     metrics.observeRequest(reply.statusCode, reply.elapsedTime / 1000)
     // An upgrade answered with a status (401/403/429/502...) owns a socket the
     // HTTP parser has let go of: nothing else would ever close it.
-    if (request.raw.upgrade) request.raw.socket.destroy()
+    if ((request.raw as IncomingMessage & { upgrade?: boolean }).upgrade === true) request.raw.socket.destroy()
     done()
   })
   app.setErrorHandler((err: Error & { statusCode?: number, code?: string }, request, reply) => {
@@ -109,7 +111,10 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
   })
   await app.register(authPlugin, { config, keys, audit })
 
-  // --- limits: registered here, before the proxy routes (issue: rate limits) -
+  // --- limits: preHandler, after auth; before the proxy routes (onRoute) -----
+  const redis: Redis | undefined = config.redis.url !== undefined
+    ? createRedis(config.redis.url, app.log)
+    : undefined
 
   // --- proxy: last, so every hook above applies to its routes --------------
   await registerHttpProxy(app, config, metrics)
@@ -120,6 +125,7 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
   readiness.add('jwks', () => keys.ready
     ? { ok: true, detail: `${keys.size} keys` }
     : { ok: false, detail: keys.error ?? 'not loaded yet' })
+  if (redis !== undefined) readiness.add('redis', () => redisCheck(redis))
   const admin = buildAdmin(app.log, metrics, readiness)
 
   let closing: Promise<void> | undefined
@@ -132,7 +138,9 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     audit,
     readiness,
     ws,
-    start: () => keys.start(),
+    start: async () => {
+      await Promise.all([keys.start(), redis !== undefined ? connectRedis(redis) : undefined])
+    },
     close () {
       closing ??= (async () => {
         readiness.draining = true
@@ -140,6 +148,7 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
         await app.close()
         await admin.close()
         await keys.close()
+        redis?.disconnect()
       })()
       return closing
     }

@@ -81,3 +81,23 @@ t.test('close lets in-flight requests finish and refuses new ones', async (t) =>
   await closing
   await t.rejects(fetch(`${g.url}/x`, { headers: auth }), 'the listener is gone after close')
 })
+
+t.test('readiness shows Redis when configured', async (t) => {
+  const issuer = await startIssuer()
+  t.teardown(() => issuer.close())
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const { redisUrl } = await import('./helpers/redis.js')
+  const up = await startGateway(t, issuer, upstream, { env: { REDIS_URL: await redisUrl() } })
+  const ok = await fetch(`${up.adminUrl}/readyz`)
+  t.equal(ok.status, 200)
+  t.match(await ok.json(), { checks: { redis: { ok: true } } })
+
+  // Nothing listens on port 1: Redis configured but unreachable -> not ready, and requests still answer.
+  const down = await startGateway(t, issuer, upstream, { env: { REDIS_URL: 'redis://127.0.0.1:1/0' } })
+  const res = await fetch(`${down.adminUrl}/readyz`)
+  t.equal(res.status, 503)
+  t.match(await res.json(), { checks: { redis: { ok: false } } })
+  const unavailable = down.logs().filter((l) => l.msg === 'redis unavailable')
+  t.equal(unavailable.length, 1, 'the outage is logged once, not once per retry')
+})

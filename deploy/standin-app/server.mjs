@@ -1,0 +1,45 @@
+// A stand-in for the FlappyJournal app (REST + WebSocket on one origin), for
+// the compose stack and the demo. It shows what the gateway forwards: the
+// verified identity headers. Replace it with the real app image in compose.
+import { createServer } from 'node:http'
+import { WebSocketServer } from 'ws'
+
+const port = Number(process.env.PORT ?? 3000)
+const entries = []
+
+const server = createServer((req, res) => {
+  const user = { sub: req.headers['x-user-sub'] ?? null, roles: req.headers['x-user-roles'] ?? null, name: req.headers['x-user-name'] ?? null }
+  const send = (status, body) => {
+    res.writeHead(status, { 'content-type': 'application/json' })
+    res.end(JSON.stringify(body))
+  }
+  const url = new URL(req.url ?? '/', 'http://app')
+  if (url.pathname === '/api/resonance/health') return send(200, { status: 'ok' })
+  if (url.pathname === '/api/resonance/entries' && req.method === 'POST') {
+    let body = ''
+    req.setEncoding('utf8')
+    req.on('data', (c) => { if (body.length < 65_536) body += c })
+    req.on('end', () => {
+      const entry = { id: entries.length + 1, by: user.sub, text: body.slice(0, 1000), at: new Date().toISOString() }
+      entries.push(entry)
+      if (entries.length > 1000) entries.shift()
+      send(201, entry)
+    })
+    return
+  }
+  if (url.pathname === '/api/resonance/entries') return send(200, { entries: entries.slice(-20), user })
+  if (url.pathname.startsWith('/api/resonance')) return send(200, { resonance: Math.random(), path: url.pathname, user })
+  send(404, { error: 'not_found' })
+})
+
+const wss = new WebSocketServer({ server, path: '/ws/resonance' })
+wss.on('connection', (socket, req) => {
+  socket.send(JSON.stringify({ hello: req.headers['x-user-sub'] ?? 'anonymous' }))
+  socket.on('message', (data, isBinary) => socket.send(data, { binary: isBinary }))
+  socket.on('error', () => {})
+})
+
+server.listen(port, '0.0.0.0', () => {
+  process.stdout.write(JSON.stringify({ msg: 'stand-in app listening', port }) + '\n')
+})
+process.on('SIGTERM', () => { wss.close(); server.close(() => process.exit(0)) })

@@ -1,0 +1,58 @@
+/**
+ * The shared Redis connection (rate limits, later revocations). Configured to
+ * fail fast instead of hanging requests (STACK-NOTES §4): no offline queue (a
+ * command while disconnected errors at once, and nothing replays into the
+ * wrong window after a reconnect), one retry per command, bounded connect and
+ * command timeouts, auto-pipelining on. Reconnects forever with backoff; the
+ * outage is logged once, and the recovery once.
+ */
+import { Redis } from 'ioredis'
+import type { FastifyBaseLogger } from 'fastify'
+import type { CheckResult } from '../admin/readiness.js'
+
+export const REDIS_CONNECT_TIMEOUT_MS = 1_000
+export const REDIS_COMMAND_TIMEOUT_MS = 500
+const MAX_RECONNECT_DELAY_MS = 2_000
+
+export function createRedis (url: string, log: FastifyBaseLogger): Redis {
+  const redis = new Redis(url, {
+    lazyConnect: true,
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 1,
+    connectTimeout: REDIS_CONNECT_TIMEOUT_MS,
+    commandTimeout: REDIS_COMMAND_TIMEOUT_MS,
+    enableAutoPipelining: true,
+    retryStrategy: (times) => Math.min(times * 100, MAX_RECONNECT_DELAY_MS)
+  })
+  let down = false
+  redis.on('error', (err: Error & { code?: string }) => {
+    if (down) return
+    down = true
+    log.error({ component: 'redis', err: { message: err.message, code: err.code } }, 'redis unavailable')
+  })
+  redis.on('ready', () => {
+    if (down) log.info({ component: 'redis' }, 'redis available again')
+    down = false
+  })
+  return redis
+}
+
+/** Readiness: a PING answered within the command timeout. */
+export async function redisCheck (redis: Redis): Promise<CheckResult> {
+  if (redis.status !== 'ready') return { ok: false, detail: `redis ${redis.status}` }
+  try {
+    await redis.ping()
+    return { ok: true }
+  } catch (err) {
+    return { ok: false, detail: (err as Error).message }
+  }
+}
+
+/** Connects without throwing: an unreachable Redis shows in /readyz and logs, not as a crash. */
+export async function connectRedis (redis: Redis): Promise<void> {
+  try {
+    await redis.connect()
+  } catch {
+    // the 'error' listener logged it; ioredis keeps reconnecting
+  }
+}
