@@ -107,7 +107,7 @@ function startGateway (t: Test, env: Record<string, string>): Proc {
     waitForLog: async (pred, ms) => await new Promise((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`no matching log line within ${ms} ms; stdout:\n${out}\nstderr:\n${err}`)), ms)
       waiters.push({ pred, resolve: (l) => { clearTimeout(timer); resolve(l) } })
-      void exited.then(({ code }) => { clearTimeout(timer); reject(new Error(`exited (${String(code)}) before the log line; stderr:\n${err}`)) })
+      exited.then(({ code }) => { clearTimeout(timer); reject(new Error(`exited (${String(code)}) before the log line; stderr:\n${err}`)) }, () => {})
       check()
     })
   }

@@ -59,16 +59,18 @@ export class KeyStore {
   private readonly getJwks: ReturnType<typeof buildGetJwks>
   private lastError: string | undefined
   private timer: NodeJS.Timeout | undefined
+  private readonly issuerBase: string
 
   constructor (private readonly opts: KeyStoreOptions) {
     const t = opts.fetchTimeoutMs
     this.agent = new Agent({ connect: { timeout: t }, headersTimeout: t, bodyTimeout: t, connections: 4 })
     this.jwksUri = opts.jwksUrl
+    this.issuerBase = opts.issuer.replace(/\/+$/, '')
     // get-jwks' own `timeout` option is ignored and an AbortSignal in
     // fetchOptions would be reused after it fired; a dispatcher with timeouts works.
     this.getJwks = buildGetJwks({
       providerDiscovery: true,
-      issuersWhitelist: [opts.issuer],
+      issuersWhitelist: [opts.issuer.replace(/\/+$/, '')],
       fetchOptions: { dispatcher: this.agent } as never
     })
   }
@@ -166,9 +168,9 @@ export class KeyStore {
     if (this.jwksUri !== undefined) return this.jwksUri
     let uri: string
     try {
-      uri = await this.getJwks.getJwksUri(this.opts.issuer + '/')
+      uri = await this.getJwks.getJwksUri(this.issuerBase + '/')
     } catch (err) {
-      throw new DiscoveryFailedError(`${this.opts.issuer}/.well-known/openid-configuration: ${(err as Error).message}`)
+      throw new DiscoveryFailedError(`${this.issuerBase}/.well-known/openid-configuration: ${(err as Error).message}`)
     }
     try {
       const u = new URL(uri)

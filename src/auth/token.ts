@@ -58,7 +58,8 @@ export function extractToken (req: TokenCarrier): Extracted {
 /** The access_token query value, undefined when absent. */
 export function queryToken (url: string): string | undefined {
   const q = url.indexOf('?')
-  if (q === -1 || !url.includes('access_token', q)) return undefined
+  if (q === -1) return undefined
+  // URLSearchParams decodes names too: `access%5Ftoken` is the same parameter to the app.
   const v = new URLSearchParams(url.slice(q + 1)).get('access_token')
   return v === null || v === '' ? undefined : v
 }
@@ -66,7 +67,7 @@ export function queryToken (url: string): string | undefined {
 /** Removes every access_token parameter from a request target. */
 export function stripQueryToken (url: string): string {
   const q = url.indexOf('?')
-  if (q === -1 || !url.includes('access_token', q)) return url
+  if (q === -1) return url
   const kept = url.slice(q + 1).split('&').filter((p) => {
     const name = p.split('=', 1)[0] as string
     let decoded = name

@@ -4,6 +4,7 @@
  * Nothing after this reads process.env.
  */
 import { readFileSync, existsSync } from 'node:fs'
+import { isIP } from 'node:net'
 import { parse as parseYaml } from 'yaml'
 import { ConfigInvalidError } from '../errors.js'
 import { LEAVES, type LeafPath, type LeafValues } from './settings.js'
@@ -146,7 +147,7 @@ export function loadConfig (opts: LoadOptions = {}): Config {
       forwardAuthorization: v['upstream.forwardAuthorization']
     },
     auth: {
-      issuer: v['auth.issuer'].replace(/\/+$/, ''),
+      issuer: v['auth.issuer'], // compared to `iss` exactly, trailing slash included
       audiences: v['auth.audience'],
       acceptAzpAsAudience: v['auth.acceptAzpAsAudience'],
       jwksUrl: v['auth.jwksUrl'],
@@ -191,7 +192,7 @@ export function configWarnings (config: Config): string[] {
 
 function isLoopback (u: string): boolean {
   const host = new URL(u).hostname
-  return host === 'localhost' || host === '[::1]' || host.startsWith('127.')
+  return host === 'localhost' || host === '[::1]' || (isIP(host) === 4 && host.startsWith('127.'))
 }
 
 function parsePatternList (raw: unknown, path: string, errors: string[]): string[] {
@@ -250,7 +251,11 @@ function parseRoleRules (raw: unknown, errors: string[]): RoleRule[] {
 function checkUnknownKeys (node: Record<string, unknown>, prefix: string, errors: string[]): void {
   for (const [k, val] of Object.entries(node)) {
     const path = prefix === '' ? k : `${prefix}.${k}`
-    if (path in LEAVES || STRUCTURED.has(path)) continue
+    if (k.includes('.')) {
+      errors.push(`${path}: unknown key (write nested keys as YAML mappings, not dotted names)`)
+      continue
+    }
+    if (Object.hasOwn(LEAVES, path) || STRUCTURED.has(path)) continue
     const isParent = Object.keys(LEAVES).some((p) => p.startsWith(path + '.')) ||
       [...STRUCTURED].some((p) => p.startsWith(path + '.'))
     if (!isParent) {

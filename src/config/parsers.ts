@@ -36,12 +36,15 @@ export const bool: Parser<boolean> = (raw) => {
   return fail('must be a boolean (true/false)')
 }
 
+/** Node timers clamp longer delays to 1 ms: a "30d" timeout would fire at once. */
+export const MAX_DURATION_MS = 2_147_483_647
+
 export function duration (minMs = 0): Parser<number> {
   return (raw) => {
     const ms = parseDuration(raw)
-    return ms !== undefined && ms >= minMs
+    return ms !== undefined && ms >= minMs && ms <= MAX_DURATION_MS
       ? ok(ms)
-      : fail(`must be a duration in ms or with a unit (e.g. 500ms, 60s, 1m)${minMs > 0 ? `, at least ${minMs} ms` : ''}`)
+      : fail(`must be a duration in ms or with a unit (e.g. 500ms, 60s, 1m)${minMs > 0 ? `, at least ${minMs} ms` : ''}, at most 24d`)
   }
 }
 
@@ -100,10 +103,11 @@ export function url (protocols: readonly string[]): Parser<string> {
  */
 export type TrustProxy = boolean | number | string[]
 export const trustProxy: Parser<TrustProxy> = (raw) => {
-  const b = bool(raw)
-  if (b.ok) return b
+  // A number is a hop count ("1" must not become `true`, which trusts every hop).
   const n = int(1, 100)(raw)
   if (n.ok) return n
+  const b = typeof raw === 'boolean' || (typeof raw === 'string' && /^(true|false|yes|no|on|off|0)$/i.test(raw.trim())) ? bool(raw) : undefined
+  if (b?.ok === true) return b
   const l = list<string>((v) => {
     if (typeof v !== 'string') return fail('must be an IP or CIDR')
     const [addr, bits, extra] = v.split('/')

@@ -10,7 +10,9 @@ export function forwardContext (request: FastifyRequest, config: Config): Forwar
     remoteAddress: request.socket.remoteAddress,
     protocol: request.protocol,
     host: request.host,
-    trustProxy: config.server.trustProxy !== false,
+    // Only a trusted peer's forwarding headers are kept: Fastify lists more
+    // than the peer in request.ips exactly when the peer is trusted and forwarded.
+    trustProxy: config.server.trustProxy !== false && (request.ips?.length ?? 1) > 1,
     forwardAuthorization: config.upstream.forwardAuthorization
   }
 }
