@@ -23,7 +23,9 @@ import { registerWsProxy, type WsBridge } from './proxy/ws.js'
 import { buildAdmin } from './admin/plugin.js'
 import { Readiness } from './admin/readiness.js'
 import { connectRedis, createRedis, redisCheck } from './limits/redis.js'
-import type { Redis } from 'ioredis'
+import { LimitStore } from './limits/store.js'
+import { AuthFailureLimiter } from './limits/auth-failures.js'
+import { registerHttpLimits } from './limits/http.js'
 
 export interface GatewayDeps {
   /** Where logs go (default stdout); tests capture them here. */
@@ -99,6 +101,18 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     reply.code(405).type('application/json; charset=utf-8')
       .send(JSON.stringify({ error: 'method_not_allowed', error_description: 'The gateway does not forward this method' })))
 
+  // --- limits' shared store: Redis (or in-process), used by auth and limits --
+  const redis = createRedis(config.redis, app.log)
+  const store = new LimitStore({
+    redis,
+    keyPrefix: config.rateLimit.keyPrefix,
+    policy: config.rateLimit.onStoreError,
+    fallbackMax: config.rateLimit.fallbackMax,
+    metrics,
+    log: app.log
+  })
+  const failures = new AuthFailureLimiter(store, config.rateLimit.authFailures.max, config.rateLimit.authFailures.windowMs)
+
   // --- auth: onRequest, so it also guards WebSocket upgrades ---------------
   const keys = new KeyStore({
     issuer: config.auth.issuer,
@@ -109,12 +123,10 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     metrics,
     log: app.log.child({ component: 'jwks' })
   })
-  await app.register(authPlugin, { config, keys, audit })
+  await app.register(authPlugin, { config, keys, audit, failures })
 
-  // --- limits: preHandler, after auth; before the proxy routes (onRoute) -----
-  const redis: Redis | undefined = config.redis.url !== undefined
-    ? createRedis(config.redis.url, app.log)
-    : undefined
+  // --- limits: preHandler, so the verified sub exists; before the proxy ------
+  await registerHttpLimits(app, { config, store, audit })
 
   // --- proxy: last, so every hook above applies to its routes --------------
   await registerHttpProxy(app, config, metrics)

@@ -17,12 +17,17 @@ import { checkClaims, type Claims, type Identity } from './identity.js'
 import type { KeyStore } from './keys.js'
 import { extractToken } from './token.js'
 import { transportAllowsToken } from './transport.js'
+import type { AuthFailureLimiter } from '../limits/auth-failures.js'
 
 export interface AuthOptions {
   config: Config
   keys: KeyStore
   audit: Audit
+  /** Per-IP limit on failed authentications (checked before any token work). */
+  failures: AuthFailureLimiter
 }
+
+const TOO_MANY_FAILURES = JSON.stringify({ error: 'rate_limited', error_description: 'Too many failed authentications from this address' })
 
 /** Thrown into @fastify/jwt from the key callback; preallocated, no stack per request. */
 class KeyError extends Error {
@@ -47,7 +52,7 @@ export function send (reply: FastifyReply, c: Challenge): FastifyReply {
 }
 
 async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<void> {
-  const { config, keys, audit } = opts
+  const { config, keys, audit, failures } = opts
   const auth = config.auth
   const allowed = new Set<string>(auth.algorithms)
   const needsPath = auth.publicPaths.length > 0 || auth.routes.length > 0
@@ -85,6 +90,7 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
   function deny (request: FastifyRequest, reply: FastifyReply, reason: AuthFailureReason, transport: Transport, sub?: string): FastifyReply {
     const c = authChallenge(reason)
     audit.denied(request, { event: 'auth_failure', reason, transport, status: c.status, sub })
+    failures.record(request.ip)
     return send(reply, c)
   }
 
@@ -97,6 +103,12 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
       path = normalizePath(request.url)
       if (path === undefined) return deny(request, reply, 'invalid_path', transport)
       if (auth.isPublic(path)) return
+    }
+
+    const wait = failures.blockedFor(request.ip)
+    if (wait > 0) {
+      audit.denied(request, { event: 'rate_limited', reason: 'auth_failures', transport, status: 429 })
+      return reply.code(429).header('retry-after', wait).type('application/json; charset=utf-8').send(TOO_MANY_FAILURES)
     }
 
     const found = extractToken({

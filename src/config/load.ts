@@ -8,7 +8,8 @@ import { isIP } from 'node:net'
 import { parse as parseYaml } from 'yaml'
 import { ConfigInvalidError } from '../errors.js'
 import { LEAVES, type LeafPath, type LeafValues } from './settings.js'
-import { JWT_ALGORITHMS, type JwtAlgorithm, type LogLevel, type TrustProxy } from './parsers.js'
+import { duration, int, JWT_ALGORITHMS, type JwtAlgorithm, type LogLevel, type TrustProxy } from './parsers.js'
+import { DEFAULT_RATE_LIMIT_WINDOW_MS, type StoreErrorPolicy } from './settings.js'
 import { compilePattern, patternError, type PathMatcher } from './patterns.js'
 
 export const DEFAULT_CONFIG_FILE = 'config/gateway.yaml'
@@ -24,6 +25,18 @@ export interface RoleRule {
   roles: string[]
   match: PathMatcher
 }
+
+export interface RouteLimit {
+  path: string
+  methods: HttpMethod[]
+  max: number
+  windowMs: number
+  match: PathMatcher
+  /** Stable id used in the Redis key (the rule's position in YAML). */
+  id: string
+}
+
+export interface RoleLimit { role: string, max: number, windowMs: number }
 
 export interface Config {
   /** Where the YAML came from (undefined: defaults and env only). */
@@ -60,12 +73,24 @@ export interface Config {
     routes: RoleRule[]
   }
   log: { level: LogLevel }
-  redis: { url: string | undefined }
-  rateLimit: { max: number, windowMs: number }
+  redis: { url: string | undefined, clusterNodes: string[] }
+  rateLimit: {
+    max: number
+    windowMs: number
+    keyPrefix: string
+    onStoreError: StoreErrorPolicy
+    fallbackMax: number | undefined
+    authFailures: { max: number, windowMs: number }
+    /** Most specific first. */
+    routes: RouteLimit[]
+    /** YAML order: the first role the caller has wins. */
+    roles: RoleLimit[]
+    exempt: { subs: string[], roles: string[] }
+  }
 }
 
 /** YAML keys that are not scalar leaves (validated below). */
-const STRUCTURED = new Set(['auth.publicPaths', 'auth.routes'])
+const STRUCTURED = new Set(['auth.publicPaths', 'auth.routes', 'rateLimit.routes', 'rateLimit.roles', 'rateLimit.exempt'])
 
 export interface LoadOptions {
   env?: NodeJS.ProcessEnv
@@ -112,6 +137,9 @@ export function loadConfig (opts: LoadOptions = {}): Config {
 
   const publicPaths = parsePatternList(getPath(yaml, 'auth.publicPaths'), 'auth.publicPaths', errors)
   const routes = parseRoleRules(getPath(yaml, 'auth.routes'), errors)
+  const routeLimits = parseRouteLimits(getPath(yaml, 'rateLimit.routes'), errors)
+  const roleLimits = parseRoleLimits(getPath(yaml, 'rateLimit.roles'), errors)
+  const exempt = parseExempt(getPath(yaml, 'rateLimit.exempt'), errors)
 
   const cert = v['server.tls.cert']
   const key = v['server.tls.key']
@@ -165,8 +193,18 @@ export function loadConfig (opts: LoadOptions = {}): Config {
       routes
     },
     log: { level: v['log.level'] },
-    redis: { url: v['redis.url'] },
-    rateLimit: { max: v['rateLimit.max'], windowMs: v['rateLimit.window'] }
+    redis: { url: v['redis.url'], clusterNodes: v['redis.clusterNodes'] },
+    rateLimit: {
+      max: v['rateLimit.max'],
+      windowMs: v['rateLimit.window'],
+      keyPrefix: v['rateLimit.keyPrefix'],
+      onStoreError: v['rateLimit.onStoreError'],
+      fallbackMax: v['rateLimit.fallbackMax'],
+      authFailures: { max: v['rateLimit.authFailures.max'], windowMs: v['rateLimit.authFailures.window'] },
+      routes: routeLimits,
+      roles: roleLimits,
+      exempt
+    }
   }
   return deepFreeze(config)
 }
@@ -183,6 +221,9 @@ export function configWarnings (config: Config): string[] {
   const jwksBase = config.auth.jwksUrl ?? config.auth.issuer
   if (jwksBase.startsWith('http:') && !isLoopback(jwksBase)) {
     warnings.push('the JWKS is fetched over plain http from a non-loopback host: a network attacker could substitute signing keys. Use https.')
+  }
+  if (config.redis.url === undefined && config.redis.clusterNodes.length === 0) {
+    warnings.push('no REDIS_URL or REDIS_CLUSTER_NODES: rate limits are kept in this process only, so every replica enforces its own budget. Set REDIS_URL to share one budget per user across replicas.')
   }
   if (config.server.allowInsecureHttp) {
     warnings.push('ALLOW_INSECURE_HTTP=true: bearer tokens are accepted over plaintext. Development only.')
@@ -223,28 +264,123 @@ function parseRoleRules (raw: unknown, errors: string[]): RoleRule[] {
       errors.push(`${at}: must be a mapping { path, methods?, roles }`)
       continue
     }
-    for (const k of Object.keys(item)) {
-      if (!['path', 'methods', 'roles'].includes(k)) errors.push(`${at}.${k}: unknown key`)
-    }
+    checkKeys(item, ['path', 'methods', 'roles'], at, errors)
     const pErr = patternError(item.path)
     if (pErr !== undefined) errors.push(`${at}.path: ${pErr}`)
-    const methods = item.methods ?? []
-    const methodsOk = Array.isArray(methods) && methods.every((m) => typeof m === 'string' && (HTTP_METHODS as readonly string[]).includes(m.toUpperCase()))
-    if (!methodsOk) errors.push(`${at}.methods: must be a list of ${HTTP_METHODS.join(', ')}`)
+    const methods = parseMethods(item.methods, `${at}.methods`, errors)
     const roles = item.roles
     const rolesOk = Array.isArray(roles) && roles.length > 0 && roles.every((r) => typeof r === 'string' && r.length > 0)
     if (!rolesOk) errors.push(`${at}.roles: must be a non-empty list of role names`)
-    if (pErr === undefined && methodsOk && rolesOk) {
+    if (pErr === undefined && methods !== undefined && rolesOk) {
       const path = item.path as string
       rules.push({
         path,
-        methods: (methods as string[]).map((m) => m.toUpperCase() as HttpMethod),
+        methods,
         roles: roles as string[],
         match: compilePattern(path)
       })
     }
   }
   return rules
+}
+
+function parseLimitFields (item: Record<string, unknown>, at: string, errors: string[]): { max: number, windowMs: number } | undefined {
+  const max = int(1)(item.max)
+  const window = duration(1000)(item.window ?? DEFAULT_RATE_LIMIT_WINDOW_MS)
+  if (!max.ok) errors.push(`${at}.max: ${max.error}`)
+  if (!window.ok) errors.push(`${at}.window: ${window.error}`)
+  return max.ok && window.ok ? { max: max.value, windowMs: window.value } : undefined
+}
+
+function checkKeys (item: Record<string, unknown>, allowed: string[], at: string, errors: string[]): void {
+  for (const k of Object.keys(item)) if (!allowed.includes(k)) errors.push(`${at}.${k}: unknown key`)
+}
+
+function parseRouteLimits (raw: unknown, errors: string[]): RouteLimit[] {
+  if (raw === undefined || raw === null) return []
+  if (!Array.isArray(raw)) {
+    errors.push('rateLimit.routes: must be a list of { path, methods?, max, window? }')
+    return []
+  }
+  const rules: Array<RouteLimit & { specificity: number[] }> = []
+  for (const [i, item] of raw.entries()) {
+    const at = `rateLimit.routes[${i}]`
+    if (!isObject(item)) { errors.push(`${at}: must be a mapping { path, methods?, max, window? }`); continue }
+    checkKeys(item, ['path', 'methods', 'max', 'window'], at, errors)
+    const pErr = patternError(item.path)
+    if (pErr !== undefined) errors.push(`${at}.path: ${pErr}`)
+    const methods = parseMethods(item.methods, `${at}.methods`, errors)
+    const limit = parseLimitFields(item, at, errors)
+    if (pErr === undefined && methods !== undefined && limit !== undefined) {
+      const path = item.path as string
+      rules.push({ path, methods, ...limit, match: compilePattern(path), id: `r${i}`, specificity: specificity(path, methods) })
+    }
+  }
+  // Most specific first: more literal segments, then no `**`, then fewer `*`, then a method list; ties keep YAML order.
+  rules.sort((a, b) => {
+    for (let k = 0; k < a.specificity.length; k++) {
+      const d = (b.specificity[k] as number) - (a.specificity[k] as number)
+      if (d !== 0) return d
+    }
+    return 0
+  })
+  return rules.map(({ specificity: _s, ...rule }) => rule)
+}
+
+function specificity (path: string, methods: HttpMethod[]): number[] {
+  const segs = path.split('/').filter((x) => x !== '')
+  return [
+    segs.filter((x) => x !== '*' && x !== '**').length,
+    segs.includes('**') ? 0 : 1,
+    -segs.filter((x) => x === '*').length,
+    methods.length > 0 ? 1 : 0
+  ]
+}
+
+function parseMethods (raw: unknown, at: string, errors: string[]): HttpMethod[] | undefined {
+  const methods = raw ?? []
+  const ok = Array.isArray(methods) && methods.every((m) => typeof m === 'string' && (HTTP_METHODS as readonly string[]).includes(m.toUpperCase()))
+  if (!ok) {
+    errors.push(`${at}: must be a list of ${HTTP_METHODS.join(', ')}`)
+    return undefined
+  }
+  return (methods as string[]).map((m) => m.toUpperCase() as HttpMethod)
+}
+
+function parseRoleLimits (raw: unknown, errors: string[]): RoleLimit[] {
+  if (raw === undefined || raw === null) return []
+  if (!Array.isArray(raw)) {
+    errors.push('rateLimit.roles: must be a list of { role, max, window? }')
+    return []
+  }
+  const out: RoleLimit[] = []
+  for (const [i, item] of raw.entries()) {
+    const at = `rateLimit.roles[${i}]`
+    if (!isObject(item)) { errors.push(`${at}: must be a mapping { role, max, window? }`); continue }
+    checkKeys(item, ['role', 'max', 'window'], at, errors)
+    if (typeof item.role !== 'string' || item.role === '') errors.push(`${at}.role: must be a role name`)
+    const limit = parseLimitFields(item, at, errors)
+    if (typeof item.role === 'string' && item.role !== '' && limit !== undefined) out.push({ role: item.role, ...limit })
+  }
+  return out
+}
+
+function parseExempt (raw: unknown, errors: string[]): { subs: string[], roles: string[] } {
+  if (raw === undefined || raw === null) return { subs: [], roles: [] }
+  if (!isObject(raw)) {
+    errors.push('rateLimit.exempt: must be a mapping { subs?, roles? }')
+    return { subs: [], roles: [] }
+  }
+  checkKeys(raw, ['subs', 'roles'], 'rateLimit.exempt', errors)
+  const names = (k: 'subs' | 'roles'): string[] => {
+    const v = raw[k] ?? []
+    if (!Array.isArray(v) || !v.every((x) => typeof x === 'string' && x !== '')) {
+      errors.push(`rateLimit.exempt.${k}: must be a list of names`)
+      return []
+    }
+    return v as string[]
+  }
+  return { subs: names('subs'), roles: names('roles') }
 }
 
 /** Every YAML key must be a known leaf, a structured key, or a parent of one. */

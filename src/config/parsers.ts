@@ -82,6 +82,13 @@ export function list<T> (item: Parser<T>, { nonEmpty = false } = {}): Parser<T[]
   }
 }
 
+/** `host:port`, or a redis:// URL naming one node. */
+export const hostPort: Parser<string> = (raw) => {
+  if (typeof raw !== 'string') return fail('must be host:port')
+  const m = /^(?:rediss?:\/\/(?:[^@/]*@)?)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})\/?$/.exec(raw.trim())
+  return m !== null && Number(m[2]) > 0 && Number(m[2]) <= 65_535 ? ok(raw.trim()) : fail('must be host:port')
+}
+
 export function url (protocols: readonly string[]): Parser<string> {
   return (raw) => {
     if (typeof raw !== 'string' || raw.length === 0) return fail('must be a URL')

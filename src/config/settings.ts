@@ -6,7 +6,7 @@
  * only and validated in load.ts.
  */
 import {
-  bool, duration, int, JWT_ALGORITHMS, list, LOG_LEVELS, oneOf, port, seconds, str, trustProxy, url,
+  bool, duration, hostPort, int, JWT_ALGORITHMS, list, LOG_LEVELS, oneOf, port, seconds, str, trustProxy, url,
   type JwtAlgorithm, type LogLevel, type Parser, type TrustProxy
 } from './parsers.js'
 
@@ -40,6 +40,11 @@ export const DEFAULT_JWKS_FETCH_TIMEOUT_MS = 5_000
 export const DEFAULT_JWT_CACHE_SIZE = 10_000
 export const DEFAULT_RATE_LIMIT_MAX = 100
 export const DEFAULT_RATE_LIMIT_WINDOW_MS = 60_000
+export const DEFAULT_RATE_LIMIT_PREFIX = 'resonance:rl:'
+export const DEFAULT_AUTH_FAILURE_MAX = 300
+export const DEFAULT_AUTH_FAILURE_WINDOW_MS = 60_000
+export const STORE_ERROR_POLICIES = ['open', 'closed'] as const
+export type StoreErrorPolicy = typeof STORE_ERROR_POLICIES[number]
 export const DEFAULT_SHUTDOWN_DELAY_MS = 5_000
 export const DEFAULT_SHUTDOWN_TIMEOUT_MS = 30_000
 
@@ -74,9 +79,15 @@ export const LEAVES = {
   'auth.jwks.minRefreshInterval': leaf({ env: 'JWKS_MIN_REFRESH_INTERVAL', parse: duration(), default: DEFAULT_JWKS_MIN_REFRESH_MS, doc: 'An unknown `kid` triggers at most one JWKS refetch per interval (single flight); other unknown kids are refused from a negative cache meanwhile.' }),
   'auth.jwks.fetchTimeout': leaf({ env: 'JWKS_FETCH_TIMEOUT', parse: duration(100), default: DEFAULT_JWKS_FETCH_TIMEOUT_MS, doc: 'Connect, header and body timeout for discovery and JWKS fetches.' }),
   'log.level': leaf({ env: 'LOG_LEVEL', parse: oneOf(LOG_LEVELS), default: 'info' as LogLevel, doc: `Log level: ${LOG_LEVELS.join(', ')}.` }),
+  'redis.clusterNodes': leaf({ env: 'REDIS_CLUSTER_NODES', parse: list(hostPort), default: [] as string[], doc: 'Redis Cluster seed nodes (comma list of `host:port`); takes precedence over `REDIS_URL`, whose password/TLS/db settings still apply when it is also set.' }),
   'redis.url': optional({ env: 'REDIS_URL', parse: url(['redis', 'rediss']), secret: true, doc: 'Redis for shared rate limits (`redis://[:password@]host:6379/db`, `rediss://` for TLS). Unset: in-process limits, per replica.' }),
   'rateLimit.max': leaf({ env: 'RATE_LIMIT_MAX', parse: int(1), default: DEFAULT_RATE_LIMIT_MAX, doc: 'Requests (HTTP and WebSocket upgrades) per user (`sub`) per window.' }),
-  'rateLimit.window': leaf({ env: 'RATE_LIMIT_WINDOW', parse: duration(1000), default: DEFAULT_RATE_LIMIT_WINDOW_MS, doc: 'Rate-limit window: milliseconds or a duration (`60s`, `1m`).' })
+  'rateLimit.window': leaf({ env: 'RATE_LIMIT_WINDOW', parse: duration(1000), default: DEFAULT_RATE_LIMIT_WINDOW_MS, doc: 'Rate-limit window: milliseconds or a duration (`60s`, `1m`). Fixed windows: the budget resets when the window ends.' }),
+  'rateLimit.keyPrefix': leaf({ env: 'RATE_LIMIT_KEY_PREFIX', parse: str, default: DEFAULT_RATE_LIMIT_PREFIX, doc: 'Prefix of every rate-limit key in Redis, so several gateways (or environments) can share one Redis.' }),
+  'rateLimit.onStoreError': leaf({ env: 'RATE_LIMIT_ON_STORE_ERROR', parse: oneOf(STORE_ERROR_POLICIES), default: 'open' as StoreErrorPolicy, doc: 'When Redis is down or slow: `open` serves requests but counts them in a per-process fallback limit; `closed` answers 503 with `Retry-After`.' }),
+  'rateLimit.fallbackMax': optional({ env: 'RATE_LIMIT_FALLBACK_MAX', parse: int(1), doc: 'Per-process budget per user and window while Redis is unavailable (policy `open`). Unset: the normal budget, per replica; set it to the budget divided by the number of replicas to keep the total exact.' }),
+  'rateLimit.authFailures.max': leaf({ env: 'AUTH_FAILURE_LIMIT_MAX', parse: int(1), default: DEFAULT_AUTH_FAILURE_MAX, doc: 'Failed authentications per client IP per window; beyond it the IP gets 429 without token verification. Generous on purpose: many users behind one NAT with expired tokens are normal.' }),
+  'rateLimit.authFailures.window': leaf({ env: 'AUTH_FAILURE_LIMIT_WINDOW', parse: duration(1000), default: DEFAULT_AUTH_FAILURE_WINDOW_MS, doc: 'Window of the auth-failure limit.' })
 } as const
 
 export type LeafPath = keyof typeof LEAVES

@@ -6,7 +6,7 @@
  * command timeouts, auto-pipelining on. Reconnects forever with backoff; the
  * outage is logged once, and the recovery once.
  */
-import { Redis } from 'ioredis'
+import { Cluster, Redis, type RedisOptions } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
 import type { CheckResult } from '../admin/readiness.js'
 
@@ -14,16 +14,52 @@ export const REDIS_CONNECT_TIMEOUT_MS = 1_000
 export const REDIS_COMMAND_TIMEOUT_MS = 500
 const MAX_RECONNECT_DELAY_MS = 2_000
 
-export function createRedis (url: string, log: FastifyBaseLogger): Redis {
-  const redis = new Redis(url, {
-    lazyConnect: true,
-    enableOfflineQueue: false,
-    maxRetriesPerRequest: 1,
-    connectTimeout: REDIS_CONNECT_TIMEOUT_MS,
-    commandTimeout: REDIS_COMMAND_TIMEOUT_MS,
-    enableAutoPipelining: true,
-    retryStrategy: (times) => Math.min(times * 100, MAX_RECONNECT_DELAY_MS)
-  })
+const FAIL_FAST: RedisOptions = {
+  lazyConnect: true,
+  enableOfflineQueue: false,
+  maxRetriesPerRequest: 1,
+  connectTimeout: REDIS_CONNECT_TIMEOUT_MS,
+  commandTimeout: REDIS_COMMAND_TIMEOUT_MS,
+  enableAutoPipelining: true,
+  retryStrategy: (times) => Math.min(times * 100, MAX_RECONNECT_DELAY_MS)
+}
+
+export interface RedisSettings { url: string | undefined, clusterNodes: string[] }
+
+/** Credentials, TLS and db from a redis:// or rediss:// URL, for cluster nodes. */
+function optionsFromUrl (url: string | undefined): RedisOptions {
+  if (url === undefined) return {}
+  const u = new URL(url)
+  const opts: RedisOptions = {}
+  if (u.username !== '') opts.username = decodeURIComponent(u.username)
+  if (u.password !== '') opts.password = decodeURIComponent(u.password)
+  if (u.protocol === 'rediss:') opts.tls = {}
+  return opts
+}
+
+function nodeOf (entry: string): { host: string, port: number } {
+  const hp = entry.replace(/^rediss?:\/\/(?:[^@/]*@)?/, '').replace(/\/$/, '')
+  const i = hp.lastIndexOf(':')
+  return { host: hp.slice(0, i).replace(/^\[|\]$/g, ''), port: Number(hp.slice(i + 1)) }
+}
+
+/** A Redis or Redis Cluster client, or undefined when none is configured. */
+export function createRedis (settings: RedisSettings, log: FastifyBaseLogger): Redis | Cluster | undefined {
+  let redis: Redis | Cluster
+  if (settings.clusterNodes.length > 0) {
+    const { retryStrategy: _r, ...nodeOptions } = FAIL_FAST
+    redis = new Cluster(settings.clusterNodes.map(nodeOf), {
+      lazyConnect: true,
+      enableOfflineQueue: false,
+      enableAutoPipelining: true,
+      clusterRetryStrategy: (times) => Math.min(times * 100, MAX_RECONNECT_DELAY_MS),
+      redisOptions: { ...nodeOptions, ...optionsFromUrl(settings.url) }
+    })
+  } else if (settings.url !== undefined) {
+    redis = new Redis(settings.url, FAIL_FAST)
+  } else {
+    return undefined
+  }
   let down = false
   redis.on('error', (err: Error & { code?: string }) => {
     if (down) return
@@ -38,7 +74,7 @@ export function createRedis (url: string, log: FastifyBaseLogger): Redis {
 }
 
 /** Readiness: a PING answered within the command timeout. */
-export async function redisCheck (redis: Redis): Promise<CheckResult> {
+export async function redisCheck (redis: Redis | Cluster): Promise<CheckResult> {
   if (redis.status !== 'ready') return { ok: false, detail: `redis ${redis.status}` }
   try {
     await redis.ping()
@@ -49,7 +85,7 @@ export async function redisCheck (redis: Redis): Promise<CheckResult> {
 }
 
 /** Connects without throwing: an unreachable Redis shows in /readyz and logs, not as a crash. */
-export async function connectRedis (redis: Redis): Promise<void> {
+export async function connectRedis (redis: Redis | Cluster): Promise<void> {
   try {
     await redis.connect()
   } catch {

@@ -121,6 +121,16 @@ export function createMetrics () {
     registers: [registry]
   })
 
+  const storeErrors = new Counter({
+    name: 'resonance_rate_limit_store_errors_total',
+    help: 'Rate-limit store (Redis) commands that failed or timed out; each request then used the fallback policy.',
+    registers: [registry]
+  })
+  const storeDegraded = new Gauge({
+    name: 'resonance_rate_limit_store_degraded',
+    help: '1 while the Redis rate-limit store is unavailable and the fallback policy applies.',
+    registers: [registry]
+  })
   const wsConnections = new Gauge({
     name: 'resonance_ws_connections',
     help: 'WebSocket connections currently proxied.',
@@ -172,6 +182,8 @@ export function createMetrics () {
     jwksFetches,
     jwksKeys,
     jwksLastSuccess,
+    storeErrors,
+    storeDegraded,
     wsConnections,
     wsMessages: wsMessagesBy,
     wsCloses

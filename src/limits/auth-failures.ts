@@ -1,0 +1,61 @@
+/**
+ * Unauthenticated abuse: failed authentications are counted per client IP
+ * (the shared store, so all replicas add up). Once an IP is over
+ * AUTH_FAILURE_LIMIT_MAX in the window, its requests get 429 before any token
+ * work, so a flood of bad tokens or made-up kids costs a Map lookup and never
+ * reaches Keycloak.
+ *
+ * The hot path for good requests is only `blockedFor()`: a local Map lookup,
+ * no Redis round trip. Counting happens on failures only, in the background;
+ * a replica learns that an IP is blocked from its own count's answer, which
+ * already includes every replica's failures.
+ */
+import { createRequire } from 'node:module'
+import type { LimitStore } from './store.js'
+
+const require = createRequire(import.meta.url)
+const { normalizeIP } = require('@fastify/rate-limit') as { normalizeIP: (ip: string, ipv6Subnet: number) => string }
+
+/** IPv6 clients are grouped by /64: one host usually owns a whole /64. */
+export const IPV6_SUBNET = 64
+/** Blocked IPs remembered locally; the oldest are dropped beyond this. */
+export const MAX_BLOCKED = 100_000
+
+export class AuthFailureLimiter {
+  private readonly blocked = new Map<string, number>()
+
+  constructor (
+    private readonly store: LimitStore,
+    private readonly max: number,
+    private readonly windowMs: number
+  ) {}
+
+  static clientKey (ip: string): string {
+    return normalizeIP(ip, IPV6_SUBNET)
+  }
+
+  /** Seconds until the IP may try again, or 0 when it is not blocked. */
+  blockedFor (ip: string, now = Date.now()): number {
+    if (this.blocked.size === 0) return 0
+    const until = this.blocked.get(AuthFailureLimiter.clientKey(ip))
+    if (until === undefined) return 0
+    if (until <= now) {
+      this.blocked.delete(AuthFailureLimiter.clientKey(ip))
+      return 0
+    }
+    return Math.ceil((until - now) / 1000)
+  }
+
+  /** Counts one failure (fire and forget: a denial never waits for Redis). */
+  record (ip: string): void {
+    const key = AuthFailureLimiter.clientKey(ip)
+    this.store.incr(`authfail:${key}`, (err, res) => {
+      if (err !== null || res === undefined || res.current <= this.max) return
+      if (this.blocked.size >= MAX_BLOCKED) {
+        const oldest = this.blocked.keys().next().value
+        if (oldest !== undefined) this.blocked.delete(oldest)
+      }
+      this.blocked.set(key, Date.now() + Math.max(res.ttl, 1000))
+    }, this.windowMs, this.max)
+  }
+}

@@ -1,0 +1,116 @@
+/**
+ * The counting store behind every limit, in @fastify/rate-limit's store
+ * interface (incr(key, cb, windowMs, max) -> { current, ttl }).
+ *
+ * With Redis it counts with the plugin's RedisStore: one Lua script (INCR +
+ * PEXPIRE on the first hit) per call on ONE key, so it is atomic, shared by
+ * every replica and Redis Cluster safe. Without Redis, the plugin's LocalStore
+ * (bounded LRU).
+ *
+ * When Redis fails (down, restarting, slower than the command timeout) the
+ * store never hangs a request: the error is counted, logged once per outage,
+ * and the policy decides:
+ *   open   - count in a per-process LocalStore against RATE_LIMIT_FALLBACK_MAX
+ *            (default: the normal budget), so a user cannot run unlimited;
+ *   closed - fail the call; the caller answers 503 + Retry-After.
+ * After a failure Redis is skipped for a short breaker interval (so a slow
+ * Redis does not cost every request the full timeout), then tried again; the
+ * first success ends the outage.
+ *
+ * child() returns the same store: keys are fully built by the caller, so GET
+ * and POST of one user share one budget (the plugin's child() would prefix
+ * `${method}${url}` and split them, STACK-NOTES §4).
+ */
+import type { FastifyBaseLogger } from 'fastify'
+import type { Cluster, Redis } from 'ioredis'
+import { createRequire } from 'node:module'
+import type { Metrics } from '../observability/metrics.js'
+import type { StoreErrorPolicy } from '../config/settings.js'
+
+const require = createRequire(import.meta.url)
+/* The plugin exports its stores only as files; they are its public store API (README "Custom Store"). */
+const RedisStore = require('@fastify/rate-limit/store/RedisStore') as new (continueExceeding: boolean, exponentialBackoff: boolean, redis: Redis | Cluster, key: string) => StoreLike
+const LocalStore = require('@fastify/rate-limit/store/LocalStore') as new (continueExceeding: boolean, exponentialBackoff: boolean, cache: number) => StoreLike
+
+export interface Hits { current: number, ttl: number }
+export type IncrCallback = (err: Error | null, res?: Hits) => void
+interface StoreLike { incr (key: string, cb: IncrCallback, windowMs: number, max: number): void }
+
+/** Entries kept by in-process counters (LRU): bounds memory under key floods. */
+export const LOCAL_STORE_ENTRIES = 100_000
+/** After a Redis failure, go straight to the fallback for this long. */
+export const BREAKER_MS = 1_000
+
+export class StoreUnavailableError extends Error {
+  readonly code = 'GW_RATE_LIMIT_STORE_UNAVAILABLE'
+  constructor () { super('rate-limit store unavailable') }
+}
+const UNAVAILABLE = new StoreUnavailableError()
+
+export interface LimitStoreOptions {
+  redis: Redis | Cluster | undefined
+  keyPrefix: string
+  policy: StoreErrorPolicy
+  /** Budget per window in fallback mode; undefined = the normal one. */
+  fallbackMax: number | undefined
+  metrics: Metrics
+  log: FastifyBaseLogger
+}
+
+export class LimitStore {
+  private readonly redisStore: StoreLike | undefined
+  private readonly local: StoreLike
+  private readonly fallback: StoreLike
+  private degradedUntil = 0
+  private degraded = false
+
+  constructor (private readonly opts: LimitStoreOptions) {
+    this.redisStore = opts.redis !== undefined ? new RedisStore(false, false, opts.redis, opts.keyPrefix) : undefined
+    this.local = new LocalStore(false, false, LOCAL_STORE_ENTRIES)
+    this.fallback = new LocalStore(false, false, LOCAL_STORE_ENTRIES)
+  }
+
+  get shared (): boolean { return this.redisStore !== undefined }
+
+  incr (key: string, cb: IncrCallback, windowMs: number, max: number): void {
+    const redisStore = this.redisStore
+    if (redisStore === undefined) return this.local.incr(key, cb, windowMs, max)
+    if (Date.now() < this.degradedUntil || this.opts.redis?.status !== 'ready') return this.failed(key, cb, windowMs, max, undefined)
+    redisStore.incr(key, (err, res) => {
+      if (err !== null || res === undefined) return this.failed(key, cb, windowMs, max, err ?? undefined)
+      if (this.degraded) this.recovered()
+      cb(null, res)
+    }, windowMs, max)
+  }
+
+  /** @fastify/rate-limit calls this for per-route limiters; our keys are already complete. */
+  child (): this { return this }
+
+  private failed (key: string, cb: IncrCallback, windowMs: number, max: number, err: Error | undefined): void {
+    this.opts.metrics.storeErrors.inc()
+    this.degradedUntil = Date.now() + BREAKER_MS
+    if (!this.degraded) {
+      this.degraded = true
+      this.opts.metrics.storeDegraded.set(1)
+      this.opts.log.error({ component: 'rate-limit', policy: this.opts.policy, err: err !== undefined ? { message: err.message } : undefined },
+        this.opts.policy === 'open'
+          ? 'rate-limit store unavailable: serving with per-process fallback limits'
+          : 'rate-limit store unavailable: refusing requests (503) until it is back')
+    }
+    if (this.opts.policy === 'closed') return cb(UNAVAILABLE)
+    const fallbackMax = this.opts.fallbackMax
+    if (fallbackMax === undefined || fallbackMax >= max) return this.fallback.incr(key, cb, windowMs, max)
+    // Scale so that `current > max` (the plugin's test) trips after fallbackMax hits.
+    this.fallback.incr(key, (e, res) => {
+      if (e !== null || res === undefined) return cb(e)
+      cb(null, { current: Math.ceil(res.current * max / fallbackMax), ttl: res.ttl })
+    }, windowMs, fallbackMax)
+  }
+
+  private recovered (): void {
+    this.degraded = false
+    this.degradedUntil = 0
+    this.opts.metrics.storeDegraded.set(0)
+    this.opts.log.info({ component: 'rate-limit' }, 'rate-limit store available again: shared limits resumed')
+  }
+}
