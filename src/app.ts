@@ -26,6 +26,8 @@ import { connectRedis, createRedis, redisCheck } from './limits/redis.js'
 import { LimitStore } from './limits/store.js'
 import { AuthFailureLimiter } from './limits/auth-failures.js'
 import { registerHttpLimits } from './limits/http.js'
+import { ConnectionSlots, WsMessageLimiter } from './limits/ws.js'
+import { Revocations } from './auth/revocation.js'
 
 export interface GatewayDeps {
   /** Where logs go (default stdout); tests capture them here. */
@@ -41,6 +43,7 @@ export interface Gateway {
   audit: Audit
   readiness: Readiness
   ws: WsBridge
+  revocations: Revocations
   /** Loads the JWKS (readiness waits for it; requests never block on it). */
   start (): Promise<void>
   /** Graceful stop: readiness fails, WebSockets get 1001, in-flight requests finish. */
@@ -112,6 +115,13 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     log: app.log
   })
   const failures = new AuthFailureLimiter(store, config.rateLimit.authFailures.max, config.rateLimit.authFailures.windowMs)
+  const revocations = new Revocations({
+    redis,
+    keyPrefix: config.rateLimit.keyPrefix,
+    minTtlMs: config.auth.revocationMinTtlMs,
+    clockToleranceSec: config.auth.clockToleranceSec,
+    log: app.log
+  })
 
   // --- auth: onRequest, so it also guards WebSocket upgrades ---------------
   const keys = new KeyStore({
@@ -123,14 +133,16 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     metrics,
     log: app.log.child({ component: 'jwks' })
   })
-  await app.register(authPlugin, { config, keys, audit, failures })
+  await app.register(authPlugin, { config, keys, audit, failures, revocations })
 
   // --- limits: preHandler, so the verified sub exists; before the proxy ------
   await registerHttpLimits(app, { config, store, audit })
 
   // --- proxy: last, so every hook above applies to its routes --------------
   await registerHttpProxy(app, config, metrics)
-  const ws = await registerWsProxy(app, config, metrics)
+  const slots = new ConnectionSlots(redis, config.rateLimit.keyPrefix, config.ws.maxConnectionsPerUser, config.rateLimit.onStoreError, metrics, app.log)
+  const messages = new WsMessageLimiter(store, config.ws.messageLimit.max, config.ws.messageLimit.windowMs)
+  const ws = await registerWsProxy(app, { config, metrics, audit, messages, slots, revocations })
 
   // --- admin listener -------------------------------------------------------
   const readiness = new Readiness()
@@ -138,7 +150,7 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     ? { ok: true, detail: `${keys.size} keys` }
     : { ok: false, detail: keys.error ?? 'not loaded yet' })
   if (redis !== undefined) readiness.add('redis', () => redisCheck(redis))
-  const admin = buildAdmin(app.log, metrics, readiness)
+  const admin = buildAdmin({ logger: app.log, metrics, readiness, revocations, adminToken: config.admin.token })
 
   let closing: Promise<void> | undefined
   return {
@@ -150,8 +162,10 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     audit,
     readiness,
     ws,
+    revocations,
     start: async () => {
       await Promise.all([keys.start(), redis !== undefined ? connectRedis(redis) : undefined])
+      await revocations.start()
     },
     close () {
       closing ??= (async () => {
@@ -160,6 +174,8 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
         await app.close()
         await admin.close()
         await keys.close()
+        slots.close()
+        revocations.close()
         redis?.disconnect()
       })()
       return closing

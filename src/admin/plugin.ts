@@ -1,13 +1,32 @@
 /**
  * The admin listener: a separate Fastify instance on ADMIN_PORT, so /metrics,
- * /healthz and /readyz are never reachable through the public port.
+ * /healthz, /readyz and the revocation API are never reachable through the
+ * public port. The port is private but not trusted blindly: changing state
+ * (POST /revocations) needs the ADMIN_TOKEN bearer secret.
  */
-import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance } from 'fastify'
+import { timingSafeEqual, createHash } from 'node:crypto'
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import type { Metrics } from '../observability/metrics.js'
+import type { Revocations } from '../auth/revocation.js'
 import type { Readiness } from './readiness.js'
 
-export function buildAdmin (logger: FastifyBaseLogger, metrics: Metrics, readiness: Readiness): FastifyInstance {
-  const admin = Fastify({ loggerInstance: logger.child({ component: 'admin' }), logController: new LogController({ disableRequestLogging: true }) })
+export interface AdminOptions {
+  logger: FastifyBaseLogger
+  metrics: Metrics
+  readiness: Readiness
+  revocations: Revocations
+  adminToken: string | undefined
+}
+
+const digest = (s: string): Buffer => createHash('sha256').update(s).digest()
+
+export function buildAdmin (opts: AdminOptions): FastifyInstance {
+  const { metrics, readiness, revocations, adminToken } = opts
+  const admin = Fastify({
+    loggerInstance: opts.logger.child({ component: 'admin' }),
+    logController: new LogController({ disableRequestLogging: true }),
+    bodyLimit: 16 * 1024
+  })
 
   admin.get('/healthz', async () => ({ status: 'ok' }))
 
@@ -19,6 +38,49 @@ export function buildAdmin (logger: FastifyBaseLogger, metrics: Metrics, readine
   admin.get('/metrics', async (_request, reply) => {
     const body = await metrics.registry.metrics()
     return reply.type(metrics.registry.contentType).send(body)
+  })
+
+  const expected = adminToken !== undefined ? digest(adminToken) : undefined
+  function authorized (request: FastifyRequest, reply: FastifyReply): boolean {
+    const m = /^Bearer (\S+)$/i.exec(request.headers.authorization ?? '')
+    // Compare digests: constant time whatever the presented length.
+    if (expected !== undefined && m !== null && timingSafeEqual(digest(m[1] as string), expected)) return true
+    request.log.warn({ component: 'audit', event: 'admin_denied', ip: request.ip, path: request.routeOptions.url }, 'admin API: bad or missing token')
+    reply.code(401).header('www-authenticate', 'Bearer realm="resonance-admin"')
+      .send({ error: 'unauthorized', error_description: 'The admin token is missing or wrong' })
+    return false
+  }
+
+  admin.post('/revocations', {
+    schema: {
+      body: {
+        type: 'object',
+        additionalProperties: false,
+        minProperties: 1,
+        maxProperties: 1,
+        properties: {
+          jti: { type: 'string', minLength: 1, maxLength: 512 },
+          sub: { type: 'string', minLength: 1, maxLength: 512 }
+        }
+      }
+    }
+  }, async (request, reply) => {
+    if (expected === undefined) return reply.code(404).send({ error: 'not_found', error_description: 'Set ADMIN_TOKEN to enable the admin API' })
+    if (!authorized(request, reply)) return reply
+    const body = request.body as { jti?: string, sub?: string }
+    const kind = body.jti !== undefined ? 'jti' : 'sub'
+    const value = (body.jti ?? body.sub) as string
+    const r = await revocations.revoke(kind, value)
+    request.log.warn({ component: 'audit', event: 'revoked', kind, sub: kind === 'sub' ? value : undefined, ip: request.ip }, 'token revocation')
+    return reply.code(201).send({ kind: r.kind, value: r.value, issuedBefore: r.at, expiresAt: new Date(r.expiresAt).toISOString() })
+  })
+
+  admin.setErrorHandler((err: Error & { statusCode?: number, validation?: unknown }, request, reply) => {
+    if (err.validation !== undefined || (err.statusCode !== undefined && err.statusCode < 500)) {
+      return reply.code(err.statusCode ?? 400).send({ error: 'bad_request', error_description: 'Send JSON {"jti": "..."} or {"sub": "..."}' })
+    }
+    request.log.error({ err: { message: err.message } }, 'admin request failed')
+    return reply.code(503).send({ error: 'unavailable', error_description: 'The revocation store is unavailable' })
   })
 
   return admin

@@ -27,6 +27,7 @@ const ANSWERS: Record<AuthFailureReason, Answer> = {
   wrong_audience: { status: 401, error: 'invalid_token', description: 'The token audience is not accepted' },
   missing_claim: { status: 401, error: 'invalid_token', description: 'The token lacks a required claim' },
   wrong_token_type: { status: 401, error: 'invalid_token', description: 'The token is not an access token' },
+  revoked: { status: 401, error: 'invalid_token', description: 'The access token was revoked' },
   invalid_path: { status: 400, error: 'invalid_request', description: 'The request path is invalid' }
 }
 

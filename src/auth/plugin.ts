@@ -18,6 +18,7 @@ import type { KeyStore } from './keys.js'
 import { extractToken } from './token.js'
 import { transportAllowsToken } from './transport.js'
 import type { AuthFailureLimiter } from '../limits/auth-failures.js'
+import type { Revocations } from './revocation.js'
 
 export interface AuthOptions {
   config: Config
@@ -25,6 +26,7 @@ export interface AuthOptions {
   audit: Audit
   /** Per-IP limit on failed authentications (checked before any token work). */
   failures: AuthFailureLimiter
+  revocations: Revocations
 }
 
 const TOO_MANY_FAILURES = JSON.stringify({ error: 'rate_limited', error_description: 'Too many failed authentications from this address' })
@@ -52,7 +54,7 @@ export function send (reply: FastifyReply, c: Challenge): FastifyReply {
 }
 
 async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<void> {
-  const { config, keys, audit, failures } = opts
+  const { config, keys, audit, failures, revocations } = opts
   const auth = config.auth
   const allowed = new Set<string>(auth.algorithms)
   const needsPath = auth.publicPaths.length > 0 || auth.routes.length > 0
@@ -137,6 +139,8 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
       const sub = typeof verified.payload.sub === 'string' ? verified.payload.sub : undefined
       return deny(request, reply, identity, transport, sub)
     }
+    revocations.observe(identity.exp)
+    if (revocations.isRevoked(identity)) return deny(request, reply, 'revoked', transport, identity.sub)
     request.identity = identity
 
     if (path !== undefined && !rolesAllow(auth.routes, request.method, path, identity)) {

@@ -9,7 +9,7 @@ import { parse as parseYaml } from 'yaml'
 import { ConfigInvalidError } from '../errors.js'
 import { LEAVES, type LeafPath, type LeafValues } from './settings.js'
 import { duration, int, JWT_ALGORITHMS, type JwtAlgorithm, type LogLevel, type TrustProxy } from './parsers.js'
-import { DEFAULT_RATE_LIMIT_WINDOW_MS, type StoreErrorPolicy } from './settings.js'
+import { DEFAULT_RATE_LIMIT_WINDOW_MS, type StoreErrorPolicy, type WsLimitAction } from './settings.js'
 import { compilePattern, patternError, type PathMatcher } from './patterns.js'
 
 export const DEFAULT_CONFIG_FILE = 'config/gateway.yaml'
@@ -50,7 +50,7 @@ export interface Config {
     shutdownDelayMs: number
     shutdownTimeoutMs: number
   }
-  admin: { host: string, port: number }
+  admin: { host: string, port: number, token: string | undefined }
   upstream: {
     url: string
     timeoutMs: number
@@ -71,6 +71,15 @@ export interface Config {
     publicPaths: string[]
     isPublic: PathMatcher
     routes: RoleRule[]
+    revocationMinTtlMs: number
+  }
+  ws: {
+    maxPayload: number
+    maxBuffered: number
+    messageLimit: { max: number, windowMs: number, action: WsLimitAction }
+    maxConnectionsPerUser: number
+    pingIntervalMs: number
+    idleTimeoutMs: number
   }
   log: { level: LogLevel }
   redis: { url: string | undefined, clusterNodes: string[] }
@@ -166,7 +175,7 @@ export function loadConfig (opts: LoadOptions = {}): Config {
       shutdownDelayMs: v['server.shutdownDelay'],
       shutdownTimeoutMs: v['server.shutdownTimeout']
     },
-    admin: { host: v['admin.host'], port: v['admin.port'] },
+    admin: { host: v['admin.host'], port: v['admin.port'], token: v['admin.token'] },
     upstream: {
       url: v['upstream.url'],
       timeoutMs: v['upstream.timeout'],
@@ -190,7 +199,16 @@ export function loadConfig (opts: LoadOptions = {}): Config {
       },
       publicPaths,
       isPublic: (p) => publicMatchers.some((m) => m(p)),
-      routes
+      routes,
+      revocationMinTtlMs: v['auth.revocationMinTtl']
+    },
+    ws: {
+      maxPayload: v['ws.maxPayload'],
+      maxBuffered: v['ws.maxBuffered'],
+      messageLimit: { max: v['ws.messageLimit.max'], windowMs: v['ws.messageLimit.window'], action: v['ws.messageLimit.action'] },
+      maxConnectionsPerUser: v['ws.maxConnectionsPerUser'],
+      pingIntervalMs: v['ws.pingInterval'],
+      idleTimeoutMs: v['ws.idleTimeout']
     },
     log: { level: v['log.level'] },
     redis: { url: v['redis.url'], clusterNodes: v['redis.clusterNodes'] },

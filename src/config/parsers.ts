@@ -82,6 +82,10 @@ export function list<T> (item: Parser<T>, { nonEmpty = false } = {}): Parser<T[]
   }
 }
 
+/** A shared secret: long enough not to be guessed, no whitespace. */
+export const secretToken: Parser<string> = (raw) =>
+  typeof raw === 'string' && /^\S{16,}$/.test(raw) ? ok(raw) : fail('must be at least 16 characters without spaces')
+
 /** `host:port`, or a redis:// URL naming one node. */
 export const hostPort: Parser<string> = (raw) => {
   if (typeof raw !== 'string') return fail('must be host:port')

@@ -6,7 +6,7 @@
  * only and validated in load.ts.
  */
 import {
-  bool, duration, hostPort, int, JWT_ALGORITHMS, list, LOG_LEVELS, oneOf, port, seconds, str, trustProxy, url,
+  bool, duration, hostPort, int, secretToken, JWT_ALGORITHMS, list, LOG_LEVELS, oneOf, port, seconds, str, trustProxy, url,
   type JwtAlgorithm, type LogLevel, type Parser, type TrustProxy
 } from './parsers.js'
 
@@ -45,6 +45,16 @@ export const DEFAULT_AUTH_FAILURE_MAX = 300
 export const DEFAULT_AUTH_FAILURE_WINDOW_MS = 60_000
 export const STORE_ERROR_POLICIES = ['open', 'closed'] as const
 export type StoreErrorPolicy = typeof STORE_ERROR_POLICIES[number]
+export const WS_LIMIT_ACTIONS = ['close', 'drop'] as const
+export type WsLimitAction = typeof WS_LIMIT_ACTIONS[number]
+export const DEFAULT_WS_MAX_PAYLOAD = 1024 * 1024
+export const DEFAULT_WS_MAX_BUFFERED = 1024 * 1024
+export const DEFAULT_WS_MESSAGE_LIMIT_MAX = 600
+export const DEFAULT_WS_MESSAGE_LIMIT_WINDOW_MS = 60_000
+export const DEFAULT_WS_MAX_CONNECTIONS = 10
+export const DEFAULT_WS_PING_INTERVAL_MS = 30_000
+export const DEFAULT_WS_IDLE_TIMEOUT_MS = 10 * 60_000
+export const DEFAULT_REVOCATION_MIN_TTL_MS = 60 * 60_000
 export const DEFAULT_SHUTDOWN_DELAY_MS = 5_000
 export const DEFAULT_SHUTDOWN_TIMEOUT_MS = 30_000
 
@@ -61,6 +71,7 @@ export const LEAVES = {
   'server.shutdownDelay': leaf({ env: 'SHUTDOWN_DELAY', parse: duration(), default: DEFAULT_SHUTDOWN_DELAY_MS, doc: 'On SIGTERM, how long `/readyz` reports 503 before the listener stops accepting (lets load balancers drain).' }),
   'server.shutdownTimeout': leaf({ env: 'SHUTDOWN_TIMEOUT', parse: duration(1000), default: DEFAULT_SHUTDOWN_TIMEOUT_MS, doc: 'Upper bound for the whole shutdown; the process exits after it even if requests are still open.' }),
   'admin.host': leaf({ env: 'ADMIN_HOST', parse: str, default: '127.0.0.1', doc: 'Interface of the admin listener (`/metrics`, `/healthz`, `/readyz`). Keep it private; the container image sets `0.0.0.0`.' }),
+  'admin.token': optional({ env: 'ADMIN_TOKEN', parse: secretToken, secret: true, doc: 'Bearer secret for the admin API (`POST /revocations`), at least 16 characters. Unset: the admin API answers 404. Metrics and health need no token.' }),
   'admin.port': leaf({ env: 'ADMIN_PORT', parse: port, default: DEFAULT_ADMIN_PORT, doc: 'Admin listener port. Never served on the public port.' }),
   'upstream.url': leaf({ env: 'UPSTREAM_URL', parse: url(['http', 'https']), default: DEFAULT_UPSTREAM_URL, doc: 'Base URL of the app every allowed request is forwarded to (HTTP and WebSocket).' }),
   'upstream.timeout': leaf({ env: 'UPSTREAM_TIMEOUT', parse: duration(100), default: DEFAULT_UPSTREAM_TIMEOUT_MS, doc: 'Time to wait for the app\'s response headers (and between body chunks) before answering 504.' }),
@@ -78,6 +89,7 @@ export const LEAVES = {
   'auth.jwks.cacheTtl': leaf({ env: 'JWKS_CACHE_TTL', parse: duration(1000), default: DEFAULT_JWKS_CACHE_TTL_MS, doc: 'How long a fetched JWKS is fresh; after it the keys are refreshed in the background. Known keys keep working while the JWKS endpoint is down.' }),
   'auth.jwks.minRefreshInterval': leaf({ env: 'JWKS_MIN_REFRESH_INTERVAL', parse: duration(), default: DEFAULT_JWKS_MIN_REFRESH_MS, doc: 'An unknown `kid` triggers at most one JWKS refetch per interval (single flight); other unknown kids are refused from a negative cache meanwhile.' }),
   'auth.jwks.fetchTimeout': leaf({ env: 'JWKS_FETCH_TIMEOUT', parse: duration(100), default: DEFAULT_JWKS_FETCH_TIMEOUT_MS, doc: 'Connect, header and body timeout for discovery and JWKS fetches.' }),
+  'auth.revocationMinTtl': leaf({ env: 'REVOCATION_MIN_TTL', parse: duration(1000), default: DEFAULT_REVOCATION_MIN_TTL_MS, doc: 'A revocation is kept for the longest remaining lifetime of any token the gateways have seen, and at least this long (covers tokens issued but not yet presented).' }),
   'log.level': leaf({ env: 'LOG_LEVEL', parse: oneOf(LOG_LEVELS), default: 'info' as LogLevel, doc: `Log level: ${LOG_LEVELS.join(', ')}.` }),
   'redis.clusterNodes': leaf({ env: 'REDIS_CLUSTER_NODES', parse: list(hostPort), default: [] as string[], doc: 'Redis Cluster seed nodes (comma list of `host:port`); takes precedence over `REDIS_URL`, whose password/TLS/db settings still apply when it is also set.' }),
   'redis.url': optional({ env: 'REDIS_URL', parse: url(['redis', 'rediss']), secret: true, doc: 'Redis for shared rate limits (`redis://[:password@]host:6379/db`, `rediss://` for TLS). Unset: in-process limits, per replica.' }),
@@ -87,6 +99,14 @@ export const LEAVES = {
   'rateLimit.onStoreError': leaf({ env: 'RATE_LIMIT_ON_STORE_ERROR', parse: oneOf(STORE_ERROR_POLICIES), default: 'open' as StoreErrorPolicy, doc: 'When Redis is down or slow: `open` serves requests but counts them in a per-process fallback limit; `closed` answers 503 with `Retry-After`.' }),
   'rateLimit.fallbackMax': optional({ env: 'RATE_LIMIT_FALLBACK_MAX', parse: int(1), doc: 'Per-process budget per user and window while Redis is unavailable (policy `open`). Unset: the normal budget, per replica; set it to the budget divided by the number of replicas to keep the total exact.' }),
   'rateLimit.authFailures.max': leaf({ env: 'AUTH_FAILURE_LIMIT_MAX', parse: int(1), default: DEFAULT_AUTH_FAILURE_MAX, doc: 'Failed authentications per client IP per window; beyond it the IP gets 429 without token verification. Generous on purpose: many users behind one NAT with expired tokens are normal.' }),
+  'ws.maxPayload': leaf({ env: 'WS_MAX_PAYLOAD', parse: int(1, 64 * 1024 * 1024), default: DEFAULT_WS_MAX_PAYLOAD, doc: 'Largest WebSocket message (bytes) accepted from a client or the app; larger ones close the connection with 1009.' }),
+  'ws.maxBuffered': leaf({ env: 'WS_MAX_BUFFERED', parse: int(1024, 256 * 1024 * 1024), default: DEFAULT_WS_MAX_BUFFERED, doc: 'Bytes queued towards one side of a WebSocket before the other side is paused (backpressure): a slow reader cannot grow memory without limit.' }),
+  'ws.messageLimit.max': leaf({ env: 'WS_MESSAGE_LIMIT_MAX', parse: int(1), default: DEFAULT_WS_MESSAGE_LIMIT_MAX, doc: 'Client-to-app WebSocket messages per user per window, shared by all of the user\'s connections and all replicas.' }),
+  'ws.messageLimit.window': leaf({ env: 'WS_MESSAGE_LIMIT_WINDOW', parse: duration(1000), default: DEFAULT_WS_MESSAGE_LIMIT_WINDOW_MS, doc: 'Window of the WebSocket message limit.' }),
+  'ws.messageLimit.action': leaf({ env: 'WS_MESSAGE_LIMIT_ACTION', parse: oneOf(WS_LIMIT_ACTIONS), default: 'close' as WsLimitAction, doc: 'Over the message limit: `close` closes the connection with 1008; `drop` drops the message and sends the client a `{"error":"rate_limited"}` text message.' }),
+  'ws.maxConnectionsPerUser': leaf({ env: 'WS_MAX_CONNECTIONS_PER_USER', parse: int(1), default: DEFAULT_WS_MAX_CONNECTIONS, doc: 'Concurrent WebSocket connections per user across replicas; the next upgrade gets 429. Slots of a dead replica expire within a minute.' }),
+  'ws.pingInterval': leaf({ env: 'WS_PING_INTERVAL', parse: duration(1000), default: DEFAULT_WS_PING_INTERVAL_MS, doc: 'The gateway pings each client this often; a client that has not answered the previous ping is disconnected.' }),
+  'ws.idleTimeout': leaf({ env: 'WS_IDLE_TIMEOUT', parse: duration(), default: DEFAULT_WS_IDLE_TIMEOUT_MS, doc: 'Close a WebSocket (1000 "idle timeout") after this long without a message in either direction; 0 disables.' }),
   'rateLimit.authFailures.window': leaf({ env: 'AUTH_FAILURE_LIMIT_WINDOW', parse: duration(1000), default: DEFAULT_AUTH_FAILURE_WINDOW_MS, doc: 'Window of the auth-failure limit.' })
 } as const
 

@@ -24,6 +24,7 @@ export const AUTH_FAILURE_REASONS = [
   'wrong_audience',
   'missing_claim',
   'wrong_token_type',
+  'revoked',
   'invalid_path'
 ] as const
 export type AuthFailureReason = typeof AUTH_FAILURE_REASONS[number]
@@ -50,6 +51,8 @@ export const WS_CLOSE_REASONS = [
   'revoked',
   'rate_limited',
   'idle_timeout',
+  'ping_timeout',
+  'message_too_big',
   'shutdown'
 ] as const
 export type WsCloseReason = typeof WS_CLOSE_REASONS[number]

@@ -1,53 +1,87 @@
 /**
- * WebSocket pass-through, bridged with @fastify/websocket (not the proxy
- * plugin's `websocket: true`): the gateway owns both sockets, so it can refuse
- * before the 101, count and hold messages, and close with its own codes
- * without touching private fields of `ws`.
+ * WebSocket sessions, bridged with @fastify/websocket (not the proxy plugin's
+ * `websocket: true`): the gateway owns both sockets, so it can refuse before
+ * the 101, hold each client message until its limit check passed (order
+ * kept), and close with its own codes, without private fields of `ws`.
  *
- * Flow of an upgrade (a GET routed through Fastify, so auth and limit hooks
- * have already run):
- *   route constraint `upgrade: websocket` picks these routes, never the HTTP proxy's
- *   preHandler: open the upstream WebSocket first, so the app's refusal
- *                (4xx) or absence (502/504) reaches the client as an HTTP
- *                status before any 101, and the app's subprotocol choice is
- *                what the client gets
- *   handler:    bridge messages both ways with bounded buffers, propagate closes
+ * An upgrade is a GET routed through Fastify, so auth (onRequest) and the
+ * request limit (preHandler) have run before anything here:
+ *   route constraint `upgrade: websocket`: these routes, never the HTTP proxy's
+ *   preHandler: take a connection slot (429 when the user has too many), then
+ *               open the upstream WebSocket, so the app's refusal (4xx) or
+ *               absence (502/504) reaches the client as a status before any
+ *               101, and the client gets the app's subprotocol choice
+ *   handler:    bridge both ways with bounded buffers; per-user message limit;
+ *               close at token expiry, on revocation, when idle or silent
  */
 import type { IncomingMessage } from 'node:http'
 import websocket from '@fastify/websocket'
 import WebSocket from 'ws'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { Config } from '../config/load.js'
+import type { Identity } from '../auth/identity.js'
+import type { Revocation, Revocations } from '../auth/revocation.js'
+import type { Audit } from '../observability/audit.js'
 import type { Metrics, WsCloseReason, WsDirection } from '../observability/metrics.js'
 import { appProtocols, BEARER_PROTOCOL, protocolToken, stripQueryToken } from '../auth/token.js'
+import type { ConnectionSlots, WsMessageLimiter } from '../limits/ws.js'
 import { upstreamWsHeaders } from './headers.js'
 import { forwardContext } from './context.js'
 import { UPSTREAM_ERROR_BODY, upstreamErrorStatus } from './errors.js'
-
-export const WS_MAX_PAYLOAD = 1024 * 1024
-/** Bytes queued towards one peer before the other side is paused (backpressure). */
-export const WS_HIGH_WATER = 1024 * 1024
 
 /** Close codes the gateway sends. */
 export const CLOSE = {
   normal: 1000,
   goingAway: 1001,
   policy: 1008,
+  tooBig: 1009,
+  tryAgainLater: 1013,
   badGateway: 1014
 } as const
+
+/** Client messages waiting for their limit check before the client is paused. */
+export const MAX_PENDING_MESSAGES = 256
+/** Longest delay a Node timer takes; longer expiries re-arm. */
+const MAX_TIMER_MS = 2_147_483_647
+const JSON_TYPE = 'application/json; charset=utf-8'
 
 interface Pending {
   target: WebSocket
   /** Subprotocol to answer in the 101, false for none. */
   protocol: string | false
+  slotId: string
   onClientGone: () => void
   startedAt: number
+}
+
+interface Session {
+  client: WebSocket
+  target: WebSocket
+  request: FastifyRequest
+  identity: Identity
+  slotId: string
+  ended: WsCloseReason | undefined
+  lastActivity: number
+  awaitingPong: boolean
+  queue: Promise<void>
+  pending: number
+  expiryTimer: NodeJS.Timeout | undefined
+  droppedWindowUntil: number
 }
 
 export interface WsBridge {
   /** Closes every proxied connection with 1001 (shutdown). */
   closeAll (reason: string): void
   readonly open: number
+}
+
+export interface WsDeps {
+  config: Config
+  metrics: Metrics
+  audit: Audit
+  messages: WsMessageLimiter
+  slots: ConnectionSlots
+  revocations: Revocations
 }
 
 const UPGRADE_CONSTRAINT = {
@@ -71,16 +105,20 @@ function sendable (code: number): boolean {
   return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) || (code >= 3000 && code <= 4999)
 }
 
-export async function registerWsProxy (app: FastifyInstance, config: Config, metrics: Metrics): Promise<WsBridge> {
+export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Promise<WsBridge> {
+  const { config, metrics, audit, messages, slots, revocations } = deps
+  const ws = config.ws
   const base = config.upstream.url.replace(/^http/, 'ws').replace(/\/+$/, '')
   const pending = new WeakMap<IncomingMessage, Pending>()
-  const live = new Set<WebSocket>()
+  const live = new Set<Session>()
+  const bySub = new Map<string, Set<Session>>()
+  const toleranceMs = config.auth.clockToleranceSec * 1000
 
   app.addConstraintStrategy(UPGRADE_CONSTRAINT as Parameters<FastifyInstance['addConstraintStrategy']>[0])
 
   await app.register(websocket, {
     options: {
-      maxPayload: WS_MAX_PAYLOAD,
+      maxPayload: ws.maxPayload,
       perMessageDeflate: false,
       handleProtocols: (_offered: Set<string>, req: IncomingMessage) => pending.get(req)?.protocol ?? false
     },
@@ -95,12 +133,32 @@ export async function registerWsProxy (app: FastifyInstance, config: Config, met
     }
   })
 
+  function refuse (reply: FastifyReply, status: number, error: string, description: string): FastifyReply {
+    return reply.code(status).type(JSON_TYPE).send(JSON.stringify({ error, error_description: description }))
+  }
+
   async function connectUpstream (request: FastifyRequest, reply: FastifyReply): Promise<void> {
+    const identity = request.identity
+    if (identity === null) {
+      // A public path: WebSockets always need a verified caller (limits are per user).
+      return refuse(reply, 401, 'unauthorized', 'A bearer token is required for WebSockets')
+    }
+    const slot = await slots.acquire(identity.sub)
+    if (slot.result === 'full') {
+      audit.denied(request, { event: 'rate_limited', reason: 'ws_connections', transport: 'ws', status: 429, sub: identity.sub })
+      return reply.header('retry-after', 5).code(429).type(JSON_TYPE)
+        .send(JSON.stringify({ error: 'rate_limited', error_description: `At most ${ws.maxConnectionsPerUser} WebSocket connections per user` }))
+    }
+    if (slot.result === 'unavailable') {
+      return reply.header('retry-after', 1).code(503).type(JSON_TYPE)
+        .send(JSON.stringify({ error: 'unavailable', error_description: 'Connection limits are temporarily unavailable' }))
+    }
+
     const offered = request.headers['sec-websocket-protocol']
     const target = new WebSocket(base + stripQueryToken(request.url), appProtocols(offered), {
       headers: upstreamWsHeaders(request.headers, forwardContext(request, config)),
       handshakeTimeout: config.upstream.connectTimeoutMs,
-      maxPayload: WS_MAX_PAYLOAD,
+      maxPayload: ws.maxPayload,
       perMessageDeflate: false,
       followRedirects: false
     })
@@ -117,61 +175,72 @@ export async function registerWsProxy (app: FastifyInstance, config: Config, met
         resolve({ status: s >= 400 && s < 500 ? s : 502 })
         target.terminate()
       })
-      target.on('error', (err: Error & { code?: string }) => {
+      target.on('error', (err: Error) => {
         if (target.readyState === WebSocket.OPEN) return // the bridge handles it
-        const timeout = /timed out/i.test(err.message)
-        resolve({ status: timeout ? 504 : 502 })
+        resolve({ status: /timed out/i.test(err.message) ? 504 : 502 })
       })
     })
     if (outcome === null) {
       target.pause() // the app may speak first; hold it until the client side exists
-      const useBearer = target.protocol === '' && protocolToken(offered) !== undefined && protocolToken(offered) !== null
-      const onClientGone = (): void => { target.terminate() }
+      const token = protocolToken(offered)
+      const onClientGone = (): void => { target.terminate(); slots.release(identity.sub, slot.id) }
       request.raw.socket.once('close', onClientGone)
       pending.set(request.raw, {
         target,
-        protocol: target.protocol !== '' ? target.protocol : useBearer ? BEARER_PROTOCOL : false,
+        protocol: target.protocol !== '' ? target.protocol : token !== undefined && token !== null ? BEARER_PROTOCOL : false,
+        slotId: slot.id,
         onClientGone,
         startedAt: performance.now()
       })
       return
     }
+    slots.release(identity.sub, slot.id)
     if (outcome.status === 0) return // client left; nothing to answer
     if (outcome.status >= 500) {
       const kind = outcome.status === 504 ? 'timeout' : 'connect'
       metrics.upstreamErrors.labels(kind, 'ws').inc()
       request.log.warn({ upstreamError: kind }, 'upstream websocket failed')
       const status = upstreamErrorStatus(kind)
-      return reply.code(status).type('application/json; charset=utf-8').send(UPSTREAM_ERROR_BODY[status])
+      return reply.code(status).type(JSON_TYPE).send(UPSTREAM_ERROR_BODY[status])
     }
-    return reply.code(outcome.status).type('application/json; charset=utf-8')
-      .send(JSON.stringify({ error: 'upstream_refused', error_description: 'The app refused the WebSocket' }))
+    return refuse(reply, outcome.status, 'upstream_refused', 'The app refused the WebSocket')
   }
 
   function bridge (client: WebSocket, request: FastifyRequest): void {
     const p = pending.get(request.raw)
     pending.delete(request.raw)
-    if (p === undefined) { client.close(CLOSE.badGateway, 'no upstream'); return }
-    const { target } = p
+    const identity = request.identity
+    if (p === undefined || identity === null) { client.close(CLOSE.badGateway, 'no upstream'); return }
     request.raw.socket.removeListener('close', p.onClientGone)
-    live.add(client)
+    const s: Session = {
+      client,
+      target: p.target,
+      request,
+      identity,
+      slotId: p.slotId,
+      ended: undefined,
+      lastActivity: Date.now(),
+      awaitingPong: false,
+      queue: Promise.resolve(),
+      pending: 0,
+      expiryTimer: undefined,
+      droppedWindowUntil: 0
+    }
+    live.add(s)
+    let forSub = bySub.get(identity.sub)
+    if (forSub === undefined) { forSub = new Set(); bySub.set(identity.sub, forSub) }
+    forSub.add(s)
     metrics.wsConnections.inc()
     metrics.observeRequest(101, (performance.now() - p.startedAt) / 1000)
+    armExpiry(s)
 
-    let ended: WsCloseReason | undefined
-    const end = (reason: WsCloseReason): void => {
-      if (ended !== undefined) return
-      ended = reason
-      live.delete(client)
-      metrics.wsConnections.dec()
-      metrics.wsCloses.labels(reason).inc()
-    }
+    const { target } = s
+    clientToApp(s)
+    forward(target, client, 'app_to_client', s)
 
-    forward(client, target, 'client_to_app')
-    forward(target, client, 'app_to_client')
-
+    client.on('pong', () => { s.awaitingPong = false })
     client.on('close', (code, reason) => {
-      end('client_closed')
+      end(s, 'client_closed')
       if (target.readyState === WebSocket.OPEN) {
         if (sendable(code)) target.close(code, reason)
         else if (code === 1005) target.close()
@@ -179,7 +248,7 @@ export async function registerWsProxy (app: FastifyInstance, config: Config, met
       } else if (target.readyState === WebSocket.CONNECTING) target.terminate()
     })
     target.on('close', (code, reason) => {
-      end('upstream_closed')
+      end(s, 'upstream_closed')
       if (client.readyState === WebSocket.OPEN) {
         if (sendable(code)) client.close(code, reason)
         else if (code === 1005) client.close()
@@ -188,35 +257,161 @@ export async function registerWsProxy (app: FastifyInstance, config: Config, met
     })
     target.on('error', (err) => {
       request.log.debug({ err: { message: err.message } }, 'upstream websocket error')
-      end('upstream_error')
-      metrics.upstreamErrors.labels('reset', 'ws').inc()
+      if (s.ended === undefined) metrics.upstreamErrors.labels('reset', 'ws').inc()
+      end(s, 'upstream_error')
       if (client.readyState === WebSocket.OPEN) client.close(CLOSE.badGateway, 'upstream error')
     })
-    client.on('error', () => {
-      end('client_error')
-      target.terminate()
+    client.on('error', (err: Error & { code?: string }) => {
+      end(s, err.code === 'WS_ERR_UNSUPPORTED_MESSAGE_LENGTH' ? 'message_too_big' : 'client_error')
+      if (target.readyState === WebSocket.OPEN) target.close(CLOSE.goingAway, 'client error')
+      else target.terminate()
     })
     target.resume()
   }
 
-  /** src -> dst with backpressure: src pauses while dst has too much queued. */
-  function forward (src: WebSocket, dst: WebSocket, direction: WsDirection): void {
-    const counter = metrics.wsMessages[direction]
+  /** Marks the session over (first reason wins) and frees what it held. */
+  function end (s: Session, reason: WsCloseReason): void {
+    if (s.ended !== undefined) return
+    s.ended = reason
+    clearTimeout(s.expiryTimer)
+    live.delete(s)
+    const forSub = bySub.get(s.identity.sub)
+    forSub?.delete(s)
+    if (forSub?.size === 0) bySub.delete(s.identity.sub)
+    slots.release(s.identity.sub, s.slotId)
+    metrics.wsConnections.dec()
+    metrics.wsCloses.labels(reason).inc()
+  }
+
+  /** The gateway ends a session: the client gets `code`, the app a normal close. */
+  function terminateSession (s: Session, reason: WsCloseReason, code: number, text: string): void {
+    end(s, reason)
+    if (s.client.readyState === WebSocket.OPEN) s.client.close(code, text)
+    else s.client.terminate()
+    if (s.target.readyState === WebSocket.OPEN) s.target.close(CLOSE.goingAway, text)
+    else s.target.terminate()
+  }
+
+  function armExpiry (s: Session): void {
+    const due = s.identity.exp * 1000 + toleranceMs - Date.now()
+    s.expiryTimer = setTimeout(() => {
+      if (s.identity.exp * 1000 + toleranceMs > Date.now()) return armExpiry(s) // clamped timer: not due yet
+      audit.denied(s.request, { event: 'auth_failure', reason: 'expired', transport: 'ws', status: CLOSE.policy, sub: s.identity.sub })
+      terminateSession(s, 'token_expired', CLOSE.policy, 'token expired')
+    }, Math.min(Math.max(due, 0), MAX_TIMER_MS))
+  }
+
+  /**
+   * Client messages go through a per-session promise chain: each waits for its
+   * limit verdict, so allowed messages reach the app in order and the one over
+   * the limit never does. Too many waiting -> the client is paused.
+   */
+  function clientToApp (s: Session): void {
+    const { client, target } = s
+    const counter = metrics.wsMessages.client_to_app
     const drained = (): void => {
-      if (src.isPaused && dst.bufferedAmount < WS_HIGH_WATER / 2) src.resume()
+      if (client.isPaused && s.pending < MAX_PENDING_MESSAGES / 2 && target.bufferedAmount < ws.maxBuffered / 2) client.resume()
     }
-    src.on('message', (data, isBinary) => {
-      if (dst.readyState !== WebSocket.OPEN) return
-      counter.inc()
-      dst.send(data as Buffer, { binary: isBinary }, drained)
-      if (dst.bufferedAmount > WS_HIGH_WATER && !src.isPaused) src.pause()
+    client.on('message', (data, isBinary) => {
+      s.lastActivity = Date.now()
+      s.pending++
+      if (s.pending >= MAX_PENDING_MESSAGES && !client.isPaused) client.pause()
+      s.queue = s.queue.then(async () => {
+        let verdict
+        try {
+          verdict = await messages.check(s.identity.sub)
+        } catch {
+          // Store refused (RATE_LIMIT_ON_STORE_ERROR=closed): cannot vouch for the message.
+          s.pending--
+          if (s.ended === undefined) terminateSession(s, 'rate_limited', CLOSE.tryAgainLater, 'rate limiting unavailable')
+          return
+        }
+        s.pending--
+        if (s.ended !== undefined || target.readyState !== WebSocket.OPEN) return
+        if (verdict.allowed) {
+          counter.inc()
+          target.send(data as Buffer, { binary: isBinary }, drained)
+          if (target.bufferedAmount > ws.maxBuffered && !client.isPaused) client.pause()
+          else drained()
+          return
+        }
+        overLimit(s, verdict.retryAfterSec)
+        drained()
+      })
     })
   }
 
-  function closeAll (reason: string): void {
-    for (const client of live) {
-      client.close(CLOSE.goingAway, reason)
+  function overLimit (s: Session, retryAfterSec: number): void {
+    const now = Date.now()
+    if (ws.messageLimit.action === 'close') {
+      audit.denied(s.request, { event: 'rate_limited', reason: 'ws_message_limit', transport: 'ws', status: CLOSE.policy, sub: s.identity.sub })
+      terminateSession(s, 'rate_limited', CLOSE.policy, 'message rate limit exceeded')
+      return
     }
+    // drop: count every dropped message, audit once per window per connection.
+    if (now >= s.droppedWindowUntil) {
+      audit.denied(s.request, { event: 'rate_limited', reason: 'ws_message_limit', transport: 'ws', status: CLOSE.policy, sub: s.identity.sub })
+      s.droppedWindowUntil = now + retryAfterSec * 1000
+    } else {
+      metrics.rateLimited.labels('ws').inc()
+    }
+    if (s.client.readyState === WebSocket.OPEN) {
+      s.client.send(JSON.stringify({ error: 'rate_limited', error_description: 'message dropped: rate limit exceeded', retry_after: retryAfterSec }))
+    }
+  }
+
+  /** app -> client with backpressure: the app side pauses while the client has too much queued. */
+  function forward (src: WebSocket, dst: WebSocket, direction: WsDirection, s: Session): void {
+    const counter = metrics.wsMessages[direction]
+    const drained = (): void => {
+      if (src.isPaused && dst.bufferedAmount < ws.maxBuffered / 2) src.resume()
+    }
+    src.on('message', (data, isBinary) => {
+      s.lastActivity = Date.now()
+      if (dst.readyState !== WebSocket.OPEN) return
+      counter.inc()
+      dst.send(data as Buffer, { binary: isBinary }, drained)
+      if (dst.bufferedAmount > ws.maxBuffered && !src.isPaused) src.pause()
+    })
+  }
+
+  revocations.onRevoked((r: Revocation) => {
+    const hit = (s: Session): boolean => r.kind === 'jti'
+      ? s.identity.jti === r.value
+      : s.identity.iat === undefined || s.identity.iat <= r.at
+    const candidates = r.kind === 'sub' ? [...(bySub.get(r.value) ?? [])] : [...live]
+    for (const s of candidates) {
+      if (!hit(s)) continue
+      audit.denied(s.request, { event: 'auth_failure', reason: 'revoked', transport: 'ws', status: CLOSE.policy, sub: s.identity.sub })
+      terminateSession(s, 'revoked', CLOSE.policy, 'token revoked')
+    }
+  })
+
+  // Liveness: ping every interval; a client that did not answer the last ping is gone.
+  const pinger = setInterval(() => {
+    for (const s of live) {
+      if (s.awaitingPong) { terminateSession(s, 'ping_timeout', CLOSE.goingAway, 'ping timeout'); continue }
+      s.awaitingPong = true
+      s.client.ping()
+    }
+  }, ws.pingIntervalMs)
+  pinger.unref()
+  let idleTick: NodeJS.Timeout | undefined
+  if (ws.idleTimeoutMs > 0) {
+    idleTick = setInterval(() => {
+      const cutoff = Date.now() - ws.idleTimeoutMs
+      for (const s of live) if (s.lastActivity < cutoff) terminateSession(s, 'idle_timeout', CLOSE.normal, 'idle timeout')
+    }, Math.max(250, Math.min(ws.idleTimeoutMs / 4, 30_000)))
+    idleTick.unref()
+  }
+  app.addHook('onClose', (_app, done) => {
+    clearInterval(pinger)
+    clearInterval(idleTick)
+    done()
+  })
+
+  function closeAll (reason: string): void {
+    for (const s of [...live]) terminateSession(s, 'shutdown', CLOSE.goingAway, reason)
   }
 
   for (const url of ['/', '/*']) {

@@ -1,0 +1,126 @@
+/**
+ * WebSocket limits beyond the upgrade itself:
+ *  - messages: each client-to-app message counts against a per-user budget
+ *    in the shared store (all of the user's connections, all replicas);
+ *  - connections: at most WS_MAX_CONNECTIONS_PER_USER open at once across
+ *    replicas, as leases in a Redis sorted set (one key per user, so Cluster
+ *    safe). Each replica refreshes its leases; a replica that dies stops
+ *    refreshing and its slots expire after LEASE_MS.
+ * Without Redis both are per process. When Redis fails, the store's policy
+ * applies to messages; connection slots fall back to per-process counting
+ * (open) or refuse (closed).
+ */
+import { randomUUID } from 'node:crypto'
+import type { Cluster, Redis } from 'ioredis'
+import type { FastifyBaseLogger } from 'fastify'
+import type { StoreErrorPolicy } from '../config/settings.js'
+import type { Metrics } from '../observability/metrics.js'
+import type { LimitStore } from './store.js'
+
+export const LEASE_MS = 60_000
+const REFRESH_MS = LEASE_MS / 3
+
+const ACQUIRE_LUA = `
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local n = redis.call('ZCARD', KEYS[1])
+if n >= tonumber(ARGV[4]) then return {0, n} end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return {1, n + 1}
+`
+
+type SlotRedis = (Redis | Cluster) & {
+  wsSlotAcquire?: (key: string, now: number, expires: number, id: string, max: number, ttl: number) => Promise<[number, number]>
+}
+
+export interface MessageVerdict { allowed: boolean, retryAfterSec: number }
+
+export class WsMessageLimiter {
+  constructor (private readonly store: LimitStore, private readonly max: number, private readonly windowMs: number) {}
+
+  check (sub: string): Promise<MessageVerdict> {
+    return new Promise((resolve, reject) => {
+      this.store.incr(`wsmsg:${sub}`, (err, res) => {
+        if (err !== null || res === undefined) return reject(err ?? new Error('no result'))
+        resolve({ allowed: res.current <= this.max, retryAfterSec: Math.max(1, Math.ceil(res.ttl / 1000)) })
+      }, this.windowMs, this.max)
+    })
+  }
+}
+
+export type SlotResult = 'ok' | 'full' | 'unavailable'
+
+export class ConnectionSlots {
+  /** sub -> lease ids held by this process */
+  private readonly local = new Map<string, Set<string>>()
+  private readonly timer: NodeJS.Timeout
+  private readonly redis: SlotRedis | undefined
+
+  constructor (
+    redis: Redis | Cluster | undefined,
+    private readonly prefix: string,
+    private readonly max: number,
+    private readonly policy: StoreErrorPolicy,
+    private readonly metrics: Metrics,
+    private readonly log: FastifyBaseLogger
+  ) {
+    this.redis = redis as SlotRedis | undefined
+    if (this.redis !== undefined && this.redis.wsSlotAcquire === undefined) {
+      this.redis.defineCommand('wsSlotAcquire', { numberOfKeys: 1, lua: ACQUIRE_LUA })
+    }
+    this.timer = setInterval(() => { this.refresh() }, REFRESH_MS)
+    this.timer.unref()
+  }
+
+  private key (sub: string): string { return `${this.prefix}wsconn:${sub}` }
+
+  /** Takes a slot for one connection; release it with the returned id. */
+  async acquire (sub: string): Promise<{ result: SlotResult, id: string }> {
+    const id = randomUUID()
+    const held = this.local.get(sub)
+    const redis = this.redis
+    if (redis?.wsSlotAcquire !== undefined && redis.status === 'ready') {
+      try {
+        const now = Date.now()
+        const [granted] = await redis.wsSlotAcquire(this.key(sub), now, now + LEASE_MS, id, this.max, LEASE_MS)
+        if (granted !== 1) return { result: 'full', id }
+        this.hold(sub, id)
+        return { result: 'ok', id }
+      } catch (err) {
+        this.metrics.storeErrors.inc()
+        this.log.debug({ component: 'ws-slots', err: { message: (err as Error).message } }, 'connection slot store error')
+      }
+    }
+    if (redis !== undefined && this.policy === 'closed') return { result: 'unavailable', id }
+    if ((held?.size ?? 0) >= this.max) return { result: 'full', id }
+    this.hold(sub, id)
+    return { result: 'ok', id }
+  }
+
+  release (sub: string, id: string): void {
+    const held = this.local.get(sub)
+    held?.delete(id)
+    if (held?.size === 0) this.local.delete(sub)
+    if (this.redis?.status === 'ready') this.redis.zrem(this.key(sub), id).catch(() => {})
+  }
+
+  close (): void { clearInterval(this.timer) }
+
+  private hold (sub: string, id: string): void {
+    let held = this.local.get(sub)
+    if (held === undefined) { held = new Set(); this.local.set(sub, held) }
+    held.add(id)
+  }
+
+  /** Extends this replica's leases (re-adding any that expired during a Redis outage: the connections are live). */
+  private refresh (): void {
+    const redis = this.redis
+    if (redis === undefined || redis.status !== 'ready' || this.local.size === 0) return
+    const expires = Date.now() + LEASE_MS
+    for (const [sub, ids] of this.local) {
+      const key = this.key(sub)
+      for (const id of ids) redis.zadd(key, expires, id).catch(() => {})
+      redis.pexpire(key, LEASE_MS).catch(() => {})
+    }
+  }
+}
