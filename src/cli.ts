@@ -1,0 +1,183 @@
+#!/usr/bin/env node
+/**
+ * resonance-gateway [serve]                 run the gateway (same as `npm start`)
+ * resonance-gateway check-config [--file F] validate config (file + env), print effective values, secrets masked
+ * resonance-gateway revoke --sub S | --jti J [--admin-url URL]
+ *                                           revoke through a running gateway's admin API (token: ADMIN_TOKEN env)
+ * Exit codes: 0 ok, 1 failed, 2 usage.
+ */
+import { loadConfig } from './config/load.js'
+import { LEAVES, type LeafPath } from './config/settings.js'
+
+const USAGE = `usage:
+  resonance-gateway [serve]
+  resonance-gateway check-config [--file <gateway.yaml>]
+  resonance-gateway revoke (--sub <sub> | --jti <jti>) [--admin-url <http://127.0.0.1:9090>]
+      the admin token is read from the ADMIN_TOKEN environment variable
+`
+
+function flags (args: string[]): Map<string, string> {
+  const out = new Map<string, string>()
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i] as string
+    if (!a.startsWith('--')) throw new Error(`unexpected argument ${a}`)
+    const eq = a.indexOf('=')
+    if (eq !== -1) { out.set(a.slice(2, eq), a.slice(eq + 1)); continue }
+    const v = args[i + 1]
+    if (v === undefined || v.startsWith('--')) throw new Error(`${a} needs a value`)
+    out.set(a.slice(2), v)
+    i++
+  }
+  return out
+}
+
+/** A value for display: secrets masked, credentials in URLs masked. */
+export function mask (path: LeafPath, value: unknown): string {
+  if (value === undefined) return '(unset)'
+  const leaf = LEAVES[path] as { secret?: boolean }
+  let text = Array.isArray(value) ? value.join(',') : String(value)
+  if (leaf.secret === true && path !== 'redis.url' && path !== 'server.tls.key') return '********'
+  text = text.replace(/(\/\/[^:/@]*:)[^@]*@/, '$1********@')
+  return text
+}
+
+function checkConfig (args: string[]): number {
+  const f = flags(args)
+  for (const k of f.keys()) if (k !== 'file') throw new Error(`unknown option --${k}`)
+  let config
+  try {
+    config = loadConfig({ file: f.get('file') })
+  } catch (err) {
+    process.stderr.write(`${(err as Error).message}\n`)
+    return 1
+  }
+  const lines = [`configuration OK (${config.source ?? 'defaults and environment'})`]
+  for (const path of Object.keys(LEAVES) as LeafPath[]) {
+    const leaf = LEAVES[path]
+    const fromEnv = process.env[leaf.env] !== undefined && process.env[leaf.env] !== ''
+    lines.push(`  ${path.padEnd(30)} ${leaf.env.padEnd(28)} ${mask(path, effective(config, path))}${fromEnv ? '   (env)' : ''}`)
+  }
+  lines.push(`  auth.publicPaths               ${config.auth.publicPaths.length} pattern(s)${config.auth.publicPaths.length > 0 ? ': ' + config.auth.publicPaths.join(', ') : ''}`)
+  lines.push(`  auth.routes                    ${config.auth.routes.length} role rule(s)`)
+  lines.push(`  rateLimit.routes               ${config.rateLimit.routes.length} route limit(s)`)
+  lines.push(`  rateLimit.roles                ${config.rateLimit.roles.map((r) => `${r.role}=${r.max}/${r.windowMs}ms`).join(', ') || '(none)'}`)
+  lines.push(`  rateLimit.exempt               subs: ${config.rateLimit.exempt.subs.length}, roles: ${config.rateLimit.exempt.roles.join(',') || '(none)'}`)
+  process.stdout.write(lines.join('\n') + '\n')
+  return 0
+}
+
+/** The effective value of a leaf, read from the loaded (validated) config. */
+function effective (config: ReturnType<typeof loadConfig>, path: LeafPath): unknown {
+  const byPath: Record<LeafPath, unknown> = {
+    'server.host': config.server.host,
+    'server.port': config.server.port,
+    'server.tls.cert': config.server.tls?.cert,
+    'server.tls.key': config.server.tls?.key,
+    'server.allowInsecureHttp': config.server.allowInsecureHttp,
+    'server.trustProxy': config.server.trustProxy,
+    'server.shutdownDelay': config.server.shutdownDelayMs,
+    'server.shutdownTimeout': config.server.shutdownTimeoutMs,
+    'admin.host': config.admin.host,
+    'admin.token': config.admin.token,
+    'admin.port': config.admin.port,
+    'upstream.url': config.upstream.url,
+    'upstream.timeout': config.upstream.timeoutMs,
+    'upstream.connectTimeout': config.upstream.connectTimeoutMs,
+    'upstream.connections': config.upstream.connections,
+    'upstream.forwardAuthorization': config.upstream.forwardAuthorization,
+    'auth.issuer': config.auth.issuer,
+    'auth.audience': config.auth.audiences,
+    'auth.acceptAzpAsAudience': config.auth.acceptAzpAsAudience,
+    'auth.jwksUrl': config.auth.jwksUrl,
+    'auth.algorithms': config.auth.algorithms,
+    'auth.clockTolerance': config.auth.clockToleranceSec,
+    'auth.roleClients': config.auth.roleClients,
+    'auth.verifyCacheSize': config.auth.verifyCacheSize,
+    'auth.jwks.cacheTtl': config.auth.jwks.cacheTtlMs,
+    'auth.jwks.minRefreshInterval': config.auth.jwks.minRefreshIntervalMs,
+    'auth.jwks.fetchTimeout': config.auth.jwks.fetchTimeoutMs,
+    'auth.revocationMinTtl': config.auth.revocationMinTtlMs,
+    'log.level': config.log.level,
+    'redis.clusterNodes': config.redis.clusterNodes,
+    'redis.url': config.redis.url,
+    'rateLimit.max': config.rateLimit.max,
+    'rateLimit.window': config.rateLimit.windowMs,
+    'rateLimit.keyPrefix': config.rateLimit.keyPrefix,
+    'rateLimit.onStoreError': config.rateLimit.onStoreError,
+    'rateLimit.fallbackMax': config.rateLimit.fallbackMax,
+    'rateLimit.authFailures.max': config.rateLimit.authFailures.max,
+    'rateLimit.authFailures.window': config.rateLimit.authFailures.windowMs,
+    'ws.maxPayload': config.ws.maxPayload,
+    'ws.maxBuffered': config.ws.maxBuffered,
+    'ws.messageLimit.max': config.ws.messageLimit.max,
+    'ws.messageLimit.window': config.ws.messageLimit.windowMs,
+    'ws.messageLimit.action': config.ws.messageLimit.action,
+    'ws.maxConnectionsPerUser': config.ws.maxConnectionsPerUser,
+    'ws.pingInterval': config.ws.pingIntervalMs,
+    'ws.idleTimeout': config.ws.idleTimeoutMs
+  }
+  return byPath[path]
+}
+
+async function revoke (args: string[]): Promise<number> {
+  const f = flags(args)
+  for (const k of f.keys()) if (!['sub', 'jti', 'admin-url'].includes(k)) throw new Error(`unknown option --${k}`)
+  const sub = f.get('sub')
+  const jti = f.get('jti')
+  if ((sub === undefined) === (jti === undefined)) throw new Error('give exactly one of --sub or --jti')
+  const token = process.env.ADMIN_TOKEN
+  if (token === undefined || token === '') {
+    process.stderr.write('resonance-gateway revoke: set ADMIN_TOKEN to the gateway\'s admin token\n')
+    return 1
+  }
+  const adminUrl = f.get('admin-url') ?? `http://${process.env.ADMIN_HOST ?? '127.0.0.1'}:${process.env.ADMIN_PORT ?? '9090'}`
+  let res: Response
+  try {
+    res = await fetch(new URL('/revocations', adminUrl), {
+      method: 'POST',
+      headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+      body: JSON.stringify(sub !== undefined ? { sub } : { jti }),
+      signal: AbortSignal.timeout(10_000)
+    })
+  } catch (err) {
+    process.stderr.write(`resonance-gateway revoke: cannot reach ${adminUrl}: ${(err as Error).message}\n`)
+    return 1
+  }
+  const text = await res.text()
+  if (!res.ok) {
+    process.stderr.write(`resonance-gateway revoke: HTTP ${res.status}: ${text}\n`)
+    return 1
+  }
+  process.stdout.write(text + '\n')
+  return 0
+}
+
+async function cli (argv: string[]): Promise<number> {
+  const [command = 'serve', ...rest] = argv
+  try {
+    switch (command) {
+      case 'serve':
+        await import('./server.js')
+        return -1 // keeps running
+      case 'check-config':
+        return checkConfig(rest)
+      case 'revoke':
+        return await revoke(rest)
+      case '--help':
+      case '-h':
+      case 'help':
+        process.stdout.write(USAGE)
+        return 0
+      default:
+        throw new Error(`unknown command ${command}`)
+    }
+  } catch (err) {
+    process.stderr.write(`resonance-gateway: ${(err as Error).message}\n${USAGE}`)
+    return 2
+  }
+}
+
+cli(process.argv.slice(2)).then((code) => { if (code >= 0) process.exitCode = code }, (err: Error) => {
+  process.stderr.write(`resonance-gateway: ${err.message}\n`)
+  process.exitCode = 1
+})
