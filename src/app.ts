@@ -9,15 +9,17 @@
 import { randomUUID } from 'node:crypto'
 import { readFileSync } from 'node:fs'
 import type { IncomingMessage } from 'node:http'
-import Fastify, { LogController, type FastifyInstance } from 'fastify'
+import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import pino, { type DestinationStream } from 'pino'
 import type { Config } from './config/load.js'
 import { configWarnings } from './config/load.js'
+import { LiveConfig, type ReloadResult } from './config/live.js'
 import { loggerOptions } from './observability/logger.js'
 import { createMetrics, type Metrics } from './observability/metrics.js'
 import { createAudit, type Audit } from './observability/audit.js'
 import { KeyStore } from './auth/keys.js'
-import authPlugin from './auth/plugin.js'
+import authPlugin, { send } from './auth/plugin.js'
+import { authChallenge } from './auth/challenge.js'
 import { registerHttpProxy } from './proxy/http.js'
 import { registerWsProxy, type WsBridge } from './proxy/ws.js'
 import { buildAdmin } from './admin/plugin.js'
@@ -32,6 +34,8 @@ import { Revocations } from './auth/revocation.js'
 export interface GatewayDeps {
   /** Where logs go (default stdout); tests capture them here. */
   logStream?: DestinationStream
+  /** The environment the config was loaded from; reloads read it again (default process.env). */
+  env?: NodeJS.ProcessEnv
 }
 
 export interface Gateway {
@@ -44,8 +48,11 @@ export interface Gateway {
   readiness: Readiness
   ws: WsBridge
   revocations: Revocations
+  live: LiveConfig
   /** Loads the JWKS (readiness waits for it; requests never block on it). */
   start (): Promise<void>
+  /** Re-reads the YAML file and env (SIGHUP); the old config stays when the new one is invalid. */
+  reload (): ReloadResult
   /** Graceful stop: readiness fails, WebSockets get 1001, in-flight requests finish. */
   close (): Promise<void>
 }
@@ -61,6 +68,8 @@ function requestId (req: IncomingMessage): string {
 export async function buildGateway (config: Config, deps: GatewayDeps = {}): Promise<Gateway> {
   const logger = pino(loggerOptions(config.log.level), deps.logStream ?? process.stdout)
   const tls = config.server.tls
+  const metrics = createMetrics()
+  const audit = createAudit(metrics)
   const app = Fastify({
     loggerInstance: logger,
     logController: new LogController({ disableRequestLogging: true }),
@@ -68,6 +77,18 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     genReqId: requestId,
     requestIdHeader: false,
     return503OnClosing: true,
+    // A target Fastify's router cannot decode: answer as our own invalid_path,
+    // never with Fastify's default body (it echoes the URL, token included).
+    frameworkErrors: (err, request, reply) => {
+      if (err.code === 'FST_ERR_BAD_URL') {
+        const transport = request.headers.upgrade?.toLowerCase() === 'websocket' ? 'ws' : 'http'
+        const c = authChallenge('invalid_path')
+        audit.denied(request as FastifyRequest, { event: 'auth_failure', reason: 'invalid_path', transport, status: c.status })
+        return send(reply as FastifyReply, c)
+      }
+      return (reply as FastifyReply).code(400).type('application/json; charset=utf-8')
+        .send(JSON.stringify({ error: 'bad_request', error_description: 'The request could not be routed' }))
+    },
     ...(tls !== undefined ? { https: { cert: readFileSync(tls.cert), key: readFileSync(tls.key) } } : {})
   }) as unknown as FastifyInstance
   for (const w of configWarnings(config)) app.log.warn({ component: 'config' }, w)
@@ -78,9 +99,7 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     socket.on('error', () => socket.destroy())
   })
 
-  // --- observability: used by every later step ---------------------------
-  const metrics = createMetrics()
-  const audit = createAudit(metrics)
+  // --- observability (metrics, audit: created above) -----------------------
   app.addHook('onRequest', (request, reply, done) => {
     reply.header('x-request-id', request.id)
     done()
@@ -114,7 +133,9 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     metrics,
     log: app.log
   })
-  const failures = new AuthFailureLimiter(store, config.rateLimit.authFailures.max, config.rateLimit.authFailures.windowMs)
+  const live = new LiveConfig(config, deps.env ?? process.env)
+  live.onChange((c) => { app.log.level = c.log.level })
+  const failures = new AuthFailureLimiter(store, () => live.current.rateLimit.authFailures)
   const revocations = new Revocations({
     redis,
     keyPrefix: config.rateLimit.keyPrefix,
@@ -133,16 +154,16 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     metrics,
     log: app.log.child({ component: 'jwks' })
   })
-  await app.register(authPlugin, { config, keys, audit, failures, revocations })
+  await app.register(authPlugin, { live, config, keys, audit, failures, revocations })
 
   // --- limits: preHandler, so the verified sub exists; before the proxy ------
-  await registerHttpLimits(app, { config, store, audit })
+  await registerHttpLimits(app, { live, store, audit })
 
   // --- proxy: last, so every hook above applies to its routes --------------
   await registerHttpProxy(app, config, metrics)
-  const slots = new ConnectionSlots(redis, config.rateLimit.keyPrefix, config.ws.maxConnectionsPerUser, config.rateLimit.onStoreError, metrics, app.log)
-  const messages = new WsMessageLimiter(store, config.ws.messageLimit.max, config.ws.messageLimit.windowMs)
-  const ws = await registerWsProxy(app, { config, metrics, audit, messages, slots, revocations })
+  const slots = new ConnectionSlots(redis, config.rateLimit.keyPrefix, () => live.current.ws.maxConnectionsPerUser, config.rateLimit.onStoreError, metrics, app.log)
+  const messages = new WsMessageLimiter(store, () => live.current.ws.messageLimit)
+  const ws = await registerWsProxy(app, { live, config, metrics, audit, messages, slots, revocations })
 
   // --- admin listener -------------------------------------------------------
   const readiness = new Readiness()
@@ -163,9 +184,12 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     readiness,
     ws,
     revocations,
+    live,
+    reload: () => live.reload(app.log),
     start: async () => {
       await Promise.all([keys.start(), redis !== undefined ? connectRedis(redis) : undefined])
       await revocations.start()
+      if (config.server.configWatch) live.watch(app.log)
     },
     close () {
       closing ??= (async () => {
@@ -175,6 +199,7 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
         await admin.close()
         await keys.close()
         slots.close()
+        live.close()
         revocations.close()
         redis?.disconnect()
       })()

@@ -77,6 +77,7 @@ function effective (config: ReturnType<typeof loadConfig>, path: LeafPath): unkn
     'server.trustProxy': config.server.trustProxy,
     'server.shutdownDelay': config.server.shutdownDelayMs,
     'server.shutdownTimeout': config.server.shutdownTimeoutMs,
+    'server.configWatch': config.server.configWatch,
     'admin.host': config.admin.host,
     'admin.token': config.admin.token,
     'admin.port': config.admin.port,

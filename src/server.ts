@@ -57,6 +57,10 @@ export async function main (env: NodeJS.ProcessEnv = process.env): Promise<void>
       })
     }, config.server.shutdownDelayMs).unref()
   }
+  process.on('SIGHUP', () => {
+    log.info({ component: 'config', signal: 'SIGHUP' }, 'reloading configuration')
+    gw.reload()
+  })
   process.on('SIGTERM', () => stop('SIGTERM'))
   process.on('SIGINT', () => stop('SIGINT'))
 }

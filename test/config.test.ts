@@ -447,7 +447,7 @@ t.test('configWarnings', async (t) => {
   const AUD = /"account"/
   const PLAINTEXT = /every request that carries a token will be refused as plaintext/
   const HTTP_JWKS = /plain http from a non-loopback host/
-  const secure = { TLS_CERT: CERT, TLS_KEY: KEY }
+  const secure = { TLS_CERT: CERT, TLS_KEY: KEY, REDIS_URL: 'redis://127.0.0.1:6379/0' }
   const rows: Array<{ name: string, env: Env, has: RegExp[], not: RegExp[] }> = [
     { name: 'audience "account"', env: { ...secure, JWT_AUDIENCE: 'account' }, has: [AUD], not: [PLAINTEXT, HTTP_JWKS] },
     { name: 'audience list containing "account"', env: { ...secure, JWT_AUDIENCE: 'gw, account' }, has: [AUD], not: [] },
@@ -473,6 +473,9 @@ t.test('configWarnings', async (t) => {
     for (const re of row.not) t.notOk(warnings.some((w) => re.test(w)), `${row.name}: does not warn ${String(re)}`)
   }
   t.strictSame(configWarnings(load(secure)), [], 'a secure config has no warnings')
+  const noRedis = configWarnings(load({ TLS_CERT: CERT, TLS_KEY: KEY }))
+  t.equal(noRedis.length, 1, 'without Redis: exactly one warning')
+  t.match(noRedis[0], /REDIS_URL.*per process|per process.*REDIS_URL|rate limits are kept in this process only/, 'the per-process limits warning')
 })
 
 t.test('README documents every environment variable', async (t) => {

@@ -55,7 +55,7 @@ function build (status: number, error: OAuthError | undefined, description: stri
 
 /** Precomputed: a denial costs no string building. */
 const CHALLENGES = Object.fromEntries(Object.entries(ANSWERS).map(([reason, a]) =>
-  [reason, build(a.status, a.error, a.description, a.status === 401)])) as Record<AuthFailureReason, Challenge>
+  [reason, build(a.status, a.error, a.description, a.status === 401 || reason === 'multiple_tokens')])) as Record<AuthFailureReason, Challenge>
 
 export function authChallenge (reason: AuthFailureReason): Challenge {
   return CHALLENGES[reason]

@@ -9,6 +9,7 @@ import fp from 'fastify-plugin'
 import fastifyJwt from '@fastify/jwt'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { Config } from '../config/load.js'
+import type { LiveConfig } from '../config/live.js'
 import { normalizePath } from '../config/patterns.js'
 import type { Audit } from '../observability/audit.js'
 import type { AuthFailureReason, Transport } from '../observability/metrics.js'
@@ -21,6 +22,8 @@ import type { AuthFailureLimiter } from '../limits/auth-failures.js'
 import type { Revocations } from './revocation.js'
 
 export interface AuthOptions {
+  /** The configuration in force: public paths and role rules are read per request (reloadable). */
+  live: LiveConfig
   config: Config
   keys: KeyStore
   audit: Audit
@@ -54,10 +57,8 @@ export function send (reply: FastifyReply, c: Challenge): FastifyReply {
 }
 
 async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<void> {
-  const { config, keys, audit, failures, revocations } = opts
-  const auth = config.auth
-  const allowed = new Set<string>(auth.algorithms)
-  const needsPath = auth.publicPaths.length > 0 || auth.routes.length > 0
+  const { live, config, keys, audit, failures, revocations } = opts
+  const allowed = new Set<string>(config.auth.algorithms)
 
   app.decorateRequest('identity', null)
   app.decorateRequest('transport', 'http')
@@ -81,9 +82,9 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
     },
     decode: { complete: true },
     verify: {
-      algorithms: auth.algorithms,
-      clockTolerance: auth.clockToleranceSec * 1000, // fast-jwt takes ms
-      cache: auth.verifyCacheSize > 0 ? auth.verifyCacheSize : false,
+      algorithms: config.auth.algorithms,
+      clockTolerance: config.auth.clockToleranceSec * 1000, // fast-jwt takes ms
+      cache: config.auth.verifyCacheSize > 0 ? config.auth.verifyCacheSize : false,
       complete: true,
       extractToken: (request: FastifyRequest) => request.bearerToken ?? undefined
     }
@@ -99,9 +100,10 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
   app.addHook('onRequest', async (request, reply) => {
     const transport: Transport = isUpgrade(request) ? 'ws' : 'http'
     request.transport = transport
+    const auth = live.current.auth
 
     let path: string | undefined
-    if (needsPath) {
+    if (auth.publicPaths.length > 0 || auth.routes.length > 0) {
       path = normalizePath(request.url)
       if (path === undefined) return deny(request, reply, 'invalid_path', transport)
       if (auth.isPublic(path)) return

@@ -49,6 +49,7 @@ export interface Config {
     trustProxy: TrustProxy
     shutdownDelayMs: number
     shutdownTimeoutMs: number
+    configWatch: boolean
   }
   admin: { host: string, port: number, token: string | undefined }
   upstream: {
@@ -173,7 +174,8 @@ export function loadConfig (opts: LoadOptions = {}): Config {
       allowInsecureHttp: v['server.allowInsecureHttp'],
       trustProxy: v['server.trustProxy'],
       shutdownDelayMs: v['server.shutdownDelay'],
-      shutdownTimeoutMs: v['server.shutdownTimeout']
+      shutdownTimeoutMs: v['server.shutdownTimeout'],
+      configWatch: v['server.configWatch']
     },
     admin: { host: v['admin.host'], port: v['admin.port'], token: v['admin.token'] },
     upstream: {

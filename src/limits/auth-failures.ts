@@ -26,8 +26,8 @@ export class AuthFailureLimiter {
 
   constructor (
     private readonly store: LimitStore,
-    private readonly max: number,
-    private readonly windowMs: number
+    /** Read at each failure, so a config reload applies. */
+    private readonly limit: () => { max: number, windowMs: number }
   ) {}
 
   static clientKey (ip: string): string {
@@ -49,13 +49,14 @@ export class AuthFailureLimiter {
   /** Counts one failure (fire and forget: a denial never waits for Redis). */
   record (ip: string): void {
     const key = AuthFailureLimiter.clientKey(ip)
+    const { max, windowMs } = this.limit()
     this.store.incr(`authfail:${key}`, (err, res) => {
-      if (err !== null || res === undefined || res.current <= this.max) return
+      if (err !== null || res === undefined || res.current <= max) return
       if (this.blocked.size >= MAX_BLOCKED) {
         const oldest = this.blocked.keys().next().value
         if (oldest !== undefined) this.blocked.delete(oldest)
       }
       this.blocked.set(key, Date.now() + Math.max(res.ttl, 1000))
-    }, this.windowMs, this.max)
+    }, windowMs, max)
   }
 }

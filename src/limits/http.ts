@@ -15,6 +15,7 @@
 import rateLimit from '@fastify/rate-limit'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { Config } from '../config/load.js'
+import type { LiveConfig } from '../config/live.js'
 import { normalizePath } from '../config/patterns.js'
 import type { Audit } from '../observability/audit.js'
 import { AuthFailureLimiter } from './auth-failures.js'
@@ -30,7 +31,7 @@ export interface LimitPolicy {
 }
 
 export interface HttpLimitOptions {
-  config: Config
+  live: LiveConfig
   store: LimitStore
   audit: Audit
 }
@@ -73,8 +74,7 @@ function setHeaders (reply: FastifyReply, max: number, remaining: number, resetS
 }
 
 export async function registerHttpLimits (app: FastifyInstance, opts: HttpLimitOptions): Promise<void> {
-  const { config, store, audit } = opts
-  const limits = config.rateLimit
+  const { live, store, audit } = opts
   const policies = new WeakMap<FastifyRequest, LimitPolicy | null>()
 
   await app.register(rateLimit, {
@@ -86,7 +86,7 @@ export async function registerHttpLimits (app: FastifyInstance, opts: HttpLimitO
 
   const limiter = app.createRateLimit({
     keyGenerator: (request) => {
-      const p = policyFor(request, limits)
+      const p = policyFor(request, live.current.rateLimit)
       policies.set(request, p)
       return p === null ? 'exempt' : p.key
     },

@@ -36,14 +36,16 @@ type SlotRedis = (Redis | Cluster) & {
 export interface MessageVerdict { allowed: boolean, retryAfterSec: number }
 
 export class WsMessageLimiter {
-  constructor (private readonly store: LimitStore, private readonly max: number, private readonly windowMs: number) {}
+  /** `limit` is read per message, so a config reload applies to open connections too. */
+  constructor (private readonly store: LimitStore, private readonly limit: () => { max: number, windowMs: number }) {}
 
   check (sub: string): Promise<MessageVerdict> {
+    const { max, windowMs } = this.limit()
     return new Promise((resolve, reject) => {
       this.store.incr(`wsmsg:${sub}`, (err, res) => {
         if (err !== null || res === undefined) return reject(err ?? new Error('no result'))
-        resolve({ allowed: res.current <= this.max, retryAfterSec: Math.max(1, Math.ceil(res.ttl / 1000)) })
-      }, this.windowMs, this.max)
+        resolve({ allowed: res.current <= max, retryAfterSec: Math.max(1, Math.ceil(res.ttl / 1000)) })
+      }, windowMs, max)
     })
   }
 }
@@ -59,7 +61,8 @@ export class ConnectionSlots {
   constructor (
     redis: Redis | Cluster | undefined,
     private readonly prefix: string,
-    private readonly max: number,
+    /** Read per upgrade (reloadable). */
+    private readonly max: () => number,
     private readonly policy: StoreErrorPolicy,
     private readonly metrics: Metrics,
     private readonly log: FastifyBaseLogger
@@ -82,7 +85,7 @@ export class ConnectionSlots {
     if (redis?.wsSlotAcquire !== undefined && redis.status === 'ready') {
       try {
         const now = Date.now()
-        const [granted] = await redis.wsSlotAcquire(this.key(sub), now, now + LEASE_MS, id, this.max, LEASE_MS)
+        const [granted] = await redis.wsSlotAcquire(this.key(sub), now, now + LEASE_MS, id, this.max(), LEASE_MS)
         if (granted !== 1) return { result: 'full', id }
         this.hold(sub, id)
         return { result: 'ok', id }
@@ -92,7 +95,7 @@ export class ConnectionSlots {
       }
     }
     if (redis !== undefined && this.policy === 'closed') return { result: 'unavailable', id }
-    if ((held?.size ?? 0) >= this.max) return { result: 'full', id }
+    if ((held?.size ?? 0) >= this.max()) return { result: 'full', id }
     this.hold(sub, id)
     return { result: 'ok', id }
   }

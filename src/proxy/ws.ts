@@ -19,6 +19,7 @@ import websocket from '@fastify/websocket'
 import WebSocket from 'ws'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { Config } from '../config/load.js'
+import type { LiveConfig } from '../config/live.js'
 import type { Identity } from '../auth/identity.js'
 import type { Revocation, Revocations } from '../auth/revocation.js'
 import type { Audit } from '../observability/audit.js'
@@ -76,6 +77,8 @@ export interface WsBridge {
 }
 
 export interface WsDeps {
+  /** Message-limit action and connection cap are read from here per use (reloadable). */
+  live: LiveConfig
   config: Config
   metrics: Metrics
   audit: Audit
@@ -106,11 +109,11 @@ function sendable (code: number): boolean {
 }
 
 export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Promise<WsBridge> {
-  const { config, metrics, audit, messages, slots, revocations } = deps
+  const { live, config, metrics, audit, messages, slots, revocations } = deps
   const ws = config.ws
   const base = config.upstream.url.replace(/^http/, 'ws').replace(/\/+$/, '')
   const pending = new WeakMap<IncomingMessage, Pending>()
-  const live = new Set<Session>()
+  const sessions = new Set<Session>()
   const bySub = new Map<string, Set<Session>>()
   const toleranceMs = config.auth.clockToleranceSec * 1000
 
@@ -147,7 +150,7 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
     if (slot.result === 'full') {
       audit.denied(request, { event: 'rate_limited', reason: 'ws_connections', transport: 'ws', status: 429, sub: identity.sub })
       return reply.header('retry-after', 5).code(429).type(JSON_TYPE)
-        .send(JSON.stringify({ error: 'rate_limited', error_description: `At most ${ws.maxConnectionsPerUser} WebSocket connections per user` }))
+        .send(JSON.stringify({ error: 'rate_limited', error_description: `At most ${live.current.ws.maxConnectionsPerUser} WebSocket connections per user` }))
     }
     if (slot.result === 'unavailable') {
       return reply.header('retry-after', 1).code(503).type(JSON_TYPE)
@@ -226,7 +229,7 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
       expiryTimer: undefined,
       droppedWindowUntil: 0
     }
-    live.add(s)
+    sessions.add(s)
     let forSub = bySub.get(identity.sub)
     if (forSub === undefined) { forSub = new Set(); bySub.set(identity.sub, forSub) }
     forSub.add(s)
@@ -274,7 +277,7 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
     if (s.ended !== undefined) return
     s.ended = reason
     clearTimeout(s.expiryTimer)
-    live.delete(s)
+    sessions.delete(s)
     const forSub = bySub.get(s.identity.sub)
     forSub?.delete(s)
     if (forSub?.size === 0) bySub.delete(s.identity.sub)
@@ -343,7 +346,7 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
 
   function overLimit (s: Session, retryAfterSec: number): void {
     const now = Date.now()
-    if (ws.messageLimit.action === 'close') {
+    if (live.current.ws.messageLimit.action === 'close') {
       audit.denied(s.request, { event: 'rate_limited', reason: 'ws_message_limit', transport: 'ws', status: CLOSE.policy, sub: s.identity.sub })
       terminateSession(s, 'rate_limited', CLOSE.policy, 'message rate limit exceeded')
       return
@@ -379,7 +382,7 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
     const hit = (s: Session): boolean => r.kind === 'jti'
       ? s.identity.jti === r.value
       : s.identity.iat === undefined || s.identity.iat <= r.at
-    const candidates = r.kind === 'sub' ? [...(bySub.get(r.value) ?? [])] : [...live]
+    const candidates = r.kind === 'sub' ? [...(bySub.get(r.value) ?? [])] : [...sessions]
     for (const s of candidates) {
       if (!hit(s)) continue
       audit.denied(s.request, { event: 'auth_failure', reason: 'revoked', transport: 'ws', status: CLOSE.policy, sub: s.identity.sub })
@@ -389,7 +392,7 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
 
   // Liveness: ping every interval; a client that did not answer the last ping is gone.
   const pinger = setInterval(() => {
-    for (const s of live) {
+    for (const s of sessions) {
       if (s.awaitingPong) { terminateSession(s, 'ping_timeout', CLOSE.goingAway, 'ping timeout'); continue }
       s.awaitingPong = true
       s.client.ping()
@@ -400,7 +403,7 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
   if (ws.idleTimeoutMs > 0) {
     idleTick = setInterval(() => {
       const cutoff = Date.now() - ws.idleTimeoutMs
-      for (const s of live) if (s.lastActivity < cutoff) terminateSession(s, 'idle_timeout', CLOSE.normal, 'idle timeout')
+      for (const s of sessions) if (s.lastActivity < cutoff) terminateSession(s, 'idle_timeout', CLOSE.normal, 'idle timeout')
     }, Math.max(250, Math.min(ws.idleTimeoutMs / 4, 30_000)))
     idleTick.unref()
   }
@@ -411,7 +414,7 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
   })
 
   function closeAll (reason: string): void {
-    for (const s of [...live]) terminateSession(s, 'shutdown', CLOSE.goingAway, reason)
+    for (const s of [...sessions]) terminateSession(s, 'shutdown', CLOSE.goingAway, reason)
   }
 
   for (const url of ['/', '/*']) {
@@ -427,6 +430,6 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
 
   return {
     closeAll,
-    get open () { return live.size }
+    get open () { return sessions.size }
   }
 }

@@ -64,7 +64,7 @@ export async function startGateway (t: Teardown, issuer: TestIssuer, upstream: T
       cb()
     }
   })
-  const gw = await buildGateway(config, { logStream })
+  const gw = await buildGateway(config, { logStream, env })
   if (opts.noStart !== true) await gw.start()
   await gw.app.listen({ host: '127.0.0.1', port: 0 })
   await gw.admin.listen({ host: '127.0.0.1', port: 0 })

@@ -1,0 +1,106 @@
+// Config without restarts: SIGHUP (and the opt-in file watch) apply new limits, rules and public paths to new
+// requests, keep open connections, and reject an invalid file while the old config stays in force.
+import { spawn } from 'node:child_process'
+import { existsSync, writeFileSync } from 'node:fs'
+import { execFile } from 'node:child_process'
+import { promisify } from 'node:util'
+import t from 'tap'
+import WebSocket from 'ws'
+import { startIssuer } from './helpers/issuer.js'
+import { startUpstream } from './helpers/upstream.js'
+import { baseEnv, startGateway, writeYaml } from './helpers/gateway.js'
+import { freePort } from './helpers/redis.js'
+
+async function until (cond: () => boolean | Promise<boolean>, ms = 5000): Promise<void> {
+  const end = Date.now() + ms
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error('condition not reached in time')
+    await new Promise((resolve) => setTimeout(resolve, 25))
+  }
+}
+
+t.test('reload applies new policy to new requests and keeps open WebSockets', async (t) => {
+  const issuer = await startIssuer()
+  t.teardown(() => issuer.close())
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const file = writeYaml('auth:\n  publicPaths: []\nrateLimit:\n  max: 3\n  window: 60s\n')
+  const g = await startGateway(t, issuer, upstream, { env: { CONFIG_FILE: file } })
+  const auth = { authorization: `Bearer ${await issuer.token({ sub: 'reloader' })}` }
+
+  const ws = new WebSocket(`${g.wsUrl}/ws/resonance`, { headers: auth })
+  await new Promise((resolve, reject) => { ws.once('open', resolve); ws.once('error', reject) })
+  // The upgrade took 1 of the 3 requests.
+  const statuses: number[] = []
+  for (let i = 0; i < 3; i++) statuses.push((await fetch(`${g.url}/x`, { headers: auth })).status)
+  t.same(statuses, [200, 200, 429], 'old budget: 3 per window')
+  t.equal((await fetch(`${g.url}/public/info`)).status, 401, 'not public yet')
+
+  writeFileSync(file, 'auth:\n  publicPaths: [/public/**]\nrateLimit:\n  max: 10\n  window: 60s\n  routes:\n    - path: /limited\n      max: 1\n')
+  const result = g.gw.reload()
+  t.same(result, { ok: true, restartNeeded: [] })
+  t.equal((await fetch(`${g.url}/x`, { headers: auth })).status, 200, 'new budget applies to new requests')
+  t.equal((await fetch(`${g.url}/public/info`)).status, 200, 'new public path served without a token')
+  t.equal((await fetch(`${g.url}/limited`, { headers: auth })).status, 200)
+  t.equal((await fetch(`${g.url}/limited`, { headers: auth })).status, 429, 'new route rule applies')
+
+  t.equal(ws.readyState, WebSocket.OPEN, 'the open WebSocket survived the reload')
+  ws.send('still here')
+  const echo = await new Promise<string>((resolve) => ws.once('message', (d) => resolve(String(d))))
+  t.equal(echo, 'still here')
+
+  writeFileSync(file, 'rateLimit:\n  max: -5\n  bogus: 1\n')
+  const bad = g.gw.reload()
+  t.equal(bad.ok, false)
+  t.match(bad.error, /rateLimit\.max \(RATE_LIMIT_MAX\)/)
+  t.match(bad.error, /rateLimit\.bogus: unknown key/)
+  const rejected = g.logs().filter((l) => l.msg === 'config reload rejected: keeping the configuration in force')
+  t.equal(rejected.length, 1, 'one clear log line')
+  t.equal((await fetch(`${g.url}/public/info`)).status, 200, 'the old (last good) config stays in force')
+
+  writeFileSync(file, 'upstream:\n  connections: 7\nrateLimit:\n  max: 10\n')
+  const fixed = g.gw.reload()
+  t.equal(fixed.ok, true)
+  t.same(fixed.restartNeeded, ['upstream'], 'upstream changes are reported as needing a restart')
+  t.equal(g.gw.live.current.upstream.connections, 128, 'and keep their old value')
+  ws.close()
+})
+
+t.test('CONFIG_WATCH=true reloads when the file changes', async (t) => {
+  const issuer = await startIssuer()
+  t.teardown(() => issuer.close())
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const file = writeYaml('auth:\n  publicPaths: []\n')
+  const g = await startGateway(t, issuer, upstream, { env: { CONFIG_FILE: file, CONFIG_WATCH: 'true' } })
+  t.equal((await fetch(`${g.url}/open/x`)).status, 401)
+  writeFileSync(file, 'auth:\n  publicPaths: [/open/**]\n')
+  await until(async () => (await fetch(`${g.url}/open/x`)).status === 200)
+  t.pass('the edit applied without a signal')
+})
+
+t.test('SIGHUP reloads a running gateway process', async (t) => {
+  if (!existsSync('dist/server.js')) await promisify(execFile)('npm', ['run', 'build'])
+  const issuer = await startIssuer()
+  t.teardown(() => issuer.close())
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const file = writeYaml('auth:\n  publicPaths: []\n')
+  const port = await freePort()
+  const adminPort = await freePort()
+  const child = spawn(process.execPath, ['dist/server.js'], {
+    env: { PATH: process.env.PATH ?? '', ...baseEnv(issuer, upstream), CONFIG_FILE: file, PORT: String(port), ADMIN_PORT: String(adminPort) },
+    stdio: ['ignore', 'pipe', 'pipe']
+  })
+  let out = ''
+  child.stdout.on('data', (d) => { out += String(d) })
+  t.teardown(() => { child.kill('SIGKILL') })
+  const url = `http://127.0.0.1:${port}`
+  await until(async () => (await fetch(`http://127.0.0.1:${adminPort}/readyz`).catch(() => undefined))?.status === 200, 10_000)
+  t.equal((await fetch(`${url}/open/x`)).status, 401)
+  writeFileSync(file, 'auth:\n  publicPaths: [/open/**]\n')
+  child.kill('SIGHUP')
+  await until(async () => (await fetch(`${url}/open/x`)).status === 200)
+  t.match(out, /"msg":"config reloaded"/)
+  t.equal(child.exitCode, null, 'still running')
+})
