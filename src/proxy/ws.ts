@@ -108,6 +108,15 @@ function sendable (code: number): boolean {
   return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) || (code >= 3000 && code <= 4999)
 }
 
+/** Passes one side's close to the other: same code when legal, none for 1005, `abnormal` otherwise. */
+function relayClose (to: WebSocket, code: number, reason: Buffer, abnormal: number, abnormalText: string): void {
+  if (to.readyState === WebSocket.CONNECTING) { to.terminate(); return }
+  if (to.readyState !== WebSocket.OPEN) return
+  if (sendable(code)) to.close(code, reason)
+  else if (code === 1005) to.close()
+  else to.close(abnormal, abnormalText)
+}
+
 export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Promise<WsBridge> {
   const { live, config, metrics, audit, messages, slots, revocations } = deps
   const ws = config.ws
@@ -244,19 +253,11 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
     client.on('pong', () => { s.awaitingPong = false })
     client.on('close', (code, reason) => {
       end(s, 'client_closed')
-      if (target.readyState === WebSocket.OPEN) {
-        if (sendable(code)) target.close(code, reason)
-        else if (code === 1005) target.close()
-        else target.close(CLOSE.goingAway, 'client went away')
-      } else if (target.readyState === WebSocket.CONNECTING) target.terminate()
+      relayClose(target, code, reason, CLOSE.goingAway, 'client went away')
     })
     target.on('close', (code, reason) => {
       end(s, 'upstream_closed')
-      if (client.readyState === WebSocket.OPEN) {
-        if (sendable(code)) client.close(code, reason)
-        else if (code === 1005) client.close()
-        else client.close(CLOSE.badGateway, 'upstream closed abnormally')
-      }
+      relayClose(client, code, reason, CLOSE.badGateway, 'upstream closed abnormally')
     })
     target.on('error', (err) => {
       request.log.debug({ err: { message: err.message } }, 'upstream websocket error')
