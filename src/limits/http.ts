@@ -18,6 +18,7 @@ import type { Config } from '../config/load.js'
 import type { LiveConfig } from '../config/live.js'
 import { normalizePath } from '../config/patterns.js'
 import type { Audit } from '../observability/audit.js'
+import type { Identity } from '../auth/identity.js'
 import { AuthFailureLimiter } from './auth-failures.js'
 import { BREAKER_MS, StoreUnavailableError, type LimitStore } from './store.js'
 
@@ -40,13 +41,18 @@ const JSON_TYPE = 'application/json; charset=utf-8'
 const TOO_MANY = JSON.stringify({ error: 'rate_limited', error_description: 'Too many requests: retry after the time in Retry-After' })
 const STORE_DOWN = JSON.stringify({ error: 'unavailable', error_description: 'Rate limiting is temporarily unavailable' })
 
+/** Exempt callers (service accounts) skip every limit: requests, WebSocket messages and connections. */
+export function isExempt (id: Identity, limits: Config['rateLimit']): boolean {
+  const { exempt } = limits
+  return exempt.subs.includes(id.sub) || (exempt.roles.length > 0 && id.roles.some((r) => exempt.roles.includes(r)))
+}
+
 export function policyFor (request: FastifyRequest, limits: Config['rateLimit']): LimitPolicy | null {
   const id = request.identity
   if (id === null) {
     return { key: `ip${limits.windowMs}:${AuthFailureLimiter.clientKey(request.ip)}`, max: limits.max, windowMs: limits.windowMs, reason: 'ip_limit' }
   }
-  const { exempt } = limits
-  if (exempt.subs.includes(id.sub) || (exempt.roles.length > 0 && id.roles.some((r) => exempt.roles.includes(r)))) return null
+  if (isExempt(id, limits)) return null
   if (limits.routes.length > 0) {
     const path = normalizePath(request.url)
     if (path !== undefined) {

@@ -26,6 +26,9 @@ import type { Audit } from '../observability/audit.js'
 import type { Metrics, WsCloseReason, WsDirection } from '../observability/metrics.js'
 import { appProtocols, BEARER_PROTOCOL, protocolToken, stripQueryToken } from '../auth/token.js'
 import type { ConnectionSlots, WsMessageLimiter } from '../limits/ws.js'
+import { isExempt } from '../limits/http.js'
+import { authChallenge } from '../auth/challenge.js'
+import { send } from '../auth/plugin.js'
 import { upstreamWsHeaders } from './headers.js'
 import { forwardContext } from './context.js'
 import { UPSTREAM_ERROR_BODY, upstreamErrorStatus } from './errors.js'
@@ -42,6 +45,8 @@ export const CLOSE = {
 
 /** Client messages waiting for their limit check before the client is paused. */
 export const MAX_PENDING_MESSAGES = 256
+/** Slot id of exempt callers, who take no connection slot. */
+const EXEMPT_SLOT = ''
 /** Longest delay a Node timer takes; longer expiries re-arm. */
 const MAX_TIMER_MS = 2_147_483_647
 const JSON_TYPE = 'application/json; charset=utf-8'
@@ -153,9 +158,12 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
     const identity = request.identity
     if (identity === null) {
       // A public path: WebSockets always need a verified caller (limits are per user).
-      return refuse(reply, 401, 'unauthorized', 'A bearer token is required for WebSockets')
+      const c = authChallenge('missing_token')
+      audit.denied(request, { event: 'auth_failure', reason: 'missing_token', transport: 'ws', status: c.status })
+      return send(reply, c)
     }
-    const slot = await slots.acquire(identity.sub)
+    const exempt = isExempt(identity, live.current.rateLimit)
+    const slot = exempt ? { result: 'ok' as const, id: EXEMPT_SLOT } : await slots.acquire(identity.sub)
     if (slot.result === 'full') {
       audit.denied(request, { event: 'rate_limited', reason: 'ws_connections', transport: 'ws', status: 429, sub: identity.sub })
       return reply.header('retry-after', 5).code(429).type(JSON_TYPE)
@@ -195,7 +203,7 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
     if (outcome === null) {
       target.pause() // the app may speak first; hold it until the client side exists
       const token = protocolToken(offered)
-      const onClientGone = (): void => { target.terminate(); slots.release(identity.sub, slot.id) }
+      const onClientGone = (): void => { target.terminate(); releaseSlot(identity.sub, slot.id) }
       request.raw.socket.once('close', onClientGone)
       pending.set(request.raw, {
         target,
@@ -206,7 +214,7 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
       })
       return
     }
-    slots.release(identity.sub, slot.id)
+    releaseSlot(identity.sub, slot.id)
     if (outcome.status === 0) return // client left; nothing to answer
     if (outcome.status >= 500) {
       const kind = outcome.status === 504 ? 'timeout' : 'connect'
@@ -273,6 +281,10 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
     target.resume()
   }
 
+  function releaseSlot (sub: string, id: string): void {
+    if (id !== EXEMPT_SLOT) slots.release(sub, id)
+  }
+
   /** Marks the session over (first reason wins) and frees what it held. */
   function end (s: Session, reason: WsCloseReason): void {
     if (s.ended !== undefined) return
@@ -282,7 +294,7 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
     const forSub = bySub.get(s.identity.sub)
     forSub?.delete(s)
     if (forSub?.size === 0) bySub.delete(s.identity.sub)
-    slots.release(s.identity.sub, s.slotId)
+    releaseSlot(s.identity.sub, s.slotId)
     metrics.wsConnections.dec()
     metrics.wsCloses.labels(reason).inc()
   }
@@ -315,6 +327,10 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
     const counter = metrics.wsMessages.client_to_app
     const drained = (): void => {
       if (client.isPaused && s.pending < MAX_PENDING_MESSAGES / 2 && target.bufferedAmount < ws.maxBuffered / 2) client.resume()
+    }
+    if (s.slotId === EXEMPT_SLOT) {
+      forward(client, target, 'client_to_app', s) // exempt: no message limit
+      return
     }
     client.on('message', (data, isBinary) => {
       s.lastActivity = Date.now()
