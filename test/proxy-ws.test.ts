@@ -198,3 +198,28 @@ t.test('a client that resets its upgrade during pending auth does not crash the 
   const res = await fetch(`${g.url}/api/resonance/x`, { headers: { authorization: `Bearer ${await issuer.token()}` } })
   t.equal(res.status, 200, 'still serving after 20 resets mid-auth')
 })
+
+t.test('messages the app sends right after the upgrade are not lost', async (t) => {
+  const issuer = await startIssuer()
+  t.teardown(() => issuer.close())
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  // An app that greets in the same TCP chunk as its 101, as many servers do.
+  const { WebSocketServer } = await import('ws')
+  const greeter = createServer()
+  const wss = new WebSocketServer({ server: greeter })
+  wss.on('connection', (socket) => { for (let i = 0; i < 5; i++) socket.send(`greeting ${i}`) })
+  await new Promise<void>((resolve) => greeter.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => { for (const c of wss.clients) c.terminate(); return new Promise((resolve) => greeter.close(resolve)) })
+  const g = await startGateway(t, issuer, upstream, { env: { UPSTREAM_URL: `http://127.0.0.1:${(greeter.address() as AddressInfo).port}` } })
+  const headers = { authorization: `Bearer ${await issuer.token()}` }
+  for (let round = 0; round < 20; round++) {
+    const ws = new WebSocket(`${g.wsUrl}/ws/resonance`, { headers })
+    const got: string[] = []
+    ws.on('message', (d) => got.push(String(d)))
+    await opened(ws)
+    await until(() => got.length === 5)
+    t.same(got, ['greeting 0', 'greeting 1', 'greeting 2', 'greeting 3', 'greeting 4'], `round ${round}: all greetings, in order`)
+    ws.close()
+  }
+})

@@ -5,6 +5,8 @@ import { createServer } from 'node:http'
 import { WebSocketServer } from 'ws'
 
 const port = Number(process.env.PORT ?? 3000)
+// HOST: 0.0.0.0 in a container; the demo binds 127.0.0.1 (and PORT=0 for an ephemeral port).
+const host = process.env.HOST ?? '0.0.0.0'
 const entries = []
 
 const server = createServer((req, res) => {
@@ -39,7 +41,16 @@ wss.on('connection', (socket, req) => {
   socket.on('error', () => {})
 })
 
-server.listen(port, '0.0.0.0', () => {
-  process.stdout.write(JSON.stringify({ msg: 'stand-in app listening', port }) + '\n')
+server.listen(port, host, () => {
+  // The bound port (differs from PORT when PORT=0): the demo reads it from this line.
+  process.stdout.write(JSON.stringify({ msg: 'stand-in app listening', host, port: server.address().port }) + '\n')
 })
-process.on('SIGTERM', () => { wss.close(); server.close(() => process.exit(0)) })
+const stop = () => {
+  for (const client of wss.clients) client.terminate()
+  wss.close()
+  server.close(() => process.exit(0))
+  server.closeAllConnections?.()
+  setTimeout(() => process.exit(0), 2000).unref()
+}
+process.on('SIGTERM', stop)
+process.on('SIGINT', stop)

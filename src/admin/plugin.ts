@@ -25,7 +25,8 @@ export function buildAdmin (opts: AdminOptions): FastifyInstance {
   const admin = Fastify({
     loggerInstance: opts.logger.child({ component: 'admin' }),
     logController: new LogController({ disableRequestLogging: true }),
-    bodyLimit: 16 * 1024
+    bodyLimit: 16 * 1024,
+    ajv: { customOptions: { removeAdditional: false, coerceTypes: false } }
   })
 
   admin.get('/healthz', async () => ({ status: 'ok' }))
@@ -52,6 +53,14 @@ export function buildAdmin (opts: AdminOptions): FastifyInstance {
   }
 
   admin.post('/revocations', {
+    // Authenticate before the body is even validated: strangers learn nothing about the API.
+    onRequest: (request, reply, done) => {
+      if (expected === undefined) {
+        reply.code(404).send({ error: 'not_found', error_description: 'Set ADMIN_TOKEN to enable the admin API' })
+        return
+      }
+      if (authorized(request, reply)) done()
+    },
     schema: {
       body: {
         type: 'object',
@@ -65,9 +74,10 @@ export function buildAdmin (opts: AdminOptions): FastifyInstance {
       }
     }
   }, async (request, reply) => {
-    if (expected === undefined) return reply.code(404).send({ error: 'not_found', error_description: 'Set ADMIN_TOKEN to enable the admin API' })
-    if (!authorized(request, reply)) return reply
-    const body = request.body as { jti?: string, sub?: string }
+    const body = request.body as { jti?: unknown, sub?: unknown }
+    if (typeof (body.jti ?? body.sub) !== 'string') {
+      return reply.code(400).send({ error: 'bad_request', error_description: 'Send JSON {"jti": "..."} or {"sub": "..."}' })
+    }
     const kind = body.jti !== undefined ? 'jti' : 'sub'
     const value = (body.jti ?? body.sub) as string
     const r = await revocations.revoke(kind, value)

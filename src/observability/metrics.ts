@@ -169,6 +169,7 @@ export function createMetrics () {
     client_to_app: wsMessages.labels('client_to_app'),
     app_to_client: wsMessages.labels('app_to_client')
   } satisfies Record<WsDirection, Counter.Internal>
+  for (const c of Object.values(wsMessagesBy)) c.inc(0)
   for (const r of WS_CLOSE_REASONS) wsCloses.labels(r).inc(0)
 
   return {

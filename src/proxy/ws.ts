@@ -53,6 +53,9 @@ const JSON_TYPE = 'application/json; charset=utf-8'
 
 interface Pending {
   target: WebSocket
+  /** What the app sent before the client side existed (pause() does not stop frames already read). */
+  early: Array<{ data: Buffer, binary: boolean }>
+  onEarly: (data: Buffer, binary: boolean) => void
   /** Subprotocol to answer in the 101, false for none. */
   protocol: string | false
   slotId: string
@@ -71,6 +74,7 @@ interface Session {
   awaitingPong: boolean
   queue: Promise<void>
   pending: number
+  pendingBytes: number
   expiryTimer: NodeJS.Timeout | undefined
   droppedWindowUntil: number
 }
@@ -182,10 +186,17 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
       perMessageDeflate: false,
       followRedirects: false
     })
+    // What the app sends before the client side exists is kept, in order. The
+    // listener must be attached inside 'open': frames that came with the 101 are
+    // emitted on the next tick, before any promise continuation would run.
+    const early: Pending['early'] = []
+    const onEarly = (data: Buffer, binary: boolean): void => { early.push({ data, binary }) }
     const outcome = await new Promise<{ status: number } | null>((resolve) => {
       const onClientGone = (): void => { target.terminate(); resolve({ status: 0 }) }
       request.raw.socket.once('close', onClientGone)
       target.once('open', () => {
+        target.on('message', onEarly)
+        target.pause() // hold the rest until the client side exists
         request.raw.socket.removeListener('close', onClientGone)
         resolve(null)
       })
@@ -201,12 +212,13 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
       })
     })
     if (outcome === null) {
-      target.pause() // the app may speak first; hold it until the client side exists
       const token = protocolToken(offered)
       const onClientGone = (): void => { target.terminate(); releaseSlot(identity.sub, slot.id) }
       request.raw.socket.once('close', onClientGone)
       pending.set(request.raw, {
         target,
+        early,
+        onEarly,
         protocol: target.protocol !== '' ? target.protocol : token !== undefined && token !== null ? BEARER_PROTOCOL : false,
         slotId: slot.id,
         onClientGone,
@@ -243,6 +255,7 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
       awaitingPong: false,
       queue: Promise.resolve(),
       pending: 0,
+      pendingBytes: 0,
       expiryTimer: undefined,
       droppedWindowUntil: 0
     }
@@ -253,8 +266,18 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
     metrics.wsConnections.inc()
     metrics.observeRequest(101, (performance.now() - p.startedAt) / 1000)
     armExpiry(s)
+    if (revocations.isRevoked(identity)) {
+      audit.denied(request, { event: 'auth_failure', reason: 'revoked', transport: 'ws', status: CLOSE.policy, sub: identity.sub })
+      terminateSession(s, 'revoked', CLOSE.policy, 'token revoked')
+      return
+    }
 
     const { target } = s
+    target.removeListener('message', p.onEarly)
+    for (const m of p.early) {
+      metrics.wsMessages.app_to_client.inc()
+      client.send(m.data, { binary: m.binary })
+    }
     clientToApp(s)
     forward(target, client, 'app_to_client', s)
 
@@ -326,7 +349,7 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
     const { client, target } = s
     const counter = metrics.wsMessages.client_to_app
     const drained = (): void => {
-      if (client.isPaused && s.pending < MAX_PENDING_MESSAGES / 2 && target.bufferedAmount < ws.maxBuffered / 2) client.resume()
+      if (client.isPaused && s.pending < MAX_PENDING_MESSAGES / 2 && s.pendingBytes + target.bufferedAmount < ws.maxBuffered / 2) client.resume()
     }
     if (s.slotId === EXEMPT_SLOT) {
       forward(client, target, 'client_to_app', s) // exempt: no message limit
@@ -335,7 +358,9 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
     client.on('message', (data, isBinary) => {
       s.lastActivity = Date.now()
       s.pending++
-      if (s.pending >= MAX_PENDING_MESSAGES && !client.isPaused) client.pause()
+      const size = (data as Buffer).length
+      s.pendingBytes += size
+      if ((s.pending >= MAX_PENDING_MESSAGES || s.pendingBytes + target.bufferedAmount > ws.maxBuffered) && !client.isPaused) client.pause()
       s.queue = s.queue.then(async () => {
         let verdict
         try {
@@ -343,10 +368,12 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
         } catch {
           // Store refused (RATE_LIMIT_ON_STORE_ERROR=closed): cannot vouch for the message.
           s.pending--
+          s.pendingBytes -= size
           if (s.ended === undefined) terminateSession(s, 'rate_limited', CLOSE.tryAgainLater, 'rate limiting unavailable')
           return
         }
         s.pending--
+        s.pendingBytes -= size
         if (s.ended !== undefined || target.readyState !== WebSocket.OPEN) return
         if (verdict.allowed) {
           counter.inc()
@@ -410,6 +437,8 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
   // Liveness: ping every interval; a client that did not answer the last ping is gone.
   const pinger = setInterval(() => {
     for (const s of sessions) {
+      // A client we paused (backpressure) cannot have its pong read: not a dead client.
+      if (s.client.isPaused) { s.awaitingPong = false; continue }
       if (s.awaitingPong) { terminateSession(s, 'ping_timeout', CLOSE.goingAway, 'ping timeout'); continue }
       s.awaitingPong = true
       s.client.ping()
