@@ -66,15 +66,26 @@ export function setupPinning () {
  * <cpu>` when pinning applies (taskset execs node, so child.pid is node's).
  */
 export function spawnNode (name, script, { args = [], execArgv = [], env = process.env, cwd, pin } = {}) {
-  const nodeArgs = [...execArgv, '--import', GUARD, script, ...args]
-  const [cmd, argv] = pin?.applied
-    ? ['taskset', ['-c', String(pin.subjectCpu), process.execPath, ...nodeArgs]]
-    : [process.execPath, nodeArgs]
-  const child = spawn(cmd, argv, { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] })
+  return spawnProcess(name, process.execPath, [...execArgv, '--import', GUARD, script, ...args], { env, cwd, pin })
+}
+
+/**
+ * Starts any executable, pinned like spawnNode. `pdeathsig: true` (for
+ * non-Node children, which cannot load the orphan guard) execs it through
+ * `setpriv --pdeathsig SIGKILL` when available, so it dies with the runner
+ * even if the runner is SIGKILLed. child.pid is the executable's own pid
+ * (taskset and setpriv exec, they do not fork).
+ */
+export function spawnProcess (name, cmd, cmdArgs, { env = process.env, cwd, pin, pdeathsig = false } = {}) {
+  let argv = [cmd, ...cmdArgs]
+  if (pdeathsig && hasSetpriv()) argv = ['setpriv', '--pdeathsig', 'SIGKILL', ...argv]
+  if (pin?.applied) argv = ['taskset', '-c', String(pin.subjectCpu), ...argv]
+  const child = spawn(argv[0], argv.slice(1), { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] })
   child.benchName = name
   child.stdoutTail = []
   child.stderrTail = []
   child.lines = [] // stdout lines after markSteady(), for the report
+  child.lineListeners = new Set() // (line) => void, every stdout line
   child.steady = false
   child.exited = false
   children.add(child)
@@ -84,6 +95,8 @@ export function spawnNode (name, script, { args = [], execArgv = [], env = proce
   child.hello.catch(() => {}) // not every child prints one
 
   lineReader(child.stdout, (line) => {
+    for (const l of child.lineListeners) l(line)
+    if (line.startsWith('{"benchMem"')) return // the memory probe's answers are not logs
     push(child.stdoutTail, line)
     if (child.steady) child.lines.push(line)
     if (line.startsWith('{"port"')) {
@@ -100,6 +113,30 @@ export function spawnNode (name, script, { args = [], execArgv = [], env = proce
   })
   child.on('error', (err) => rejectHello(err))
   return child
+}
+
+let setprivOk
+function hasSetpriv () {
+  if (setprivOk === undefined) {
+    try {
+      execFileSync('setpriv', ['--version'], { stdio: 'ignore' })
+      setprivOk = true
+    } catch {
+      setprivOk = false
+    }
+  }
+  return setprivOk
+}
+
+/** Stops one child: SIGTERM, then SIGKILL after graceMs. Resolves when it has exited. */
+export function stopChild (child, graceMs = 2_000) {
+  return new Promise((resolve) => {
+    if (child.exited) return resolve()
+    child.expectedExit = true
+    const timer = setTimeout(() => { try { child.kill('SIGKILL') } catch {} }, graceMs)
+    child.once('exit', () => { clearTimeout(timer); resolve() })
+    try { child.kill('SIGTERM') } catch { resolve() }
+  })
 }
 
 function push (tail, line) {
@@ -197,6 +234,26 @@ export function cpuSeconds (pid) {
   return (Number(rest[11]) + Number(rest[12])) / ticksPerSecond()
 }
 
+/** Resident set size of a process in KiB (VmRSS from /proc/<pid>/status), or undefined. */
+export function rssKiB (pid) {
+  try {
+    const m = /^VmRSS:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))
+    return m ? Number(m[1]) : undefined
+  } catch {
+    return undefined
+  }
+}
+
+/** Soft limit on open files of this process (children inherit it), or undefined. */
+export function openFilesLimit () {
+  try {
+    const m = /^Max open files\s+(\d+|unlimited)/m.exec(readFileSync('/proc/self/limits', 'utf8'))
+    return m === null ? undefined : m[1] === 'unlimited' ? Infinity : Number(m[1])
+  } catch {
+    return undefined
+  }
+}
+
 /**
  * Busy CPU seconds (user+nice+system+irq+softirq+steal from /proc/stat) of
  * one CPU, or of all CPUs when `cpu` is undefined; undefined without /proc.
@@ -221,14 +278,7 @@ export function busySeconds (cpu) {
 
 /** SIGTERM, then SIGKILL whatever is still alive after graceMs. */
 export async function stopAll (graceMs = 2_000) {
-  const live = [...children]
-  await Promise.all(live.map((child) => new Promise((resolve) => {
-    if (child.exited) return resolve()
-    child.expectedExit = true
-    const timer = setTimeout(() => { try { child.kill('SIGKILL') } catch {} }, graceMs)
-    child.once('exit', () => { clearTimeout(timer); resolve() })
-    try { child.kill('SIGTERM') } catch { resolve() }
-  })))
+  await Promise.all([...children].map((child) => stopChild(child, graceMs)))
 }
 
 export function killAllNow () {

@@ -6,6 +6,7 @@ import { mkdtempSync } from 'node:fs'
 import { createServer, connect, type AddressInfo } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import type { Redis } from 'ioredis'
 
 export const TEST_DB = 11
 
@@ -71,4 +72,94 @@ export function redisUrl (): Promise<string> {
     return `redis://127.0.0.1:${server.port}/${TEST_DB}`
   })()
   return shared
+}
+
+// --- additions for the rate-limit tests (test/limits*.test.ts) ------------------------------------------------------
+
+/** Escapes Redis glob metacharacters so a key prefix can be used in SCAN MATCH. */
+export function globEscape (s: string): string {
+  return s.replace(/[*?[\]\\]/g, '\\$&')
+}
+
+/** A plain ioredis client (one Cluster node included: SCAN is per node). */
+type ScanClient = Redis
+
+/** Every key starting with `prefix` on one Redis (SCAN, never KEYS on the shared server). */
+export async function scanKeys (client: ScanClient, prefix: string): Promise<string[]> {
+  const out: string[] = []
+  let cursor = '0'
+  do {
+    const [next, keys] = await client.scan(cursor, 'MATCH', `${globEscape(prefix)}*`, 'COUNT', 1000)
+    cursor = next
+    out.push(...keys)
+  } while (cursor !== '0')
+  return out
+}
+
+/** Deletes only the keys starting with `prefix` (a test's own keys); returns how many. */
+export async function deleteKeys (client: ScanClient, prefix: string): Promise<number> {
+  if (prefix === '') throw new Error('deleteKeys: refusing an empty prefix')
+  const keys = await scanKeys(client, prefix)
+  let n = 0
+  // one DEL per key: keys of a Cluster live in different slots
+  for (const k of keys) n += await client.del(k)
+  return n
+}
+
+export interface RedisCluster {
+  nodes: RedisServer[]
+  /** `host:port` seeds, comma separated (REDIS_CLUSTER_NODES). */
+  seeds: string
+  stop (): Promise<void>
+}
+
+/** Sends one command with redis-cli and returns its output. */
+export function redisCli (args: string[], timeoutMs = 15_000): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const child = spawn('redis-cli', args, { stdio: ['ignore', 'pipe', 'pipe'] })
+    let out = ''
+    let err = ''
+    child.stdout.on('data', (c: Buffer) => { out += c.toString() })
+    child.stderr.on('data', (c: Buffer) => { err += c.toString() })
+    const timer = setTimeout(() => { child.kill('SIGKILL') }, timeoutMs)
+    child.once('error', (e) => { clearTimeout(timer); reject(e) })
+    child.once('exit', (code) => {
+      clearTimeout(timer)
+      if (code === 0) resolve(out)
+      else reject(new Error(`redis-cli ${args.join(' ')} exited ${String(code)}: ${err}${out}`))
+    })
+  })
+}
+
+/**
+ * A private Redis Cluster: `n` masters (`--cluster-enabled yes`, no replicas) on free loopback ports, each with an
+ * explicit free cluster-bus port (port + 10000 may be taken or above 65535), joined with
+ * `redis-cli --cluster create ... --cluster-replicas 0 --cluster-yes`. Resolves once every node reports
+ * cluster_state:ok.
+ */
+export async function startRedisCluster (n = 3): Promise<RedisCluster> {
+  const nodes: RedisServer[] = []
+  try {
+    for (let i = 0; i < n; i++) {
+      const bus = await freePort()
+      nodes.push(await startRedisServer(undefined, ['--cluster-enabled', 'yes', '--cluster-port', String(bus), '--cluster-node-timeout', '5000']))
+    }
+    const addrs = nodes.map((s) => `127.0.0.1:${s.port}`)
+    await redisCli(['--cluster', 'create', ...addrs, '--cluster-replicas', '0', '--cluster-yes'])
+    const deadline = Date.now() + 15_000
+    for (const node of nodes) {
+      while (!(await redisCli(['-p', String(node.port), 'cluster', 'info'])).includes('cluster_state:ok')) {
+        if (Date.now() > deadline) throw new Error(`redis cluster node ${node.port} did not reach cluster_state:ok`)
+        await new Promise((resolve) => setTimeout(resolve, 50))
+      }
+    }
+    return {
+      nodes,
+      seeds: addrs.join(','),
+      async stop () { await Promise.all(nodes.map((s) => s.stop())) }
+    }
+  } catch (err) {
+    await Promise.all(nodes.map((s) => s.kill()))
+    throw err
+  }
 }
