@@ -51,7 +51,8 @@ export class AuthFailureLimiter {
     const key = AuthFailureLimiter.clientKey(ip)
     const { max, windowMs } = this.limit()
     this.store.incr(`authfail:${key}`, (err, res) => {
-      if (err !== null || res === undefined || res.current <= max) return
+      // Blocked once the count reaches max: the next request from the IP gets 429.
+      if (err !== null || res === undefined || res.current < max) return
       if (this.blocked.size >= MAX_BLOCKED) {
         const oldest = this.blocked.keys().next().value
         if (oldest !== undefined) this.blocked.delete(oldest)

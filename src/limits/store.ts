@@ -77,7 +77,12 @@ export class LimitStore {
     if (redisStore === undefined) return this.local.incr(key, cb, windowMs, max)
     if (Date.now() < this.degradedUntil || this.opts.redis?.status !== 'ready') return this.failed(key, cb, windowMs, max, undefined)
     redisStore.incr(key, (err, res) => {
-      if (err !== null || res === undefined) return this.failed(key, cb, windowMs, max, err ?? undefined)
+      if (err !== null || res === undefined) {
+        // Only a real failed attempt re-arms the breaker: calls inside the
+        // interval must not push it forward, or steady traffic never retries Redis.
+        this.degradedUntil = Date.now() + BREAKER_MS
+        return this.failed(key, cb, windowMs, max, err ?? undefined)
+      }
       if (this.degraded) this.recovered()
       cb(null, res)
     }, windowMs, max)
@@ -88,7 +93,6 @@ export class LimitStore {
 
   private failed (key: string, cb: IncrCallback, windowMs: number, max: number, err: Error | undefined): void {
     this.opts.metrics.storeErrors.inc()
-    this.degradedUntil = Date.now() + BREAKER_MS
     if (!this.degraded) {
       this.degraded = true
       this.opts.metrics.storeDegraded.set(1)

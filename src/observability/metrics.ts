@@ -126,7 +126,7 @@ export function createMetrics () {
 
   const storeErrors = new Counter({
     name: 'resonance_rate_limit_store_errors_total',
-    help: 'Rate-limit store (Redis) commands that failed or timed out; each request then used the fallback policy.',
+    help: 'Rate-limit checks that could not use Redis (command failed or timed out, or Redis unavailable) and applied RATE_LIMIT_ON_STORE_ERROR instead.',
     registers: [registry]
   })
   const storeDegraded = new Gauge({

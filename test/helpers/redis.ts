@@ -51,7 +51,11 @@ export async function startRedisServer (port?: number, extraArgs: string[] = [])
   const spawnError = new Promise<never>((_resolve, reject) => child.once('error', (err) => reject(new Error(`redis-server could not start (is it installed? apt-get install redis-server): ${err.message}`))))
   const deadline = Date.now() + 5000
   while (!(await Promise.race([ping(p), spawnError]))) {
-    if (Date.now() > deadline) throw new Error(`redis-server did not answer on port ${p}`)
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL')
+      process.removeListener('exit', onExit)
+      throw new Error(`redis-server did not answer on port ${p}`)
+    }
     await new Promise((resolve) => setTimeout(resolve, 20))
   }
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()))
