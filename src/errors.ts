@@ -9,13 +9,5 @@ import createError from '@fastify/error'
 export const ConfigInvalidError = createError('GW_CONFIG_INVALID', 'invalid configuration:\n%s')
 export const JwksUnavailableError = createError('GW_JWKS_UNAVAILABLE', 'JWKS unavailable: %s', 503)
 export const DiscoveryFailedError = createError('GW_DISCOVERY_FAILED', 'OIDC discovery failed: %s', 503)
-
-/** A GW_* error with a code, for places that need one without a catalogue entry yet. */
-export class GatewayError extends Error {
-  readonly code: string
-  constructor (code: string, message: string) {
-    super(message)
-    this.code = code
-    this.name = 'GatewayError'
-  }
-}
+// The store's policy error (src/limits/store.ts) carries GW_RATE_LIMIT_STORE_UNAVAILABLE; it is preallocated
+// there because it is raised per request during an outage.
