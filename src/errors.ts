@@ -1,7 +1,8 @@
 /**
  * The one catalogue of gateway errors. Codes are stable (operators and tests
  * match on them); messages may improve. Request-time denials are not thrown
- * errors but audited outcomes (see auth/reasons.ts), so a flood of bad tokens
+ * errors but audited outcomes (AUTH_FAILURE_REASONS in observability/metrics.ts,
+ * answers in auth/challenge.ts), so a flood of bad tokens
  * costs no stack traces.
  */
 import createError from '@fastify/error'
