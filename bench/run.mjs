@@ -19,7 +19,7 @@
 //      gateway vs the app directly, fresh processes.
 //
 // Env: see the `S` table below and bench/README.md.
-import { mkdtempSync, mkdirSync, rmSync, writeFileSync, existsSync, readFileSync } from 'node:fs'
+import { cpSync, mkdtempSync, mkdirSync, readdirSync, rmSync, statSync, writeFileSync, existsSync, readFileSync } from 'node:fs'
 import { execFileSync } from 'node:child_process'
 import os from 'node:os'
 import path from 'node:path'
@@ -36,7 +36,15 @@ import { closeAll, echoRun, openIdle, openWs } from './lib/ws-load.mjs'
 
 const BENCH_DIR = path.dirname(fileURLToPath(import.meta.url))
 const ROOT = path.resolve(BENCH_DIR, '..')
-const GATEWAY_ENTRY = path.join(ROOT, 'dist/server.js')
+const DIST = path.join(ROOT, 'dist')
+/**
+ * Every gateway of a run starts from a copy of dist/ taken when the run
+ * starts (inside bench/, so node_modules still resolves): other work that
+ * rebuilds dist/ mid-run cannot mix two builds into one set of tables.
+ */
+const SNAPSHOT_PREFIX = '.dist-snapshot-'
+const SNAPSHOT = path.join(BENCH_DIR, `${SNAPSHOT_PREFIX}${process.pid}`)
+const GATEWAY_ENTRY = path.join(SNAPSHOT, 'server.js')
 const APP_SCRIPT = path.join(BENCH_DIR, 'subjects/app.mjs')
 const PLAIN_PROXY_SCRIPT = path.join(BENCH_DIR, 'subjects/plain-proxy.mjs')
 const MEM_PROBE = path.join(BENCH_DIR, 'lib/mem-probe.mjs')
@@ -490,6 +498,7 @@ async function measure (subject, run, tokens, warmupSeconds, pin, seconds = S.du
     maxGap,
     cpuUsPerReq: cpu[0].usPerReq,
     cpuPct: cpu[0].pct,
+    rssKiB: rssKiB(run.pid), // after the measurement: a process that keeps growing round after round leaks
     others: cpu.slice(1),
     loadgenCpuPct: snap.loadgenCpuPct,
     noise,
@@ -588,6 +597,22 @@ function gitDescribe () {
   } catch {
     return 'unknown'
   }
+}
+
+/** Copies dist/ to SNAPSHOT (removed on exit; stale copies of dead runs are removed here). */
+function snapshotDist () {
+  for (const name of readdirSync(BENCH_DIR)) {
+    if (!name.startsWith(SNAPSHOT_PREFIX)) continue
+    const pid = Number(name.slice(SNAPSHOT_PREFIX.length))
+    let alive = false
+    try { process.kill(pid, 0); alive = true } catch (err) { alive = err.code === 'EPERM' }
+    if (!alive) rmSync(path.join(BENCH_DIR, name), { recursive: true, force: true })
+  }
+  const git = gitDescribe()
+  const at = statSync(path.join(DIST, 'server.js')).mtime.toISOString()
+  cpSync(DIST, SNAPSHOT, { recursive: true, filter: (src) => !src.endsWith('.map') })
+  process.on('exit', () => rmSync(SNAPSHOT, { recursive: true, force: true }))
+  return { git, at }
 }
 
 function version (pkg) {
@@ -709,7 +734,7 @@ async function httpPhase (ctx, subjects, tokens, watch) {
       const bad = m.non2xx + m.errors + m.timeouts
       console.log(`round ${round}/${S.rounds} ${s.name.padEnd(16)} ${fmt.int(m.rps).padStart(7)} req/s  p50 ${fmt.ms(m.p50)} ms  p99 ${fmt.ms(m.p99)} ms  ` +
         `${fmt.us(m.cpuUsPerReq)} µs/req (${fmt.pct(m.cpuPct)} CPU)${m.others.filter((o) => o.label !== 'app').map((o) => `  ${o.label} ${fmt.us(o.usPerReq)} µs/req`).join('')}` +
-        `  load generator ${fmt.pct(m.loadgenCpuPct)}  other load ${fmtNoise(m.noise)}${bad ? `  NON-2XX/ERRORS: ${bad}` : ''}`)
+        `  RSS ${fmt.mib(m.rssKiB)} MiB  load generator ${fmt.pct(m.loadgenCpuPct)}  other load ${fmtNoise(m.noise)}${bad ? `  NON-2XX/ERRORS: ${bad}` : ''}`)
     }
   }
   // ---- aggregate: medians over rounds; ratios per round (same conditions), then their median
@@ -733,6 +758,7 @@ async function httpPhase (ctx, subjects, tokens, watch) {
       warmupBad: rs.reduce((n, r) => n + r.warmupBad, 0),
       loadgen: median(rs.map((r) => r.loadgenCpuPct)),
       cpuPct: median(rs.map((r) => r.cpuPct)),
+      cpuRange: [Math.min(...rs.map((r) => r.cpuUsPerReq ?? NaN)), Math.max(...rs.map((r) => r.cpuUsPerReq ?? NaN))],
       redisCmdsPerReq: rs.find((r) => r.redisCmdsPerReq !== undefined)
         ? Object.fromEntries([...new Set(rs.flatMap((r) => Object.keys(r.redisCmdsPerReq ?? {})))].map((k) => [k, median(rs.map((r) => r.redisCmdsPerReq?.[k] ?? 0))]))
         : undefined,
@@ -771,8 +797,10 @@ function httpNotes (rows) {
   const red = rows.find((r) => r.name === 'gateway-redis')
   if (nolim?.cpu !== undefined) {
     const d = (r) => (r?.cpu === undefined ? undefined : r.cpu - nolim.cpu)
-    notes.push(`Limit cost per request vs gateway-nolimit (gateway process only): in-process store ${d(lim) === undefined ? 'n/a' : `${d(lim) >= 0 ? '+' : ''}${fmt.us(d(lim))} µs`}, ` +
-      `Redis store ${d(red) === undefined ? 'n/a' : `${d(red) >= 0 ? '+' : ''}${fmt.us(d(red))} µs`} (differences of medians: noise of ±10 µs is normal).`)
+    const range = (r) => (r === undefined ? [] : [`${r.name} ${fmt.us(r.cpuRange[0])}–${fmt.us(r.cpuRange[1])}`])
+    notes.push(`Limit cost per request vs gateway-nolimit (gateway process only, difference of medians): in-process store ${d(lim) === undefined ? 'n/a' : `${d(lim) >= 0 ? '+' : ''}${fmt.us(d(lim))} µs`}, ` +
+      `Redis store ${d(red) === undefined ? 'n/a' : `${d(red) >= 0 ? '+' : ''}${fmt.us(d(red))} µs`} (+ redis-server's own CPU above). ` +
+      `Compare with the spread over rounds, CPU µs/req min–max: ${[nolim, lim, red].flatMap(range).join(', ')}: a difference smaller than the spread is not resolved by this run.`)
   }
   return notes
 }
@@ -812,7 +840,7 @@ async function redisDownPhase (ctx, tokens, watch) {
     phases.push(m)
     const bad = m.non2xx + m.errors + m.timeouts
     console.log(`redis-down ${label.padEnd(22)} ${fmt.int(m.rps).padStart(7)} req/s  p50 ${fmt.ms(m.p50)} ms  p99 ${fmt.ms(m.p99)} ms  max ${fmt.ms(m.max)} ms  ` +
-      `longest gap ${fmt.ms(m.maxGap)} ms  ${fmt.us(m.cpuUsPerReq)} µs/req  store errors ${fmt.int(m.storeErrors)}  /readyz ${m.readyz}${bad ? `  NON-2XX/ERRORS: ${bad}` : ''}`)
+      `longest gap ${fmt.ms(m.maxGap)} ms  ${fmt.us(m.cpuUsPerReq)} µs/req  RSS ${fmt.mib(m.rssKiB)} MiB  store errors ${fmt.int(m.storeErrors)}  /readyz ${m.readyz}  other load ${fmtNoise(m.noise)}${bad ? `  NON-2XX/ERRORS: ${bad}` : ''}`)
   }
 
   await phase('Redis up')
@@ -871,12 +899,12 @@ async function redisDownPhase (ctx, tokens, watch) {
 
 function redisDownTable (phases) {
   const lines = [
-    '| Redis | req/s | p50 ms | p99 ms | max ms | responses ≥ 250 ms | longest gap ms | CPU µs/req (gateway) | store errors | /readyz after | non-2xx | errors/timeouts |',
-    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
+    '| Redis | req/s | p50 ms | p99 ms | max ms | responses ≥ 250 ms | longest gap ms | CPU µs/req (gateway) | store errors | /readyz after | non-2xx | errors/timeouts | other load |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
   ]
   for (const m of phases) {
     lines.push(`| ${m.label} | ${fmt.int(m.rps)} | ${fmt.ms(m.p50)} | ${fmt.ms(m.p99)} | ${fmt.ms(m.max)} | ${fmt.int(m.slow)} | ${fmt.ms(m.maxGap)} | ${fmt.us(m.cpuUsPerReq)} | ` +
-      `${fmt.int(m.storeErrors)} | ${m.readyz} | ${m.non2xx === 0 ? '0' : `**${m.non2xx}**`} | ${m.errors + m.timeouts === 0 ? '0' : `**${m.errors + m.timeouts}**`} |`)
+      `${fmt.int(m.storeErrors)} | ${m.readyz} | ${m.non2xx === 0 ? '0' : `**${m.non2xx}**`} | ${m.errors + m.timeouts === 0 ? '0' : `**${m.errors + m.timeouts}**`} | ${fmtNoise(m.noise)} |`)
   }
   return lines.join('\n')
 }
@@ -1010,10 +1038,21 @@ async function wsMemPhase (ctx, targets, tokens, warmTokens, watch) {
     const upAfter = run.upstream ? await memProbe(run.upstream.child) : undefined
     const gauge = run.adminUrl ? await metricValue(run.adminUrl, 'resonance_ws_connections') : undefined
     const stillOpen = opened.sockets.filter((ws) => ws.readyState === 1).length
+    const closedAt = performance.now()
     await closeAll(opened.sockets)
     await sleep(1000)
     const gaugeAfterClose = run.adminUrl ? await metricValue(run.adminUrl, 'resonance_ws_connections') : undefined
-    const afterClose = await memProbe(run.child)
+    // Close handshakes (client and upstream side) finish asynchronously: read
+    // again each second (up to 6 s) until the heap after GC stops shrinking.
+    let afterClose = await memProbe(run.child)
+    for (let i = 0; i < 5 && afterClose.heapUsed !== undefined; i++) {
+      await sleep(1000)
+      const next = await memProbe(run.child)
+      const settled = next.heapUsed === undefined || afterClose.heapUsed - next.heapUsed < 256 * 1024
+      afterClose = next
+      if (settled) break
+    }
+    const closeSeconds = (performance.now() - closedAt) / 1000
     const logs = logSummary(run.child)
     for (const c of run.stop) await stopChild(c)
     const count = opened.sockets.length
@@ -1035,6 +1074,7 @@ async function wsMemPhase (ctx, targets, tokens, warmTokens, watch) {
       upstreamKibPerConn: upBefore && upAfter && count ? (upAfter.rssKiB - upBefore.rssKiB) / count : undefined,
       gauge,
       gaugeAfterClose,
+      closeSeconds,
       logs,
       perSub
     }
@@ -1072,7 +1112,8 @@ function pick (list, envName, enabled) {
 }
 
 async function main () {
-  if (!existsSync(GATEWAY_ENTRY)) throw new UsageError(`${GATEWAY_ENTRY} not found: run \`npm run build\` (npm run bench does)`)
+  if (!existsSync(path.join(DIST, 'server.js'))) throw new UsageError(`${path.join(DIST, 'server.js')} not found: run \`npm run build\` (npm run bench does)`)
+  const build = snapshotDist()
 
   const subjects = pick(SUBJECTS, 'BENCH_SUBJECTS', S.http)
   const wsSubjects = pick(WS_SUBJECTS, 'BENCH_WS_SUBJECTS', S.ws.enabled)
@@ -1120,7 +1161,7 @@ async function main () {
 
   // The children get none of the gateway's settings from the caller's shell:
   // a stray REDIS_URL or JWKS_URL would silently change what is measured.
-  const { LEAVES } = await import(pathToFileURL(path.join(ROOT, 'dist/config/settings.js')).href)
+  const { LEAVES } = await import(pathToFileURL(path.join(SNAPSHOT, 'config/settings.js')).href)
   const cleanEnv = { ...process.env }
   for (const leaf of Object.values(LEAVES)) delete cleanEnv[leaf.env]
   delete cleanEnv.CONFIG_FILE
@@ -1193,6 +1234,7 @@ async function main () {
     for (const r of wsEcho.rows) {
       if (r.bad > 0) { failed = true; warnings.push(`WebSocket echo ${r.name}: ${r.bad} connection errors or mismatched echoes (see the per-round lines)`) }
       if (r.loadgen !== undefined && r.loadgen > 90) warnings.push(`WebSocket echo ${r.name}: the load generator used ${fmt.pct(r.loadgen)} of its CPU: round trips/s may be limited by the client, not by the subject`)
+      else if (r.loadgen !== undefined && r.loadgen > 75) notes.push(`WebSocket echo ${r.name}: the load generator used a median ${fmt.pct(r.loadgen)} of its core, close to its limit: ${r.name}'s round trips/s is rather a lower bound (CPU per round trip is unaffected)`)
     }
   }
   if (wsMem) {
@@ -1231,7 +1273,7 @@ async function main () {
       `${down.reused ? 'The gateway-redis process of the HTTP table (already warm), after another' : 'A fresh gateway with REDIS_URL to its own private redis-server, after'} ${down.warmup} s of load; ` +
       `RATE_LIMIT_ON_STORE_ERROR=open. ${S.connections} connections closed loop, ${S.redisDown.duration} s per row, back to back, ` +
       'each row starting right after the SIGSTOP / SIGKILL of redis-server (no settling). "store errors": increase of resonance_rate_limit_store_errors_total during the row. ' +
-      `"longest gap": the longest time without any response (every connection stuck).\n\n- ${down.recovery}\n- gateway log lines: ${down.logs || 'none'}`)
+      `"longest gap": the longest time without any response (every connection stuck). "other load": as in the per-round tables (subject core / load-generator core).\n\n- ${down.recovery}\n- gateway log lines: ${down.logs || 'none'}`)
   }
   if (wsEcho) {
     sections.push(`## WebSocket echo: round trips through each path\n\n${wsEchoTable(wsEcho.rows)}\n\n` +
@@ -1246,10 +1288,11 @@ async function main () {
       `then ${S.ws.connections} connections opened ${S.ws.batch} at a time (each with one echo, then idle; through the gateway ${Math.min(S.ws.connections, S.tokens)} users, ` +
       `${Math.ceil(S.ws.connections / S.tokens)} connections each, so the figure includes their per-user state), ${S.ws.settle} s settle, GC, "with connections" reading. ` +
       'KiB/connection = RSS difference / connections (issue target for the gateway: ≤ 20 KiB). The JS heap column (heapUsed after GC) is the steadier figure; RSS also counts native memory (sockets, buffers) and heap pages V8 keeps after a GC. ' +
-      '"JS heap still held after closing": heapUsed 1 s after every client closed (GC) minus "before", per connection: state that outlives the connections ' +
+      '"JS heap still held after closing": heapUsed after every client closed (GC; read each second from 1 s on until it stops shrinking, at most 6 s) minus "before", per connection: state that outlives the connections ' +
       '(per-user caches and counters by design; a figure close to the open one would be a leak).' +
       wsMem.filter((r) => r.upstreamKibPerConn !== undefined).map((r) => `\n\n- ${r.name}: the app behind it grew by ${fmt.kib(r.upstreamKibPerConn)} KiB per connection (its side of the upstream connections); ` +
-        `${r.perSub ? `${r.perSub} connections per sub; ` : ''}gateway gauge resonance_ws_connections ${r.gauge ?? 'n/a'} while open, ${r.gaugeAfterClose ?? 'n/a'} one second after closing.`).join(''))
+        `${r.perSub ? `${r.perSub} connections per sub; ` : ''}gateway gauge resonance_ws_connections ${r.gauge ?? 'n/a'} while open, ${r.gaugeAfterClose ?? 'n/a'} one second after closing; ` +
+        `"after closing" read ${r.closeSeconds.toFixed(1)} s after the clients started closing.`).join(''))
   }
   const console_ = sections.join('\n\n')
   console.log(`\n${console_}\n`)
@@ -1261,7 +1304,7 @@ async function main () {
   const cpus = os.cpus()
   const titles = (list, label) => (list.length ? `- ${label}: ${list.map((r) => `**${r.name}**: ${r.title}`).join('; ')}\n` : '')
   const httpDetails = http
-    ? http.results.map((m) => `| ${m.round} | ${m.subject} | ${fmt.int(m.rps)} | ${fmt.int(m.total)} | ${fmt.ms(m.p50)} | ${fmt.ms(m.p99)} | ${fmt.us(m.cpuUsPerReq)} | ${fmt.pct(m.cpuPct)} | ` +
+    ? http.results.map((m) => `| ${m.round} | ${m.subject} | ${fmt.int(m.rps)} | ${fmt.int(m.total)} | ${fmt.ms(m.p50)} | ${fmt.ms(m.p99)} | ${fmt.us(m.cpuUsPerReq)} | ${fmt.pct(m.cpuPct)} | ${fmt.mib(m.rssKiB)} | ` +
       `${m.others.map((o) => `${o.label} ${fmt.us(o.usPerReq)}`).join(', ') || '–'} | ${fmt.pct(m.loadgenCpuPct)} | ${fmtNoise(m.noise)} | ${Object.entries(m.statusCodes).map(([k, v]) => `${k}: ${v}`).join(', ')}${m.errors || m.timeouts ? `; errors ${m.errors}, timeouts ${m.timeouts}` : ''} |`)
     : []
   const wsDetails = wsEcho
@@ -1281,7 +1324,7 @@ ${titles(http?.rows ?? [], 'HTTP')}${titles(wsEcho?.rows ?? [], 'WebSocket echo'
 - CPU: ${cpus[0]?.model ?? 'unknown'}; nproc ${nproc}; load average at the end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}
 - OS: ${os.type()} ${os.release()}; node ${process.version}${redisVersion ? `; ${redisVersion.replace(/ sha=.*$/, '')}` : ''}
 - pinning: ${pinText}
-- gateway: dist/ built from ${gitDescribe()}
+- gateway: dist/ built from ${build.git}, dist/server.js from ${build.at}; every gateway of the run started from a copy of it taken at the start
 - packages: fastify ${version('fastify')}, @fastify/http-proxy ${version('@fastify/http-proxy')}, @fastify/jwt ${version('@fastify/jwt')}, @fastify/rate-limit ${version('@fastify/rate-limit')}, ioredis ${version('ioredis')}, ws ${version('ws')}, autocannon ${version('autocannon')}
 - HTTP load: autocannon, ${S.connections} connections, pipelining 1, GET ${REQUEST_PATH}<n> with ${S.tokens} distinct RS256 tokens (distinct subs) dealt out to the connections, ${Math.ceil(S.tokens / S.connections)} per connection${http ? `; app answer ${http.bodyBytes} bytes of JSON` : ''}
 - HTTP per round and subject: ${S.warmup} s warm-up, ${S.duration} s measured; ${S.prime} s priming per subject before round 1
@@ -1294,8 +1337,8 @@ ${http
 
 CPU µs/req: utime+stime of the process (all threads) during the measured ${S.duration} s / responses. "CPU" = that process's share of one core; "others" = the app process behind a proxy (and redis-server for Redis rows); "other load" = busy time from /proc/stat (incl. steal) minus the bench's own processes, in % of one core${pin.applied ? ', on the subject core / the load-generator core' : ', whole machine'}: the noise from whatever else ran on the machine.
 
-| round | subject | req/s | responses | p50 ms | p99 ms | CPU µs/req | CPU | others µs/req | load generator CPU | other load | status codes |
-|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|
+| round | subject | req/s | responses | p50 ms | p99 ms | CPU µs/req | CPU | RSS MiB after | others µs/req | load generator CPU | other load | status codes |
+|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|
 ${httpDetails.join('\n')}
 `
   : ''}${wsEcho
