@@ -14,8 +14,8 @@
  *            (default: the normal budget), so a user cannot run unlimited;
  *   closed - fail the call; the caller answers 503 + Retry-After.
  * After a failure Redis is skipped for a short breaker interval (so a slow
- * Redis does not cost every request the full timeout), then tried again; the
- * first success ends the outage.
+ * Redis does not cost every request the full timeout), then one request at a
+ * time probes it; the first success ends the outage.
  *
  * child() returns the same store: keys are fully built by the caller, so GET
  * and POST of one user share one budget (the plugin's child() would prefix
@@ -63,6 +63,7 @@ export class LimitStore {
   private readonly fallback: StoreLike
   private degradedUntil = 0
   private degraded = false
+  private probing = false
 
   constructor (private readonly opts: LimitStoreOptions) {
     this.redisStore = opts.redis !== undefined ? new RedisStore(false, false, opts.redis, opts.keyPrefix) : undefined
@@ -75,8 +76,17 @@ export class LimitStore {
   incr (key: string, cb: IncrCallback, windowMs: number, max: number): void {
     const redisStore = this.redisStore
     if (redisStore === undefined) return this.local.incr(key, cb, windowMs, max)
-    if (Date.now() < this.degradedUntil || this.opts.redis?.status !== 'ready') return this.failed(key, cb, windowMs, max, undefined)
+    if (this.opts.redis?.status !== 'ready') return this.failed(key, cb, windowMs, max, undefined)
+    // Degraded: after the breaker interval ONE request probes Redis (half-open);
+    // the others keep the fallback until it answers, so a hung Redis costs one
+    // request the command timeout, not every request.
+    const probe = this.degraded
+    if (probe) {
+      if (this.probing || Date.now() < this.degradedUntil) return this.failed(key, cb, windowMs, max, undefined)
+      this.probing = true
+    }
     redisStore.incr(key, (err, res) => {
+      if (probe) this.probing = false
       if (err !== null || res === undefined) {
         // Only a real failed attempt re-arms the breaker: calls inside the
         // interval must not push it forward, or steady traffic never retries Redis.
