@@ -15,6 +15,7 @@ import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
 import { startUpstream, type TestUpstream } from './helpers/upstream.js'
 import { startGateway, type LogLine, type TestGateway } from './helpers/gateway.js'
 import { deleteKeys, redisUrl, scanKeys } from './helpers/redis.js'
+import { until } from './helpers/wait.js'
 
 interface Answer { status: number, headers: Record<string, string>, body: string }
 
@@ -59,14 +60,6 @@ async function statuses (g: TestGateway, path: string, token: string, n: number,
   const out: number[] = []
   for (let i = 0; i < n; i++) out.push((await request(g, path, { token, ...extra })).status)
   return out
-}
-
-async function until (cond: () => boolean | Promise<boolean>, ms: number, what: string): Promise<void> {
-  const end = Date.now() + ms
-  while (!(await cond())) {
-    if (Date.now() > end) throw new Error(`not within ${ms} ms: ${what}`)
-    await new Promise((resolve) => setTimeout(resolve, 25))
-  }
 }
 
 /** Waits until the gateway's background failure counter for `ip` (in Redis, under `prefix`) reaches `n`. */

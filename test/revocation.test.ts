@@ -19,6 +19,7 @@ import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
 import { startUpstream, type TestUpstream } from './helpers/upstream.js'
 import { startGateway, type TestGateway } from './helpers/gateway.js'
 import { deleteKeys, redisUrl, scanKeys } from './helpers/redis.js'
+import { audits, claims, metric, until, within } from './helpers/wait.js'
 
 const ADMIN_TOKEN = `admin-${randomUUID()}`
 
@@ -50,30 +51,10 @@ function freshPrefix (): string {
   return p
 }
 
-async function until (cond: () => boolean | Promise<boolean>, ms: number, what: string): Promise<void> {
-  const end = Date.now() + ms
-  while (!(await cond())) {
-    if (Date.now() > end) throw new Error(`not within ${ms} ms: ${what}`)
-    await sleep(10)
-  }
-}
-
-async function within<T> (p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined
-  const deadline = new Promise<never>((_resolve, reject) => { timer = setTimeout(() => reject(new Error(`not within ${ms} ms: ${what}`)), ms) })
-  try { return await Promise.race([p, deadline]) } finally { clearTimeout(timer) }
-}
-
 async function gateway (tt: Test, prefix: string, env: Record<string, string> = {}): Promise<TestGateway> {
   const g = await startGateway(tt, issuer, upstream, { env: { REDIS_URL: redis, RATE_LIMIT_KEY_PREFIX: prefix, ADMIN_TOKEN, ...env } })
   await until(async () => (await fetch(`${g.adminUrl}/readyz`)).status === 200, 5000, 'gateway ready')
   return g
-}
-
-async function metric (g: TestGateway, series: string): Promise<number> {
-  const text = await g.gw.metrics.registry.metrics()
-  const line = text.split('\n').find((l) => l.startsWith(`${series} `))
-  return line === undefined ? 0 : Number(line.slice(series.length + 1))
 }
 
 interface Answer { status: number, headers: Headers, body: string }
@@ -123,14 +104,6 @@ async function refusedStatus (g: TestGateway, token: string): Promise<{ status: 
 async function echo (c: Conn, text: string): Promise<void> {
   c.ws.send(text)
   await until(() => c.texts.includes(text), 3000, `echo of ${text}`)
-}
-
-function audits (g: TestGateway, match: Record<string, unknown>): Array<Record<string, unknown>> {
-  return g.audits().filter((a) => Object.entries(match).every(([k, v]) => a[k] === v))
-}
-
-function claims (token: string): { jti: string, iat: number, exp: number, sub: string } {
-  return JSON.parse(Buffer.from(token.split('.')[1] ?? '', 'base64url').toString()) as { jti: string, iat: number, exp: number, sub: string }
 }
 
 const M = {

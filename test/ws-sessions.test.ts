@@ -14,7 +14,7 @@ import { spawn } from 'node:child_process'
 import { randomUUID } from 'node:crypto'
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import http, { type IncomingMessage } from 'node:http'
-import { createServer, type AddressInfo } from 'node:net'
+import type { AddressInfo } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -27,7 +27,8 @@ import { Redis } from 'ioredis'
 import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
 import { startUpstream, type RecordedWs, type TestUpstream } from './helpers/upstream.js'
 import { startGateway, type TestGateway } from './helpers/gateway.js'
-import { deleteKeys, redisUrl } from './helpers/redis.js'
+import { deleteKeys, freePort, redisUrl } from './helpers/redis.js'
+import { audits, claims, metric, until, within } from './helpers/wait.js'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const KiB = 1024
@@ -67,20 +68,6 @@ function freshPrefix (): string {
   return p
 }
 
-async function until (cond: () => boolean | Promise<boolean>, ms: number, what: string): Promise<void> {
-  const end = Date.now() + ms
-  while (!(await cond())) {
-    if (Date.now() > end) throw new Error(`not within ${ms} ms: ${what}`)
-    await sleep(10)
-  }
-}
-
-async function within<T> (p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined
-  const deadline = new Promise<never>((_resolve, reject) => { timer = setTimeout(() => reject(new Error(`not within ${ms} ms: ${what}`)), ms) })
-  try { return await Promise.race([p, deadline]) } finally { clearTimeout(timer) }
-}
-
 type Gw = TestGateway & { prefix: string }
 
 /** An in-process gateway on the shared Redis with its own (or the given) prefix, ready (JWKS + Redis) on return. */
@@ -91,13 +78,6 @@ async function gateway (tt: Test, env: Record<string, string> = {}, opts: { pref
   })
   await until(async () => (await fetch(`${g.adminUrl}/readyz`)).status === 200, 5000, 'gateway ready')
   return Object.assign(g, { prefix })
-}
-
-async function metric (g: TestGateway, series: string): Promise<number> {
-  const text = await g.gw.metrics.registry.metrics()
-  const line = text.split('\n').find((l) => l.startsWith(`${series} `))
-  // resonance_ws_messages_total{direction} appears only after its first message (no zero series); absent = 0
-  return line === undefined ? 0 : Number(line.slice(series.length + 1))
 }
 
 const M = {
@@ -169,14 +149,6 @@ async function echo (c: Conn, text: string): Promise<void> {
   const n = c.texts.filter((x) => x === text).length
   c.ws.send(text)
   await until(() => c.texts.filter((x) => x === text).length > n, 3000, `echo of ${text}`)
-}
-
-function audits (g: TestGateway, match: Record<string, unknown>): Array<Record<string, unknown>> {
-  return g.audits().filter((a) => Object.entries(match).every(([k, v]) => a[k] === v))
-}
-
-function payload (token: string): { exp: number, iat: number, jti: string, sub: string } {
-  return JSON.parse(Buffer.from(token.split('.')[1] ?? '', 'base64url').toString()) as { exp: number, iat: number, jti: string, sub: string }
 }
 
 const memory = (): number => {
@@ -396,7 +368,7 @@ t.test('token expiry: the gateway closes with 1008 "token expired" at exp (+ clo
     const sub = randomSub('expiring')
     const minted = Date.now()
     const token = await issuer.token({ sub, ttlSeconds: ttl })
-    const { exp } = payload(token)
+    const { exp } = claims(token)
     const c = await connect(g, token)
     await echo(c, 'still valid')
     const closed = await within(c.closed, 10_000, 'close at expiry')
@@ -623,14 +595,6 @@ t.test('shutdown (in-process close): readiness has failed before WebSockets get 
   await closing
   t.equal(await metric(g, M.closes('shutdown')), 1, 'close reason shutdown')
 })
-
-async function freePort (): Promise<number> {
-  const s = createServer()
-  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve))
-  const port = (s.address() as AddressInfo).port
-  await new Promise((resolve) => s.close(resolve))
-  return port
-}
 
 t.test('SIGTERM on the real entrypoint: /readyz 503 first, WebSockets keep working during SHUTDOWN_DELAY, then 1001', async (t) => {
   const port = await freePort()
