@@ -9,6 +9,7 @@ import net, { type AddressInfo } from 'node:net'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import t, { type Test } from 'tap'
+import { canBind, freePort } from './helpers/ports.js'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const DEMO = join(ROOT, 'scripts', 'demo.mjs')
@@ -21,24 +22,6 @@ t.before(() => {
 })
 
 const HAVE_CURL = spawnSync('curl', ['--version'], { stdio: 'ignore' }).status === 0
-
-async function freePort (): Promise<number> {
-  const srv = net.createServer()
-  srv.listen(0, LOOPBACK)
-  await once(srv, 'listening')
-  const { port } = srv.address() as AddressInfo
-  srv.close()
-  await once(srv, 'close')
-  return port
-}
-
-async function canBind (port: number): Promise<boolean> {
-  const srv = net.createServer()
-  return await new Promise((resolve) => {
-    srv.once('error', () => resolve(false))
-    srv.listen(port, LOOPBACK, () => srv.close(() => resolve(true)))
-  })
-}
 
 function alive (pid: number): boolean {
   try {

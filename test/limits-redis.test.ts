@@ -17,7 +17,7 @@ import t, { type Test } from 'tap'
 import { Redis } from 'ioredis'
 import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
 import { startUpstream, type TestUpstream } from './helpers/upstream.js'
-import { startGateway, type TestGateway } from './helpers/gateway.js'
+import { baseEnv, startGateway, type TestGateway } from './helpers/gateway.js'
 import { deleteKeys, redisCli, redisUrl, scanKeys, startRedisServer, type RedisServer } from './helpers/redis.js'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
@@ -165,15 +165,8 @@ async function spawnGateway (tt: Test, env: Record<string, string>): Promise<Pro
     cwd: ROOT,
     env: {
       PATH: process.env.PATH ?? '/usr/bin:/bin',
+      ...baseEnv(issuer, upstream),
       CONFIG_FILE: yaml,
-      JWT_ISSUER: issuer.issuer,
-      JWT_AUDIENCE: issuer.audience,
-      UPSTREAM_URL: upstream.url,
-      HOST: '127.0.0.1',
-      PORT: '0',
-      ADMIN_HOST: '127.0.0.1',
-      ADMIN_PORT: '0',
-      ALLOW_INSECURE_HTTP: 'true',
       ...env
     },
     stdio: ['ignore', 'pipe', 'pipe']

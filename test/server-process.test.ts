@@ -11,6 +11,7 @@ import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
+import { canBind, freePort } from './helpers/ports.js'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const ENTRY = join(ROOT, 'dist', 'server.js')
@@ -24,25 +25,6 @@ const dir = mkdtempSync(join(tmpdir(), 'gw-process-test-'))
 t.teardown(() => rmSync(dir, { recursive: true, force: true }))
 const EMPTY_YAML = join(dir, 'gateway.yaml')
 writeFileSync(EMPTY_YAML, '')
-
-/** A port nobody listens on right now: bind 0, read it, close. */
-async function freePort (): Promise<number> {
-  const srv = net.createServer()
-  srv.listen(0, LOOPBACK)
-  await once(srv, 'listening')
-  const { port } = srv.address() as AddressInfo
-  srv.close()
-  await once(srv, 'close')
-  return port
-}
-
-async function canBind (port: number): Promise<boolean> {
-  const srv = net.createServer()
-  return await new Promise((resolve) => {
-    srv.once('error', () => resolve(false))
-    srv.listen(port, LOOPBACK, () => srv.close(() => resolve(true)))
-  })
-}
 
 /** Holds a port for the duration of the test, counting connections. */
 async function holdPort (t: Test): Promise<{ port: number, connections: () => number }> {

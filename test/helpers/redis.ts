@@ -3,7 +3,10 @@
 // on a free loopback port for this test process. Tests that kill Redis always start their own with startRedisServer().
 import { spawn, type ChildProcess } from 'node:child_process'
 import { mkdtempSync } from 'node:fs'
-import { createServer, connect, type AddressInfo } from 'node:net'
+import { connect } from 'node:net'
+import { freePort } from './ports.js'
+
+export { freePort }
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { Redis } from 'ioredis'
@@ -11,14 +14,6 @@ import type { Redis } from 'ioredis'
 export const TEST_DB = 11
 
 let shared: Promise<string> | undefined
-
-export async function freePort (): Promise<number> {
-  const s = createServer()
-  await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve))
-  const port = (s.address() as AddressInfo).port
-  await new Promise((resolve) => s.close(resolve))
-  return port
-}
 
 /** PING over a raw socket (no client library): true when a Redis answers PONG. */
 export function ping (port: number, host = '127.0.0.1', timeoutMs = 500): Promise<boolean> {
