@@ -8,7 +8,7 @@ import { isIP } from 'node:net'
 import { parse as parseYaml } from 'yaml'
 import { ConfigInvalidError } from '../errors.js'
 import { LEAVES, type LeafPath, type LeafValues } from './settings.js'
-import { duration, int, JWT_ALGORITHMS, type JwtAlgorithm, type LogLevel, type TrustProxy } from './parsers.js'
+import { duration, int, type JwtAlgorithm, type LogLevel, type TrustProxy } from './parsers.js'
 import { DEFAULT_RATE_LIMIT_WINDOW_MS, type StoreErrorPolicy, type WsLimitAction } from './settings.js'
 import { compilePattern, patternError, type PathMatcher } from './patterns.js'
 
@@ -448,5 +448,3 @@ function deepFreeze<T> (obj: T): T {
   }
   return obj
 }
-
-export { HTTP_METHODS, JWT_ALGORITHMS }

@@ -71,8 +71,6 @@ export class LimitStore {
     this.fallback = new LocalStore(false, false, LOCAL_STORE_ENTRIES)
   }
 
-  get shared (): boolean { return this.redisStore !== undefined }
-
   incr (key: string, cb: IncrCallback, windowMs: number, max: number): void {
     const redisStore = this.redisStore
     if (redisStore === undefined) return this.local.incr(key, cb, windowMs, max)
