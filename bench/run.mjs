@@ -101,6 +101,8 @@ const S = {
   rounds: envNumber('BENCH_ROUNDS', 3, { min: 1, integer: true }),
   connections: envNumber('BENCH_CONNECTIONS', 64, { min: 1, integer: true }),
   tokens: envNumber('BENCH_TOKENS', 1000, { min: 1, integer: true }),
+  // A folder: every proxy/gateway subject runs with --cpu-prof and writes <name>.cpuprofile there on exit.
+  profileDir: process.env.BENCH_PROFILE ? path.resolve(process.env.BENCH_PROFILE) : null,
   // 2. Redis down
   redisDown: {
     enabled: envFlag('BENCH_REDIS_DOWN', true),
@@ -152,6 +154,20 @@ const SUBJECTS = [
     auth: false,
     default: true,
     start: (ctx) => startScript(ctx, BASELINE, PLAIN_PROXY_SCRIPT, { UPSTREAM_URL: ctx.app.url })
+  },
+  {
+    name: 'plain-proxy-pipelined',
+    title: 'the plain proxy with undici pipelining 8 to the app (PROXY_PIPELINING=8)',
+    auth: false,
+    default: false,
+    start: (ctx) => startScript(ctx, 'plain-proxy-pipelined', PLAIN_PROXY_SCRIPT, { UPSTREAM_URL: ctx.app.url, PROXY_PIPELINING: '8' })
+  },
+  {
+    name: 'plain-proxy-buffered',
+    title: 'the plain proxy reading answers of up to 64 KiB whole and sending one Buffer (PROXY_BUFFER_BYTES=65536)',
+    auth: false,
+    default: false,
+    start: (ctx) => startScript(ctx, 'plain-proxy-buffered', PLAIN_PROXY_SCRIPT, { UPSTREAM_URL: ctx.app.url, PROXY_BUFFER_BYTES: '65536' })
   },
   {
     // policyFor() returns null for an exempt caller, so @fastify/rate-limit's
@@ -286,7 +302,15 @@ function gatewayEnv (ctx, ports, upstream) {
   }
 }
 
+/** --cpu-prof arguments when BENCH_PROFILE names a folder (the profile is written when the process exits). */
+function profileArgv (name) {
+  if (!S.profileDir) return []
+  mkdirSync(S.profileDir, { recursive: true })
+  return ['--cpu-prof', `--cpu-prof-dir=${S.profileDir}`, `--cpu-prof-name=${name}.cpuprofile`]
+}
+
 async function startGateway (ctx, name, extraEnv, { upstream = ctx.app.url, execArgv = [] } = {}) {
+  execArgv = [...execArgv, ...profileArgv(name)]
   const [port, adminPort] = await freePorts(2)
   const child = spawnNode(name, GATEWAY_ENTRY, { cwd: ROOT, execArgv, env: { ...gatewayEnv(ctx, { port, adminPort }, upstream), ...extraEnv }, pin: ctx.pin })
   const adminUrl = `http://127.0.0.1:${adminPort}`
@@ -305,6 +329,7 @@ async function startGatewayWithRedis (ctx, name, redisName, extraEnv) {
 }
 
 async function startScript (ctx, name, script, extraEnv, { execArgv = [] } = {}) {
+  execArgv = [...execArgv, ...profileArgv(name)]
   const child = spawnNode(name, script, { cwd: ROOT, execArgv, env: { ...ctx.cleanEnv, ...extraEnv }, pin: ctx.pin })
   const { port } = await waitHello(child)
   return { url: `http://127.0.0.1:${port}`, pid: child.pid, child, others: [{ label: 'app', pid: ctx.app.pid }] }

@@ -2,7 +2,11 @@
 // gateway variant is reported as a ratio against this process. The undici
 // pool matches the gateway's defaults (128 connections, no pipelining), and
 // `websocket: true` so the same process serves as the baseline for WebSocket runs.
-// Env: UPSTREAM_URL (required). Prints {"port":N} on stdout once listening.
+// Env: UPSTREAM_URL (required); optional tuning rows (never the baseline):
+//   PROXY_PIPELINING  undici pipelining depth to the app (default 1)
+//   PROXY_BUFFER_BYTES  answers with a Content-Length up to this size are read
+//                       whole and sent as one Buffer instead of piped (default 0: off)
+// Prints {"port":N} on stdout once listening.
 import Fastify from 'fastify'
 import httpProxy from '@fastify/http-proxy'
 
@@ -11,12 +15,26 @@ if (!upstream) {
   process.stderr.write('plain-proxy: UPSTREAM_URL is required\n')
   process.exit(1)
 }
+const pipelining = Number(process.env.PROXY_PIPELINING ?? 1)
+const bufferBytes = Number(process.env.PROXY_BUFFER_BYTES ?? 0)
+
+const replyOptions = {}
+if (bufferBytes > 0) {
+  replyOptions.onResponse = (_request, reply, res) => {
+    const len = Number(res.headers['content-length'])
+    if (!(len <= bufferBytes) || typeof res.stream.bytes !== 'function') return reply.send(res.stream)
+    res.stream.bytes().then((b) => reply.send(Buffer.from(b.buffer, b.byteOffset, b.byteLength)), (err) => reply.send(err))
+  }
+}
 
 const app = Fastify({ logger: false })
 await app.register(httpProxy, {
   upstream,
   websocket: true,
-  undici: { connections: 128, pipelining: 1 }
+  undici: { connections: 128, pipelining },
+  replyOptions
 })
 await app.listen({ host: '127.0.0.1', port: Number(process.env.BENCH_PORT ?? 0) })
 process.stdout.write(JSON.stringify({ port: app.server.address().port }) + '\n')
+// A clean exit on SIGTERM, so that --cpu-prof (BENCH_PROFILE) can write its profile.
+process.on('SIGTERM', () => { app.close().then(() => process.exit(0), () => process.exit(1)) })

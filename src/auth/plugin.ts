@@ -17,6 +17,7 @@ import { authChallenge, FORBIDDEN, type Challenge } from './challenge.js'
 import { checkClaims, type Claims, type Identity } from './identity.js'
 import type { KeyStore } from './keys.js'
 import { extractToken } from './token.js'
+import { VerifiedTokens, type VerifiedToken } from './verified.js'
 import { transportAllowsToken } from './transport.js'
 import type { AuthFailureLimiter } from '../limits/auth-failures.js'
 import type { Revocations } from './revocation.js'
@@ -59,6 +60,10 @@ export function send (reply: FastifyReply, c: Challenge): FastifyReply {
 async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<void> {
   const { live, config, keys, audit, failures, revocations } = opts
   const allowed = new Set<string>(config.auth.algorithms)
+  const clockToleranceMs = config.auth.clockToleranceSec * 1000
+  const verified = new VerifiedTokens(config.auth.verifyCacheSize)
+  // A reload may change issuer, audiences or role clients: nothing verified under the old rules is kept.
+  live.onChange(() => verified.clear())
 
   app.decorateRequest('identity', null)
   app.decorateRequest('transport', 'http')
@@ -84,7 +89,7 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
     verify: {
       algorithms: config.auth.algorithms,
       clockTolerance: config.auth.clockToleranceSec * 1000, // fast-jwt takes ms
-      cache: config.auth.verifyCacheSize > 0 ? config.auth.verifyCacheSize : false,
+      cache: false, // VerifiedTokens (verified.ts) answers repeated tokens before fast-jwt is called
       complete: true,
       extractToken: (request: FastifyRequest) => request.bearerToken ?? undefined
     }
@@ -97,7 +102,8 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
     return send(reply, c)
   }
 
-  app.addHook('onRequest', async (request, reply) => {
+  // A callback hook: a cached token is served without a promise per request.
+  app.addHook('onRequest', (request, reply, done) => {
     const transport: Transport = isUpgrade(request) ? 'ws' : 'http'
     request.transport = transport
     const auth = live.current.auth
@@ -105,14 +111,15 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
     let path: string | undefined
     if (auth.publicPaths.length > 0 || auth.routes.length > 0) {
       path = normalizePath(request.url)
-      if (path === undefined) return deny(request, reply, 'invalid_path', transport)
-      if (auth.isPublic(path)) return
+      if (path === undefined) { deny(request, reply, 'invalid_path', transport); return }
+      if (auth.isPublic(path)) { done(); return }
     }
 
     const wait = failures.blockedFor(request.ip)
     if (wait > 0) {
       audit.denied(request, { event: 'rate_limited', reason: 'auth_failures', transport, status: 429 })
-      return reply.code(429).header('retry-after', wait).type('application/json; charset=utf-8').send(TOO_MANY_FAILURES)
+      reply.code(429).header('retry-after', wait).type('application/json; charset=utf-8').send(TOO_MANY_FAILURES)
+      return
     }
 
     const found = extractToken({
@@ -121,35 +128,60 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
       protocolHeader: request.headers['sec-websocket-protocol'],
       upgrade: transport === 'ws'
     })
-    if (found.kind === 'none') return deny(request, reply, 'missing_token', transport)
-    if (found.kind === 'multiple') return deny(request, reply, 'multiple_tokens', transport)
-    if (found.kind === 'malformed') return deny(request, reply, 'malformed', transport)
-    if (!transportAllowsToken(request, config.server.allowInsecureHttp)) return deny(request, reply, 'insecure_transport', transport)
+    if (found.kind === 'none') { deny(request, reply, 'missing_token', transport); return }
+    if (found.kind === 'multiple') { deny(request, reply, 'multiple_tokens', transport); return }
+    if (found.kind === 'malformed') { deny(request, reply, 'malformed', transport); return }
+    if (!transportAllowsToken(request, config.server.allowInsecureHttp)) { deny(request, reply, 'insecure_transport', transport); return }
 
-    request.bearerToken = found.token
-    let verified: DecodedToken
+    const token = found.token
+    const hit = verified.get(token, Date.now())
+    if (hit !== undefined) {
+      const k = keys.lookup(hit.kid, hit.alg)
+      if (!('then' in k) && 'key' in k) { admit(request, reply, hit.identity, path, transport, done); return }
+    }
+    verify(request, token).then((r) => {
+      if (typeof r === 'string') { deny(request, reply, r, transport); return }
+      if (!('identity' in r)) { deny(request, reply, r.problem, transport, r.sub); return }
+      verified.set(token, r)
+      admit(request, reply, r.identity, path, transport, done)
+    }, done).catch((err: Error) => {
+      // A bug after verification (not a token problem): the error handler's 500, never an unhandled rejection.
+      if (!reply.sent) reply.send(err)
+      else request.log.error({ err }, 'auth hook failed after the reply was sent')
+    })
+  })
+
+  /** Signature, alg, exp/nbf (fast-jwt) and then our claim checks; never rejects for a bad token. */
+  async function verify (request: FastifyRequest, token: string): Promise<VerifiedToken | AuthFailureReason | { problem: AuthFailureReason, sub: string | undefined }> {
+    request.bearerToken = token
+    let decoded: DecodedToken
     try {
-      verified = await request.jwtVerify<DecodedToken>()
+      decoded = await request.jwtVerify<DecodedToken>()
     } catch (err) {
-      return deny(request, reply, classify(err as Error & { code?: string }, request.keyResolved), transport)
+      return classify(err as Error & { code?: string }, request.keyResolved)
     } finally {
       request.bearerToken = null
     }
-
-    const identity = checkClaims(auth, verified.header, verified.payload)
+    const identity = checkClaims(live.current.auth, decoded.header, decoded.payload)
     if (typeof identity === 'string') {
-      const sub = typeof verified.payload.sub === 'string' ? verified.payload.sub : undefined
-      return deny(request, reply, identity, transport, sub)
+      return { problem: identity, sub: typeof decoded.payload.sub === 'string' ? decoded.payload.sub : undefined }
     }
-    revocations.observe(identity.exp)
-    if (revocations.isRevoked(identity)) return deny(request, reply, 'revoked', transport, identity.sub)
-    request.identity = identity
+    const kid = decoded.header.kid as string | undefined
+    return { identity, kid, alg: decoded.header.alg as string, deadAt: identity.exp * 1000 + clockToleranceMs }
+  }
 
-    if (path !== undefined && !rolesAllow(auth.routes, request.method, path, identity)) {
+  /** A verified identity: revocation, then role rules. */
+  function admit (request: FastifyRequest, reply: FastifyReply, identity: Identity, path: string | undefined, transport: Transport, done: () => void): void {
+    revocations.observe(identity.exp)
+    if (revocations.isRevoked(identity)) { deny(request, reply, 'revoked', transport, identity.sub); return }
+    request.identity = identity
+    if (path !== undefined && !rolesAllow(live.current.auth.routes, request.method, path, identity)) {
       audit.denied(request, { event: 'forbidden', reason: 'missing_role', transport, status: 403, sub: identity.sub })
-      return send(reply, FORBIDDEN)
+      send(reply, FORBIDDEN)
+      return
     }
-  })
+    done()
+  }
 }
 
 /** Every matching rule must be satisfied: adding a rule never loosens access. */

@@ -27,6 +27,23 @@ function headerSafe (v: string): string {
   return /^[\x20-\x7e]*$/.test(v) ? v : encodeURIComponent(v)
 }
 
+interface IdentityHeaders { sub: string, roles: string | undefined, name: string | undefined }
+/** Header values per identity, built once: a cached token's identity object is reused request after request. */
+const identityHeaderCache = new WeakMap<Identity, IdentityHeaders>()
+
+function identityHeaders (id: Identity): IdentityHeaders {
+  let h = identityHeaderCache.get(id)
+  if (h === undefined) {
+    h = {
+      sub: headerSafe(id.sub),
+      roles: id.roles.length > 0 ? headerSafe(id.roles.join(',')) : undefined,
+      name: id.username !== undefined ? headerSafe(id.username) : undefined
+    }
+    identityHeaderCache.set(id, h)
+  }
+  return h
+}
+
 export function upstreamHeaders (headers: IncomingHttpHeaders, ctx: ForwardContext): IncomingHttpHeaders {
   const out: IncomingHttpHeaders = {}
   for (const name in headers) {
@@ -39,9 +56,10 @@ export function upstreamHeaders (headers: IncomingHttpHeaders, ctx: ForwardConte
 
   const id = ctx.identity
   if (id !== null) {
-    out['x-user-sub'] = headerSafe(id.sub)
-    if (id.roles.length > 0) out['x-user-roles'] = headerSafe(id.roles.join(','))
-    if (id.username !== undefined) out['x-user-name'] = headerSafe(id.username)
+    const h = identityHeaders(id)
+    out['x-user-sub'] = h.sub
+    if (h.roles !== undefined) out['x-user-roles'] = h.roles
+    if (h.name !== undefined) out['x-user-name'] = h.name
   }
 
   const prior = ctx.trustProxy ? headers['x-forwarded-for'] : undefined
