@@ -2,10 +2,11 @@
  * The counting store behind every limit, in @fastify/rate-limit's store
  * interface (incr(key, cb, windowMs, max) -> { current, ttl }).
  *
- * With Redis it counts with the plugin's RedisStore: one Lua script (INCR +
- * PEXPIRE on the first hit) per call on ONE key, so it is atomic, shared by
- * every replica and Redis Cluster safe. Without Redis, the plugin's LocalStore
- * (bounded LRU).
+ * With Redis it counts with BatchedRedisStore (redis-batch.ts): the plugin's
+ * RedisStore semantics (INCR + PEXPIRE on the first hit, atomic per key,
+ * shared by every replica, Redis Cluster safe), but the increments of one
+ * event-loop turn share one script call. Without Redis, the plugin's
+ * LocalStore (bounded LRU).
  *
  * When Redis fails (down, restarting, slower than the command timeout) the
  * store never hangs a request: the error is counted, logged once per outage,
@@ -26,10 +27,10 @@ import type { Cluster, Redis } from 'ioredis'
 import { createRequire } from 'node:module'
 import type { Metrics } from '../observability/metrics.js'
 import type { StoreErrorPolicy } from '../config/settings.js'
+import { BatchedRedisStore } from './redis-batch.js'
 
 const require = createRequire(import.meta.url)
 /* The plugin exports its stores only as files; they are its public store API (README "Custom Store"). */
-const RedisStore = require('@fastify/rate-limit/store/RedisStore') as new (continueExceeding: boolean, exponentialBackoff: boolean, redis: Redis | Cluster, key: string) => StoreLike
 const LocalStore = require('@fastify/rate-limit/store/LocalStore') as new (continueExceeding: boolean, exponentialBackoff: boolean, cache: number) => StoreLike
 
 export interface Hits { current: number, ttl: number }
@@ -66,7 +67,7 @@ export class LimitStore {
   private probing = false
 
   constructor (private readonly opts: LimitStoreOptions) {
-    this.redisStore = opts.redis !== undefined ? new RedisStore(false, false, opts.redis, opts.keyPrefix) : undefined
+    this.redisStore = opts.redis !== undefined ? new BatchedRedisStore(opts.redis, opts.keyPrefix) : undefined
     this.local = new LocalStore(false, false, LOCAL_STORE_ENTRIES)
     this.fallback = new LocalStore(false, false, LOCAL_STORE_ENTRIES)
   }
