@@ -26,11 +26,12 @@ import path from 'node:path'
 import { fileURLToPath, pathToFileURL } from 'node:url'
 import { randomUUID } from 'node:crypto'
 import autocannon from 'autocannon'
-import { SignJWT, calculateJwkThumbprint, exportJWK, generateKeyPair } from 'jose'
+import { SignJWT, calculateJwkThumbprint, exportJWK, exportSPKI, generateKeyPair } from 'jose'
 import {
   busySeconds, cpuSeconds, describeTail, freePorts, installCleanup, openFilesLimit, rssKiB, setupPinning, spawnNode, stopAll, stopChild,
-  waitHello, waitHttpOk
+  spawnProcess, waitHello, waitHttpOk
 } from './lib/children.mjs'
+import { HAPROXY_HEALTH, haproxyConfig } from './subjects/haproxy.mjs'
 import { redisCommandStats, redisCommandsProcessed, redisServerVersion, startRedis } from './lib/redis.mjs'
 import { closeAll, echoRun, openIdle, openWs } from './lib/ws-load.mjs'
 
@@ -55,6 +56,8 @@ const CLIENT_ID = 'resonance-web'
 const REQUEST_PATH = '/api/resonance/items/'
 const WS_PATH = '/api/resonance/ws'
 const BASELINE = 'plain-proxy'
+/** The C peer of the HTTP table (second set of ratios), when `haproxy` is installed. */
+const PEER = 'haproxy'
 const WS_BASELINE = 'direct'
 /** Realm role every bench token carries; only gateway-nolimit's YAML makes it exempt. */
 const EXEMPT_ROLE = 'bench-exempt'
@@ -199,6 +202,15 @@ const SUBJECTS = [
     start: (ctx) => startGatewayWithRedis(ctx, 'gateway-redis', 'redis', {})
   },
   {
+    // The C peer: HAProxy's own JWT path (bench/subjects/haproxy.mjs writes the config).
+    name: 'haproxy',
+    title: 'HAProxy (Debian `haproxy`, one thread): `jwt_verify` RS256 with the issuer\'s public key PEM, alg/iss/aud/exp checks, a per-`sub` stick table (http_req_rate) with a deny rule, X-User-Sub set; skipped when `haproxy` is not installed',
+    auth: true,
+    default: true,
+    requires: 'haproxy',
+    start: (ctx) => startHaproxy(ctx, 'haproxy')
+  },
+  {
     // Every request pays the RS256 signature check (no fast-jwt verify cache).
     name: 'gateway-nocache',
     title: 'gateway, auth on, JWT_CACHE_SIZE=0',
@@ -335,6 +347,18 @@ async function startScript (ctx, name, script, extraEnv, { execArgv = [] } = {})
   return { url: `http://127.0.0.1:${port}`, pid: child.pid, child, others: [{ label: 'app', pid: ctx.app.pid }] }
 }
 
+async function startHaproxy (ctx, name) {
+  const [port] = await freePorts(1)
+  const dir = mkdtempSync(path.join(ctx.tmp, 'haproxy-'))
+  const pem = path.join(dir, 'issuer-public.pem')
+  writeFileSync(pem, ctx.publicKeyPem)
+  const cfg = path.join(dir, 'haproxy.cfg')
+  writeFileSync(cfg, haproxyConfig({ port, upstream: ctx.app.url, issuer: ctx.issuer.issuer, audience: AUDIENCE, pem }))
+  const child = spawnProcess(name, 'haproxy', ['-db', '-f', cfg], { cwd: dir, env: ctx.cleanEnv, pin: ctx.pin, pdeathsig: true })
+  await waitHttpOk(child, `http://127.0.0.1:${port}${HAPROXY_HEALTH}`)
+  return { url: `http://127.0.0.1:${port}`, pid: child.pid, child, others: [{ label: 'app', pid: ctx.app.pid }] }
+}
+
 async function startApp (ctx, name, { execArgv = [] } = {}) {
   const child = spawnNode(name, APP_SCRIPT, { cwd: ROOT, execArgv, env: ctx.cleanEnv, pin: ctx.pin })
   const { port } = await waitHello(child)
@@ -349,7 +373,7 @@ async function makeKey () {
   jwk.kid = await calculateJwkThumbprint(jwk)
   jwk.alg = 'RS256'
   jwk.use = 'sig'
-  return { privateKey, jwk }
+  return { privateKey, jwk, publicKeyPem: await exportSPKI(publicKey) }
 }
 
 /** N distinct Keycloak-like access tokens (distinct subs), valid for an hour. */
@@ -765,11 +789,13 @@ async function httpPhase (ctx, subjects, tokens, watch) {
   // ---- aggregate: medians over rounds; ratios per round (same conditions), then their median
   const byRound = (name) => results.filter((r) => r.subject === name)
   const baselineRounds = new Map(byRound(BASELINE).map((r) => [r.round, r]))
+  const peerRounds = new Map(byRound(PEER).map((r) => [r.round, r]))
   const rows = subjects.map((s) => {
     const rs = byRound(s.name)
-    const ratio = (f) => (baselineRounds.size === 0
+    const ratioTo = (base, f) => (base.size === 0
       ? undefined
-      : median(rs.map((r) => { const b = baselineRounds.get(r.round); return b && f(b) ? f(r) / f(b) : undefined })))
+      : median(rs.map((r) => { const b = base.get(r.round); return b && f(b) ? f(r) / f(b) : undefined })))
+    const ratio = (f) => ratioTo(baselineRounds, f)
     return {
       name: s.name,
       title: s.title,
@@ -779,6 +805,10 @@ async function httpPhase (ctx, subjects, tokens, watch) {
       cpu: median(rs.map((r) => r.cpuUsPerReq)),
       rpsRatio: ratio((r) => r.rps),
       cpuRatio: ratio((r) => r.cpuUsPerReq),
+      // Against HAProxy's JWT path, same round: req/s and p99 as "higher is better" (peer p99 / ours).
+      peer: peerRounds.size === 0
+        ? undefined
+        : { rps: ratioTo(peerRounds, (r) => r.rps), cpu: ratioTo(peerRounds, (r) => r.cpuUsPerReq), p99: ratioTo(peerRounds, (r) => 1 / r.p99) },
       bad: rs.reduce((n, r) => n + r.non2xx + r.errors + r.timeouts, 0),
       warmupBad: rs.reduce((n, r) => n + r.warmupBad, 0),
       loadgen: median(rs.map((r) => r.loadgenCpuPct)),
@@ -796,12 +826,16 @@ async function httpPhase (ctx, subjects, tokens, watch) {
 }
 
 function httpTable (rows) {
+  const peer = rows.some((r) => r.peer !== undefined)
   const lines = [
-    '| subject | req/s | p50 ms | p99 ms | CPU µs/req (subject process) | req/s vs plain proxy | CPU/req vs plain proxy | non-2xx |',
-    '|---|---:|---:|---:|---:|---:|---:|---:|'
+    '| subject | req/s | p50 ms | p99 ms | CPU µs/req (subject process) | req/s vs plain proxy | CPU/req vs plain proxy |' +
+      (peer ? ' req/s vs HAProxy | CPU/req vs HAProxy | p99 vs HAProxy (HAProxy p99 / row p99) |' : '') + ' non-2xx |',
+    '|---|---:|---:|---:|---:|---:|---:|' + (peer ? '---:|---:|---:|' : '') + '---:|'
   ]
   for (const r of rows) {
-    lines.push(`| ${r.name} | ${fmt.int(r.rps)} | ${fmt.ms(r.p50)} | ${fmt.ms(r.p99)} | ${fmt.us(r.cpu)} | ${fmt.ratio(r.rpsRatio)} | ${fmt.ratio(r.cpuRatio)} | ${r.bad === 0 ? '0' : `**${r.bad}**`} |`)
+    lines.push(`| ${r.name} | ${fmt.int(r.rps)} | ${fmt.ms(r.p50)} | ${fmt.ms(r.p99)} | ${fmt.us(r.cpu)} | ${fmt.ratio(r.rpsRatio)} | ${fmt.ratio(r.cpuRatio)} |` +
+      (peer ? ` ${fmt.ratio(r.peer?.rps)} | ${fmt.ratio(r.peer?.cpu)} | ${fmt.ratio(r.peer?.p99)} |` : '') +
+      ` ${r.bad === 0 ? '0' : `**${r.bad}**`} |`)
   }
   return lines.join('\n')
 }
@@ -1133,7 +1167,22 @@ function pick (list, envName, enabled) {
   for (const w of wanted ?? []) {
     if (!list.some((s) => s.name === w)) throw new UsageError(`${envName}: unknown name "${w}" (known: ${list.map((s) => s.name).join(', ')})`)
   }
-  return list.filter((s) => (wanted ? wanted.includes(s.name) : s.default))
+  return list.filter((s) => {
+    if (!(wanted ? wanted.includes(s.name) : s.default)) return false
+    if (s.requires === undefined || hasCommand(s.requires)) return true
+    if (wanted) throw new UsageError(`${envName}: "${s.name}" needs \`${s.requires}\` on PATH (Debian: apt-get install ${s.requires})`)
+    console.log(`note: ${s.name} skipped: \`${s.requires}\` is not installed (Debian: apt-get install ${s.requires})`)
+    return false
+  })
+}
+
+function hasCommand (cmd) {
+  try {
+    execFileSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' })
+    return true
+  } catch {
+    return false
+  }
 }
 
 async function main () {
@@ -1207,6 +1256,8 @@ async function main () {
   const ctx = {
     pin,
     cleanEnv,
+    tmp,
+    publicKeyPem: key.publicKeyPem,
     emptyConfig,
     exemptConfig,
     httpRuns: new Map(),
@@ -1290,7 +1341,7 @@ async function main () {
   if (http) {
     sections.push(`## HTTP: one request through each subject\n\n${httpTable(http.rows)}\n\n` +
       `Medians of ${S.rounds} interleaved rounds; ${S.duration} s measured per round after ${S.warmup} s warm-up; ${S.connections} connections (closed loop). ` +
-      'Ratios: per round against the plain proxy of the same round, then the median.\n' +
+      'Ratios: per round against the plain proxy (and HAProxy) of the same round, then the median; "vs HAProxy" columns are "higher is better" for req/s and p99 (HAProxy p99 / row p99), "lower is better" for CPU/req.\n' +
       httpNotes(http.rows).map((n) => `\n- ${n}`).join(''))
   }
   if (down) {
