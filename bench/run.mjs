@@ -34,6 +34,7 @@ import {
 import { HAPROXY_HEALTH, haproxyConfig } from './subjects/haproxy.mjs'
 import { redisCommandStats, redisCommandsProcessed, redisServerVersion, startRedis } from './lib/redis.mjs'
 import { closeAll, echoRun, openIdle, openWs } from './lib/ws-load.mjs'
+import { openLoop, quantile } from './lib/open-loop.mjs'
 
 const BENCH_DIR = path.dirname(fileURLToPath(import.meta.url))
 const ROOT = path.resolve(BENCH_DIR, '..')
@@ -106,6 +107,12 @@ const S = {
   tokens: envNumber('BENCH_TOKENS', 1000, { min: 1, integer: true }),
   // A folder: every proxy/gateway subject runs with --cpu-prof and writes <name>.cpuprofile there on exit.
   profileDir: process.env.BENCH_PROFILE ? path.resolve(process.env.BENCH_PROFILE) : null,
+  // 1b. fixed rate (open loop) through the HTTP subjects: the latency each one adds
+  rate: {
+    rps: envNumber('BENCH_RATE', 1000, { min: 0 }),
+    duration: envNumber('BENCH_RATE_DURATION', 8, { min: 1 }),
+    rounds: envNumber('BENCH_RATE_ROUNDS', 2, { min: 1, integer: true })
+  },
   // 2. Redis down
   redisDown: {
     enabled: envFlag('BENCH_REDIS_DOWN', true),
@@ -864,6 +871,64 @@ function httpNotes (rows) {
   return notes
 }
 
+async function ratePhase (ctx, subjects, tokens, watch) {
+  const jwts = tokens.map((t) => t.jwt)
+  const per = new Map(subjects.map((s) => [s.name, { lat: [], total: 0, bad: 0, cpu: [], late: 0 }]))
+  for (let round = 1; round <= S.rate.rounds; round++) {
+    const order = subjects.map((_s, i) => subjects[(i + round - 1) % subjects.length])
+    for (const s of order) {
+      const run = ctx.httpRuns.get(s.name)
+      const win = cpuWindow([{ label: 'subject', pid: run.pid }], ctx.pin)
+      const r = await openLoop(run.url, { path: `${REQUEST_PATH}fixed-rate`, rate: S.rate.rps, seconds: S.rate.duration, tokens: s.auth ? jwts : undefined })
+      const { cpu } = win.stop().summarize(r.sent)
+      watch.check()
+      const acc = per.get(s.name)
+      acc.lat.push(r.latencies)
+      acc.total += r.sent
+      acc.bad += r.non2xx + r.errors
+      acc.cpu.push(cpu[0].usPerReq)
+      acc.late = Math.max(acc.late, r.lateMs)
+      console.log(`fixed rate round ${round}/${S.rate.rounds} ${s.name.padEnd(16)} ${fmt.int(S.rate.rps)} req/s  p50 ${fmt.ms(quantile(r.latencies, 0.5))} ms  ` +
+        `p99 ${fmt.ms(quantile(r.latencies, 0.99))} ms  max ${fmt.ms(r.latencies[r.latencies.length - 1])} ms  ${fmt.us(cpu[0].usPerReq)} µs/req` +
+        `${r.non2xx + r.errors ? `  NON-2XX/ERRORS: ${r.non2xx + r.errors}` : ''}`)
+    }
+  }
+  const rows = subjects.map((s) => {
+    const acc = per.get(s.name)
+    const all = Float64Array.from(acc.lat.flatMap((a) => [...a])).sort()
+    return {
+      name: s.name,
+      p50: quantile(all, 0.5),
+      p90: quantile(all, 0.9),
+      p99: quantile(all, 0.99),
+      p999: quantile(all, 0.999),
+      max: all[all.length - 1],
+      cpu: median(acc.cpu),
+      bad: acc.bad,
+      late: acc.late
+    }
+  })
+  const direct = rows.find((r) => r.name === 'direct')
+  for (const r of rows) {
+    r.added50 = direct ? r.p50 - direct.p50 : undefined
+    r.added99 = direct ? r.p99 - direct.p99 : undefined
+  }
+  return rows
+}
+
+function rateTable (rows) {
+  const lines = [
+    '| subject | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | added p50 ms (vs direct) | added p99 ms (vs direct) | CPU µs/req | non-2xx / errors |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
+  ]
+  for (const r of rows) {
+    const added = (x) => (r.name === 'direct' || x === undefined ? '–' : `${x >= 0 ? '+' : ''}${fmt.ms(x)}`)
+    lines.push(`| ${r.name} | ${fmt.ms(r.p50)} | ${fmt.ms(r.p90)} | ${fmt.ms(r.p99)} | ${fmt.ms(r.p999)} | ${fmt.ms(r.max)} | ${added(r.added50)} | ${added(r.added99)} | ` +
+      `${fmt.us(r.cpu)} | ${r.bad === 0 ? '0' : `**${r.bad}**`} |`)
+  }
+  return lines.join('\n')
+}
+
 async function redisDownPhase (ctx, tokens, watch) {
   // The HTTP phase's gateway-redis (warm, and its private Redis is needed by
   // nothing else from here on: the WebSocket Redis row has its own), or a
@@ -1209,6 +1274,7 @@ async function main () {
 
   const wsRound = S.ws.warmup + S.ws.duration + 1
   const planned = subjects.length * (S.prime + S.rounds * (S.warmup + S.duration)) +
+    (S.rate.rps > 0 ? subjects.length * S.rate.rounds * (S.rate.duration + 1) : 0) +
     (S.redisDown.enabled ? (S.redisDown.warmup ?? (subjects.some((s) => s.name === 'gateway-redis') ? 3 : 10)) + 3 * S.redisDown.duration + 10 : 0) +
     wsSubjects.length * (S.ws.prime + S.rounds * wsRound) +
     memTargets.length * (2 * S.ws.settle + 5 + S.ws.connections * 0.004)
@@ -1229,6 +1295,7 @@ async function main () {
   console.log(`pinning: ${pinText}`)
   console.log(`plan: HTTP ${subjects.map((s) => s.name).join(', ') || '(none)'}; ${S.rounds} rounds × (${S.warmup} s warm-up + ${S.duration} s measured), ` +
     `${S.prime} s priming per subject, ${S.connections} connections, ${S.tokens} tokens`)
+  console.log(`plan: fixed rate ${S.rate.rps > 0 && subjects.length ? `${S.rate.rps} req/s open loop, ${S.rate.rounds} rounds × ${S.rate.duration} s per HTTP subject` : 'skipped'}`)
   console.log(`plan: Redis down ${S.redisDown.enabled ? `up / hung / dead, ${S.redisDown.duration} s each` : 'skipped'}; ` +
     `WebSocket echo ${wsSubjects.map((s) => s.name).join(', ') || 'skipped'}${wsSubjects.length ? ` (${S.ws.echoConnections} connections, ${S.ws.warmup} s + ${S.ws.duration} s per round)` : ''}; ` +
     `WebSocket memory ${memTargets.map((s) => s.name).join(', ') || 'skipped'}${memTargets.length ? ` (${S.ws.connections} connections)` : ''}; about ${Math.round(planned)} s`)
@@ -1277,6 +1344,8 @@ async function main () {
   watch.add(appChild)
 
   const http = subjects.length ? await httpPhase(ctx, subjects, tokens, watch) : undefined
+  // Before the Redis-down phase: that one kills gateway-redis's Redis.
+  const fixed = subjects.length && S.rate.rps > 0 ? await ratePhase(ctx, subjects, tokens, watch) : undefined
   const down = S.redisDown.enabled ? await redisDownPhase(ctx, tokens, watch) : undefined
   const wsEcho = wsSubjects.length ? await wsEchoPhase(ctx, wsSubjects, tokens, watch) : undefined
   const wsMem = memTargets.length ? await wsMemPhase(ctx, memTargets, tokens, warmTokens, watch) : undefined
@@ -1296,6 +1365,10 @@ async function main () {
       if (r.loadgen !== undefined && r.loadgen > 90) warnings.push(`${r.name}: the load generator used ${fmt.pct(r.loadgen)} of its CPU: its req/s may be limited by autocannon, not by the subject (CPU µs/req is still valid)`)
     }
     if (subjects.every((s) => s.name !== BASELINE)) warnings.push(`the baseline (${BASELINE}) was not run: no HTTP ratios`)
+  }
+  for (const r of fixed ?? []) {
+    if (r.bad > 0) { failed = true; warnings.push(`fixed rate ${r.name}: ${r.bad} non-2xx responses / errors: THESE NUMBERS ARE INVALID`) }
+    if (r.late > 50) warnings.push(`fixed rate ${r.name}: the sender fell ${fmt.ms(r.late)} ms behind its schedule at least once (load generator busy): latencies include it`)
   }
   if (down) {
     for (const m of down.phases) {
@@ -1343,6 +1416,13 @@ async function main () {
       `Medians of ${S.rounds} interleaved rounds; ${S.duration} s measured per round after ${S.warmup} s warm-up; ${S.connections} connections (closed loop). ` +
       'Ratios: per round against the plain proxy (and HAProxy) of the same round, then the median; "vs HAProxy" columns are "higher is better" for req/s and p99 (HAProxy p99 / row p99), "lower is better" for CPU/req.\n' +
       httpNotes(http.rows).map((n) => `\n- ${n}`).join(''))
+  }
+  if (fixed) {
+    sections.push(`## Fixed rate: the latency each subject adds at ${fmt.int(S.rate.rps)} req/s (open loop)\n\n${rateTable(fixed)}\n\n` +
+      `Open loop (bench/lib/open-loop.mjs): one request every ${fmt.n2(1000 / S.rate.rps)} ms whatever the answers, up to 256 connections, latency measured from the moment each request was due ` +
+      `(a stall shows in every request scheduled during it). ${S.rate.duration} s per subject and round, ${S.rate.rounds} interleaved rounds, subjects already warm from the HTTP table; ` +
+      'percentiles over all rounds\' requests together. "added" = the row\'s percentile minus direct\'s: what the proxy adds, with the scheduler\'s ~1 ms tick and the app cancelled out. ' +
+      'CPU µs/req here is at a light load (the core mostly idle), so it is higher than under saturation (fewer requests share each wake-up).')
   }
   if (down) {
     sections.push(`## Redis down: gateway-redis while its Redis is up, hung, dead\n\n${redisDownTable(down.phases)}\n\n` +
