@@ -6,7 +6,7 @@
  *          -> proxy (HTTP: @fastify/http-proxy, WebSocket: bridge)
  *   audit + metrics beside every step; admin listener separate.
  */
-import { randomUUID } from 'node:crypto'
+import { randomBytes } from 'node:crypto'
 import { readFileSync } from 'node:fs'
 import type { IncomingMessage } from 'node:http'
 import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
@@ -59,10 +59,18 @@ export interface Gateway {
 
 const REQUEST_ID_RE = /^[A-Za-z0-9._:-]{1,128}$/
 
+/**
+ * New request ids: a random per-process prefix (64 bits, so replicas never
+ * collide) and a counter. As unique as a UUID per request for tracing, at a
+ * fraction of its cost (randomUUID showed up in the request profile).
+ */
+const ID_PREFIX = randomBytes(8).toString('hex')
+let idCounter = 0
+
 /** A caller-supplied X-Request-Id is kept when it is sane, otherwise a new one. */
 function requestId (req: IncomingMessage): string {
   const h = req.headers['x-request-id']
-  return typeof h === 'string' && REQUEST_ID_RE.test(h) ? h : randomUUID()
+  return typeof h === 'string' && REQUEST_ID_RE.test(h) ? h : `${ID_PREFIX}-${(++idCounter).toString(36)}`
 }
 
 export async function buildGateway (config: Config, deps: GatewayDeps = {}): Promise<Gateway> {
