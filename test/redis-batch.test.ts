@@ -188,6 +188,20 @@ t.test('windows: TTL on the first hit, ttls within the window, TTL repair, a new
   t.ok(fresh !== undefined && fresh.ttl > 0 && fresh.ttl <= short)
 })
 
+t.test('a key INCR cannot count fails alone: the other increments of its batch are answered', async (t) => {
+  const c = await client(t, shared)
+  const prefix = freshPrefix(t, c)
+  const store = new BatchedRedisStore(c, prefix)
+  await c.set(`${prefix}bad`, 'not-a-number')
+  // one event-loop turn: all three share one script call
+  const [a, bad, b] = await Promise.all([incr(store, 'a'), incr(store, 'bad'), incr(store, 'b')])
+  t.ok(bad?.err instanceof Error, 'the uncountable key gets an Error')
+  t.match(bad?.err?.message ?? '', /cannot count/)
+  t.equal(a?.hits?.current, 1, 'the key before it is counted')
+  t.equal(b?.hits?.current, 1, 'the key after it is counted')
+  t.equal(await c.get(`${prefix}bad`), 'not-a-number', 'the bad key is left alone')
+})
+
 // --- (d) SCRIPT FLUSH --------------------------------------------------------------------------------------------------
 
 t.test('SCRIPT FLUSH: the NOSCRIPT fallback answers correctly, then EVALSHA is used again', async (t) => {

@@ -69,6 +69,7 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
   app.decorateRequest('transport', 'http')
   app.decorateRequest('bearerToken', null)
   app.decorateRequest('keyResolved', false)
+  app.decorateRequest('keyPem', null)
 
   await app.register(fastifyJwt, {
     secret: (request: FastifyRequest, token: DecodedToken, cb: (err: Error | null, key?: string) => void) => {
@@ -79,11 +80,11 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
       const found = keys.lookup(kid, alg)
       if ('then' in found) {
         found.then((r) => {
-          if ('key' in r) { request.keyResolved = true; cb(null, r.key.pem) } else cb(KEY_ERRORS[r.error] as KeyError)
+          if ('key' in r) { request.keyResolved = true; request.keyPem = r.key.pem; cb(null, r.key.pem) } else cb(KEY_ERRORS[r.error] as KeyError)
         }, cb)
         return
       }
-      if ('key' in found) { request.keyResolved = true; cb(null, found.key.pem) } else cb(KEY_ERRORS[found.error] as KeyError)
+      if ('key' in found) { request.keyResolved = true; request.keyPem = found.key.pem; cb(null, found.key.pem) } else cb(KEY_ERRORS[found.error] as KeyError)
     },
     decode: { complete: true },
     verify: {
@@ -137,7 +138,7 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
     const hit = verified.get(token, Date.now())
     if (hit !== undefined) {
       const k = keys.lookup(hit.kid, hit.alg)
-      if (!('then' in k) && 'key' in k) { admit(request, reply, hit.identity, path, transport, done); return }
+      if (!('then' in k) && 'key' in k && k.key.pem === hit.pem) { admit(request, reply, hit.identity, path, transport, done); return }
     }
     verify(request, token).then((r) => {
       if (typeof r === 'string') { deny(request, reply, r, transport); return }
@@ -167,7 +168,7 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
       return { problem: identity, sub: typeof decoded.payload.sub === 'string' ? decoded.payload.sub : undefined }
     }
     const kid = decoded.header.kid as string | undefined
-    return { identity, kid, alg: decoded.header.alg as string, deadAt: identity.exp * 1000 + clockToleranceMs }
+    return { identity, kid, alg: decoded.header.alg as string, pem: request.keyPem ?? '', deadAt: identity.exp * 1000 + clockToleranceMs }
   }
 
   /** A verified identity: revocation, then role rules. */

@@ -3,8 +3,9 @@
  * decoding, hashing, the signature check and the claim checks (the hot path is
  * one Map lookup). What a hit still honours:
  *   - expiry: an entry is dead at exp + clock tolerance, as fast-jwt would judge it;
- *   - the key: the token's kid must still be in the key set (a key dropped from
- *     the JWKS stops its tokens at the next refresh);
+ *   - the key: the token's kid must still be in the key set with the same key
+ *     material (a key dropped from the JWKS, or a kid re-published with another
+ *     key, sends its tokens back to full verification at the next refresh);
  *   - the configuration: a reload that changes auth settings empties the cache;
  *   - revocation: checked by the caller after every hit, like after a miss.
  * Bounded LRU (JWT_CACHE_SIZE entries; 0 disables). Only successes are kept:
@@ -16,6 +17,8 @@ export interface VerifiedToken {
   identity: Identity
   kid: string | undefined
   alg: string
+  /** The key (PEM) that verified it: a hit needs the same key still published under kid. */
+  pem: string
   /** ms since epoch after which the token is expired (exp + clock tolerance). */
   deadAt: number
 }
@@ -38,6 +41,7 @@ export class VerifiedTokens {
 
   set (token: string, entry: VerifiedToken): void {
     if (this.max === 0) return
+    if (this.entries.delete(token)) { this.entries.set(token, entry); return }
     if (this.entries.size >= this.max) {
       const oldest = this.entries.keys().next()
       if (oldest.done !== true) this.entries.delete(oldest.value)

@@ -18,7 +18,7 @@
 import type { Cluster, Redis } from 'ioredis'
 import { createHash } from 'node:crypto'
 import { createRequire } from 'node:module'
-import type { Hits, IncrCallback } from './store.js'
+import type { IncrCallback } from './store.js'
 
 const require = createRequire(import.meta.url)
 /* ioredis' own slot function (a dependency of ioredis, pinned with it). */
@@ -32,9 +32,13 @@ local out = {}
 for i = 1, #KEYS do
   local key = KEYS[i]
   local window = tonumber(ARGV[i])
-  local current = redis.call('INCR', key)
+  -- pcall: a key that cannot be counted (not an integer) fails alone, not the whole batch
+  local current = redis.pcall('INCR', key)
   local ttl
-  if current == 1 then
+  if type(current) == 'table' then
+    current = -1
+    ttl = 0
+  elseif current == 1 then
     redis.call('PEXPIRE', key, window)
     ttl = window
   else
@@ -117,10 +121,18 @@ export class BatchedRedisStore {
         for (const cb of b.callbacks) cb(err)
         return
       }
+      let thrown: unknown
       for (let i = 0; i < n; i++) {
-        const hits: Hits = { current: Number(res[2 * i]), ttl: Number(res[2 * i + 1]) }
-        ;(b.callbacks[i] as IncrCallback)(null, hits)
+        const current = Number(res[2 * i])
+        const cb = b.callbacks[i] as IncrCallback
+        try {
+          if (current < 0) cb(new Error(`rate-limit batch: key ${b.keys[i] ?? ''} holds a value INCR cannot count`))
+          else cb(null, { current, ttl: Number(res[2 * i + 1]) })
+        } catch (err) {
+          thrown ??= err // every caller still gets its answer; the first bug surfaces after
+        }
       }
+      if (thrown !== undefined) throw thrown
     }, (err: Error) => {
       for (const cb of b.callbacks) cb(err)
     })

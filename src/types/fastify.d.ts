@@ -11,5 +11,7 @@ declare module 'fastify' {
     bearerToken: string | null
     /** Whether the signing key was resolved (tells malformed from bad signature). */
     keyResolved: boolean
+    /** The key (PEM) that verified this request's token, for the verified-token cache. */
+    keyPem: string | null
   }
 }
