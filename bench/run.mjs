@@ -38,7 +38,8 @@ import { openLoop, quantile } from './lib/open-loop.mjs'
 
 const BENCH_DIR = path.dirname(fileURLToPath(import.meta.url))
 const ROOT = path.resolve(BENCH_DIR, '..')
-const DIST = path.join(ROOT, 'dist')
+/** The gateway build under test: this checkout's dist/, or BENCH_DIST (e.g. an older build, for before/after figures). */
+const DIST = process.env.BENCH_DIST ? path.resolve(process.env.BENCH_DIST) : path.join(ROOT, 'dist')
 /**
  * Every gateway of a run starts from a copy of dist/ taken when the run
  * starts (inside bench/, so node_modules still resolves): other work that
@@ -664,7 +665,7 @@ function snapshotDist () {
     try { process.kill(pid, 0); alive = true } catch (err) { alive = err.code === 'EPERM' }
     if (!alive) rmSync(path.join(BENCH_DIR, name), { recursive: true, force: true })
   }
-  const git = gitDescribe()
+  const git = process.env.BENCH_DIST ? `BENCH_DIST=${DIST}` : gitDescribe()
   const at = statSync(path.join(DIST, 'server.js')).mtime.toISOString()
   cpSync(DIST, SNAPSHOT, { recursive: true, filter: (src) => !src.endsWith('.map') })
   process.on('exit', () => rmSync(SNAPSHOT, { recursive: true, force: true }))

@@ -123,8 +123,12 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
       return
     }
 
+    // Plain HTTP with a header seen before: the cache is keyed by the whole header value.
+    const authorization = request.headers.authorization
+    if (transport === 'http' && authorization !== undefined && cachedAdmit(request, reply, authorization, path, done)) return
+
     const found = extractToken({
-      authorization: request.headers.authorization,
+      authorization,
       url: request.url,
       protocolHeader: request.headers['sec-websocket-protocol'],
       upgrade: transport === 'ws'
@@ -135,15 +139,13 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
     if (!transportAllowsToken(request, config.server.allowInsecureHttp)) { deny(request, reply, 'insecure_transport', transport); return }
 
     const token = found.token
-    const hit = verified.get(token, Date.now())
-    if (hit !== undefined) {
-      const k = keys.lookup(hit.kid, hit.alg)
-      if (!('then' in k) && 'key' in k && k.key.pem === hit.pem) { admit(request, reply, hit.identity, path, transport, done); return }
-    }
+    // Upgrades: keyed by the token (it may come from the query or the protocol header).
+    const cacheKey = found.source === 'header' && authorization !== undefined ? authorization : token
+    if (found.source !== 'header' && cachedAdmit(request, reply, cacheKey, path, done)) return
     verify(request, token).then((r) => {
       if (typeof r === 'string') { deny(request, reply, r, transport); return }
       if (!('identity' in r)) { deny(request, reply, r.problem, transport, r.sub); return }
-      verified.set(token, r)
+      verified.set(cacheKey, r)
       admit(request, reply, r.identity, path, transport, done)
     }, done).catch((err: Error) => {
       // A bug after verification (not a token problem): the error handler's 500, never an unhandled rejection.
@@ -151,6 +153,21 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
       else request.log.error({ err }, 'auth hook failed after the reply was sent')
     })
   })
+
+  /**
+   * A cached verdict for `key`, when its key is still published unchanged and
+   * the transport allows a token: admits (or denies on revocation/roles) and
+   * returns true. False: not cached, go the full way.
+   */
+  function cachedAdmit (request: FastifyRequest, reply: FastifyReply, key: string, path: string | undefined, done: () => void): boolean {
+    const hit = verified.get(key, Date.now())
+    if (hit === undefined) return false
+    const k = keys.lookup(hit.kid, hit.alg)
+    if ('then' in k || !('key' in k) || k.key.pem !== hit.pem) return false
+    if (!transportAllowsToken(request, config.server.allowInsecureHttp)) { deny(request, reply, 'insecure_transport', request.transport); return true }
+    admit(request, reply, hit.identity, path, request.transport, done)
+    return true
+  }
 
   /** Signature, alg, exp/nbf (fast-jwt) and then our claim checks; never rejects for a bad token. */
   async function verify (request: FastifyRequest, token: string): Promise<VerifiedToken | AuthFailureReason | { problem: AuthFailureReason, sub: string | undefined }> {

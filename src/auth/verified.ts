@@ -1,14 +1,17 @@
 /**
- * Verified tokens, keyed by the exact token string: a repeated token skips
- * decoding, hashing, the signature check and the claim checks (the hot path is
- * one Map lookup). What a hit still honours:
+ * Verified tokens, keyed by the exact string they arrived in (the whole
+ * `Authorization` header value for plain HTTP, so a hit even skips parsing
+ * it; the token itself for WebSocket upgrades): a repeated token skips
+ * extraction, decoding, the signature check and the claim checks (the hot
+ * path is one Map lookup). What a hit still honours:
  *   - expiry: an entry is dead at exp + clock tolerance, as fast-jwt would judge it;
  *   - the key: the token's kid must still be in the key set with the same key
  *     material (a key dropped from the JWKS, or a kid re-published with another
  *     key, sends its tokens back to full verification at the next refresh);
  *   - the configuration: a reload that changes auth settings empties the cache;
  *   - revocation: checked by the caller after every hit, like after a miss.
- * Bounded LRU (JWT_CACHE_SIZE entries; 0 disables). Only successes are kept:
+ * Bounded (JWT_CACHE_SIZE entries, the oldest evicted first; 0 disables).
+ * Only successes are kept:
  * a bad token always pays the full check (and the per-IP failure limit).
  */
 import type { Identity } from './identity.js'
@@ -30,23 +33,24 @@ export class VerifiedTokens {
 
   get size (): number { return this.entries.size }
 
-  get (token: string, now: number): VerifiedToken | undefined {
-    const e = this.entries.get(token)
+  /** A hit costs one Map lookup: entries are not reordered (eviction is oldest-inserted first). */
+  get (key: string, now: number): VerifiedToken | undefined {
+    const e = this.entries.get(key)
     if (e === undefined) return undefined
-    this.entries.delete(token)
-    if (e.deadAt <= now) return undefined
-    this.entries.set(token, e) // most recently used last
+    if (e.deadAt <= now) {
+      this.entries.delete(key)
+      return undefined
+    }
     return e
   }
 
-  set (token: string, entry: VerifiedToken): void {
+  set (key: string, entry: VerifiedToken): void {
     if (this.max === 0) return
-    if (this.entries.delete(token)) { this.entries.set(token, entry); return }
-    if (this.entries.size >= this.max) {
+    if (!this.entries.has(key) && this.entries.size >= this.max) {
       const oldest = this.entries.keys().next()
       if (oldest.done !== true) this.entries.delete(oldest.value)
     }
-    this.entries.set(token, entry)
+    this.entries.set(key, entry)
   }
 
   clear (): void { this.entries.clear() }
