@@ -9,7 +9,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify'
 import type { Config } from '../config/load.js'
 import type { Metrics } from '../observability/metrics.js'
 import { stripQueryToken } from '../auth/token.js'
-import { upstreamHeaders } from './headers.js'
+import { rewriteUpstreamHeaders } from './headers.js'
 import { forwardContext } from './context.js'
 import { UPSTREAM_ERROR_BODY, upstreamErrorKind, upstreamErrorStatus } from './errors.js'
 
@@ -19,6 +19,9 @@ export async function registerHttpProxy (app: FastifyInstance, config: Config, m
     upstream: u.url,
     websocket: false,
     disableRequestLogging: true,
+    // reply-from's URL cache is an LRU of 100 keyed by JSON.stringify([upstream, path]) per request: with
+    // IDs in paths it mostly misses, and the key costs more than building the URL (request profile).
+    disableCache: true,
     undici: {
       connections: u.connections,
       pipelining: 1,
@@ -33,7 +36,8 @@ export async function registerHttpProxy (app: FastifyInstance, config: Config, m
         const q = url.indexOf('?')
         return q === -1 ? '' : url.slice(q + 1)
       },
-      rewriteRequestHeaders: (request, headers) => upstreamHeaders(headers, forwardContext(request as FastifyRequest, config)),
+      // reply-from passes its own copy of the request headers: rewritten in place.
+      rewriteRequestHeaders: (request, headers) => rewriteUpstreamHeaders(headers, forwardContext(request as FastifyRequest, config)),
       onError: (reply, { error }) => {
         const kind = upstreamErrorKind(error)
         const status = upstreamErrorStatus(kind)
