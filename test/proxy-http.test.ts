@@ -136,3 +136,59 @@ t.test('upstream failures: 502 when down, 504 when slow, fast and JSON', async (
   const slowMetrics = await (await fetch(`${slow.adminUrl}/metrics`)).text()
   t.match(slowMetrics, /resonance_upstream_errors_total\{kind="timeout",transport="http"\} 1/)
 })
+
+// Answers up to BUFFER_MAX_BYTES with a Content-Length are read whole and sent as one buffer; the rest streams.
+// Both paths must give the client exactly what the app sent, and an app that breaks off mid-body must not leak
+// half an answer (or its headers) to the client.
+t.test('answer bodies: buffered when small and sized, streamed otherwise, 502 on a broken-off body', async (t) => {
+  const issuer = await startIssuer()
+  t.teardown(() => issuer.close())
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  const bytes = (n: number): Buffer => Buffer.from(Array.from({ length: n }, (_v, i) => i % 251))
+  const app = createServer((req, res) => {
+    const n = Number(new URL(req.url ?? '/', 'http://x').searchParams.get('n') ?? 0)
+    if (req.url?.startsWith('/sized')) {
+      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': n, 'x-app': 'yes' }).end(bytes(n))
+    } else if (req.url?.startsWith('/chunked')) {
+      res.writeHead(200, { 'content-type': 'application/octet-stream' })
+      const b = bytes(n)
+      res.write(b.subarray(0, n >> 1))
+      setTimeout(() => res.end(b.subarray(n >> 1)), 20)
+    } else if (req.url?.startsWith('/truncated')) {
+      res.writeHead(200, { 'content-type': 'text/plain', 'content-length': 1000, 'set-cookie': 'session=app' })
+      res.write('only ten b')
+      setTimeout(() => res.socket?.destroy(), 20)
+    } else {
+      res.writeHead(204).end()
+    }
+  })
+  await new Promise<void>((resolve) => app.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise((resolve) => app.close(resolve)))
+  const g = await startGateway(t, issuer, upstream, { env: { UPSTREAM_URL: `http://127.0.0.1:${(app.address() as AddressInfo).port}` } })
+  const auth = { authorization: `Bearer ${await issuer.token()}` }
+
+  for (const n of [0, 1, 5000, 16 * 1024, 16 * 1024 + 1, 300 * 1024]) {
+    for (const kind of ['sized', 'chunked']) {
+      const res = await fetch(`${g.url}/${kind}?n=${n}`, { headers: auth })
+      t.equal(res.status, 200, `${kind} ${n}: 200`)
+      const body = Buffer.from(await res.arrayBuffer())
+      t.ok(body.equals(bytes(n)), `${kind} ${n}: the body arrives byte for byte`)
+      if (kind === 'sized') {
+        t.equal(res.headers.get('content-length'), String(n), `sized ${n}: the app's Content-Length`)
+        t.equal(res.headers.get('x-app'), 'yes', `sized ${n}: the app's headers`)
+      }
+    }
+  }
+  const head = await fetch(`${g.url}/sized?n=100`, { method: 'HEAD', headers: auth })
+  t.equal(head.status, 200)
+  t.equal((await head.arrayBuffer()).byteLength, 0, 'HEAD: no body')
+  const empty = await fetch(`${g.url}/nothing`, { headers: auth })
+  t.equal(empty.status, 204)
+
+  const broken = await fetch(`${g.url}/truncated`, { headers: auth })
+  t.equal(broken.status, 502, 'an answer broken off mid-body: 502, not half a body')
+  t.same(await broken.json(), { error: 'bad_gateway', error_description: 'The app is unavailable' })
+  t.equal(broken.headers.get('set-cookie'), null, 'none of the app\'s headers leak onto the 502')
+  t.match(await (await fetch(`${g.adminUrl}/metrics`)).text(), /resonance_upstream_errors_total\{kind="reset",transport="http"\} 1/)
+})
