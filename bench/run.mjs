@@ -110,7 +110,9 @@ const S = {
   profileDir: process.env.BENCH_PROFILE ? path.resolve(process.env.BENCH_PROFILE) : null,
   // 1b. fixed rate (open loop) through the HTTP subjects: the latency each one adds
   rate: {
-    rps: envNumber('BENCH_RATE', 1000, { min: 0 }),
+    // 'auto' (default): 40% of the slowest HTTP subject's closed-loop req/s, at most 1000: every subject
+    // must have headroom, or the run measures queueing, not the latency a proxy adds.
+    rps: ['', 'auto', undefined].includes(process.env.BENCH_RATE?.trim()) ? 'auto' : envNumber('BENCH_RATE', 1000, { min: 0 }),
     duration: envNumber('BENCH_RATE_DURATION', 8, { min: 1 }),
     rounds: envNumber('BENCH_RATE_ROUNDS', 2, { min: 1, integer: true })
   },
@@ -1275,7 +1277,7 @@ async function main () {
 
   const wsRound = S.ws.warmup + S.ws.duration + 1
   const planned = subjects.length * (S.prime + S.rounds * (S.warmup + S.duration)) +
-    (S.rate.rps > 0 ? subjects.length * S.rate.rounds * (S.rate.duration + 1) : 0) +
+    (S.rate.rps !== 0 ? subjects.length * S.rate.rounds * (S.rate.duration + 1) : 0) +
     (S.redisDown.enabled ? (S.redisDown.warmup ?? (subjects.some((s) => s.name === 'gateway-redis') ? 3 : 10)) + 3 * S.redisDown.duration + 10 : 0) +
     wsSubjects.length * (S.ws.prime + S.rounds * wsRound) +
     memTargets.length * (2 * S.ws.settle + 5 + S.ws.connections * 0.004)
@@ -1296,7 +1298,7 @@ async function main () {
   console.log(`pinning: ${pinText}`)
   console.log(`plan: HTTP ${subjects.map((s) => s.name).join(', ') || '(none)'}; ${S.rounds} rounds × (${S.warmup} s warm-up + ${S.duration} s measured), ` +
     `${S.prime} s priming per subject, ${S.connections} connections, ${S.tokens} tokens`)
-  console.log(`plan: fixed rate ${S.rate.rps > 0 && subjects.length ? `${S.rate.rps} req/s open loop, ${S.rate.rounds} rounds × ${S.rate.duration} s per HTTP subject` : 'skipped'}`)
+  console.log(`plan: fixed rate ${S.rate.rps !== 0 && subjects.length ? `${S.rate.rps} req/s open loop, ${S.rate.rounds} rounds × ${S.rate.duration} s per HTTP subject` : 'skipped'}`)
   console.log(`plan: Redis down ${S.redisDown.enabled ? `up / hung / dead, ${S.redisDown.duration} s each` : 'skipped'}; ` +
     `WebSocket echo ${wsSubjects.map((s) => s.name).join(', ') || 'skipped'}${wsSubjects.length ? ` (${S.ws.echoConnections} connections, ${S.ws.warmup} s + ${S.ws.duration} s per round)` : ''}; ` +
     `WebSocket memory ${memTargets.map((s) => s.name).join(', ') || 'skipped'}${memTargets.length ? ` (${S.ws.connections} connections)` : ''}; about ${Math.round(planned)} s`)
@@ -1346,6 +1348,11 @@ async function main () {
 
   const http = subjects.length ? await httpPhase(ctx, subjects, tokens, watch) : undefined
   // Before the Redis-down phase: that one kills gateway-redis's Redis.
+  if (S.rate.rps === 'auto') {
+    const slowest = Math.min(...(http?.rows ?? []).map((r) => r.rps).filter((x) => Number.isFinite(x)))
+    S.rate.rps = Number.isFinite(slowest) ? Math.max(50, Math.min(1000, Math.floor(0.4 * slowest / 50) * 50)) : 0
+    if (S.rate.rps > 0) console.log(`fixed rate: ${S.rate.rps} req/s (40% of the slowest subject's ${fmt.int(slowest)} req/s, at most 1000; BENCH_RATE overrides)`)
+  }
   const fixed = subjects.length && S.rate.rps > 0 ? await ratePhase(ctx, subjects, tokens, watch) : undefined
   const down = S.redisDown.enabled ? await redisDownPhase(ctx, tokens, watch) : undefined
   const wsEcho = wsSubjects.length ? await wsEchoPhase(ctx, wsSubjects, tokens, watch) : undefined
