@@ -14,7 +14,7 @@ import pino, { type DestinationStream } from 'pino'
 import type { Config } from './config/load.js'
 import { configWarnings } from './config/load.js'
 import { LiveConfig, type ReloadResult } from './config/live.js'
-import { loggerOptions } from './observability/logger.js'
+import { LazyRequestLogger, loggerOptions } from './observability/logger.js'
 import { createMetrics, type Metrics } from './observability/metrics.js'
 import { createAudit, type Audit } from './observability/audit.js'
 import { KeyStore } from './auth/keys.js'
@@ -83,6 +83,7 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     logController: new LogController({ disableRequestLogging: true }),
     trustProxy: config.server.trustProxy as boolean, // Fastify accepts a hop count too; its types omit it
     genReqId: requestId,
+    childLoggerFactory: (logger, bindings, opts) => new LazyRequestLogger(logger as never, bindings, opts as Record<string, unknown>) as never,
     requestIdHeader: false,
     return503OnClosing: true,
     // A target Fastify's router cannot decode: answer as our own invalid_path,

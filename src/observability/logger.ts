@@ -36,3 +36,37 @@ export function loggerOptions (level: LogLevel): LoggerOptions {
     }
   }
 }
+
+type LogFn = (...args: unknown[]) => void
+interface ChildCapable {
+  level: string
+  child: (bindings: Record<string, unknown>, opts?: Record<string, unknown>) => ChildCapable
+  fatal: LogFn,
+  error: LogFn,
+  warn: LogFn,
+  info: LogFn,
+  debug: LogFn,
+  trace: LogFn,
+  silent: LogFn
+}
+
+/**
+ * Fastify's per-request logger (request.log, with the reqId binding), built
+ * on first use instead of for every request: a pino child per request showed
+ * in the request profile, and on the happy path nothing logs.
+ */
+export class LazyRequestLogger {
+  private real: ChildCapable | undefined
+  constructor (private readonly parent: ChildCapable, private readonly bindings: Record<string, unknown>, private readonly opts: Record<string, unknown>) {}
+  private get log (): ChildCapable { return (this.real ??= this.parent.child(this.bindings, this.opts)) }
+  get level (): string { return this.real?.level ?? (this.opts.level as string | undefined) ?? this.parent.level }
+  set level (v: string) { this.log.level = v }
+  child (bindings: Record<string, unknown>, opts?: Record<string, unknown>): ChildCapable { return this.log.child(bindings, opts) }
+  fatal (...a: unknown[]): void { this.log.fatal(...a) }
+  error (...a: unknown[]): void { this.log.error(...a) }
+  warn (...a: unknown[]): void { this.log.warn(...a) }
+  info (...a: unknown[]): void { this.log.info(...a) }
+  debug (...a: unknown[]): void { this.log.debug(...a) }
+  trace (...a: unknown[]): void { this.log.trace(...a) }
+  silent (): void {}
+}
