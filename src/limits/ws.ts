@@ -40,13 +40,18 @@ export class WsMessageLimiter {
   constructor (private readonly store: LimitStore, private readonly limit: () => { max: number, windowMs: number }) {}
 
   check (sub: string): Promise<MessageVerdict> {
-    const { max, windowMs } = this.limit()
     return new Promise((resolve, reject) => {
-      this.store.incr(`wsmsg:${sub}`, (err, res) => {
-        if (err !== null || res === undefined) return reject(err ?? new Error('no result'))
-        resolve({ allowed: res.current <= max, retryAfterSec: Math.max(1, Math.ceil(res.ttl / 1000)) })
-      }, windowMs, max)
+      this.checkCallback(sub, (err, verdict) => { if (verdict !== undefined) resolve(verdict); else reject(err) })
     })
+  }
+
+  /** The same, callback style: the in-process store answers synchronously (inside this call). */
+  checkCallback (sub: string, cb: (err: Error | null, verdict?: MessageVerdict) => void): void {
+    const { max, windowMs } = this.limit()
+    this.store.incr(`wsmsg:${sub}`, (err, res) => {
+      if (err !== null || res === undefined) return cb(err ?? new Error('no result'))
+      cb(null, { allowed: res.current <= max, retryAfterSec: Math.max(1, Math.ceil(res.ttl / 1000)) })
+    }, windowMs, max)
   }
 }
 

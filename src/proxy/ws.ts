@@ -25,7 +25,7 @@ import type { Revocation, Revocations } from '../auth/revocation.js'
 import type { Audit } from '../observability/audit.js'
 import type { Metrics, WsCloseReason, WsDirection } from '../observability/metrics.js'
 import { appProtocols, BEARER_PROTOCOL, protocolToken, stripQueryToken } from '../auth/token.js'
-import type { ConnectionSlots, WsMessageLimiter } from '../limits/ws.js'
+import type { ConnectionSlots, MessageVerdict, WsMessageLimiter } from '../limits/ws.js'
 import { isExempt } from '../limits/http.js'
 import { authChallenge } from '../auth/challenge.js'
 import { send } from '../auth/plugin.js'
@@ -341,9 +341,11 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
   }
 
   /**
-   * Client messages go through a per-session promise chain: each waits for its
-   * limit verdict, so allowed messages reach the app in order and the one over
-   * the limit never does. Too many waiting -> the client is paused.
+   * Client messages wait for their limit verdict in order, so allowed
+   * messages reach the app in order and the one over the limit never does.
+   * With nothing waiting and a store that answers at once (in-process), a
+   * message goes on inside its own event; otherwise it joins a per-session
+   * promise chain. Too many waiting -> the client is paused.
    */
   function clientToApp (s: Session): void {
     const { client, target } = s
@@ -355,36 +357,54 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
       forward(client, target, 'client_to_app', s) // exempt: no message limit
       return
     }
-    client.on('message', (data, isBinary) => {
+    /** The verdict for one message: forward it, refuse it, or end the session when the store refused. */
+    const settle = (_err: Error | null, verdict: MessageVerdict | undefined, data: Buffer, isBinary: boolean, size: number): void => {
+      s.pending--
+      s.pendingBytes -= size
+      if (verdict === undefined) {
+        // Store refused (RATE_LIMIT_ON_STORE_ERROR=closed): cannot vouch for the message.
+        if (s.ended === undefined) terminateSession(s, 'rate_limited', CLOSE.tryAgainLater, 'rate limiting unavailable')
+        return
+      }
+      if (s.ended !== undefined || target.readyState !== WebSocket.OPEN) return
+      if (verdict.allowed) {
+        counter.inc()
+        target.send(data, { binary: isBinary }, drained)
+        if (target.bufferedAmount > ws.maxBuffered && !client.isPaused) client.pause()
+        else drained()
+        return
+      }
+      overLimit(s, verdict.retryAfterSec)
+      drained()
+    }
+    client.on('message', (raw, isBinary) => {
+      const data = raw as Buffer
       s.lastActivity = Date.now()
+      const idle = s.pending === 0
       s.pending++
-      const size = (data as Buffer).length
+      const size = data.length
       s.pendingBytes += size
       if ((s.pending >= MAX_PENDING_MESSAGES || s.pendingBytes + target.bufferedAmount > ws.maxBuffered) && !client.isPaused) client.pause()
-      s.queue = s.queue.then(async () => {
-        let verdict
-        try {
-          verdict = await messages.check(s.identity.sub)
-        } catch {
-          // Store refused (RATE_LIMIT_ON_STORE_ERROR=closed): cannot vouch for the message.
-          s.pending--
-          s.pendingBytes -= size
-          if (s.ended === undefined) terminateSession(s, 'rate_limited', CLOSE.tryAgainLater, 'rate limiting unavailable')
-          return
-        }
-        s.pending--
-        s.pendingBytes -= size
-        if (s.ended !== undefined || target.readyState !== WebSocket.OPEN) return
-        if (verdict.allowed) {
-          counter.inc()
-          target.send(data as Buffer, { binary: isBinary }, drained)
-          if (target.bufferedAmount > ws.maxBuffered && !client.isPaused) client.pause()
-          else drained()
-          return
-        }
-        overLimit(s, verdict.retryAfterSec)
-        drained()
-      })
+      if (idle) {
+        let sync = true
+        let answer: [Error | null, MessageVerdict | undefined] | undefined
+        let release: (() => void) | undefined
+        messages.checkCallback(s.identity.sub, (err, verdict) => {
+          if (sync) { answer = [err, verdict]; return }
+          release?.() // the next message's check starts after this (a microtask): order is kept
+          settle(err, verdict, data, isBinary, size)
+        })
+        sync = false
+        if (answer !== undefined) settle(answer[0], answer[1], data, isBinary, size)
+        else s.queue = new Promise((resolve) => { release = resolve }) // later messages wait for this one
+        return
+      }
+      s.queue = s.queue.then(() => new Promise<void>((resolve) => {
+        messages.checkCallback(s.identity.sub, (err, verdict) => {
+          resolve()
+          settle(err, verdict, data, isBinary, size)
+        })
+      }))
     })
   }
 
