@@ -3,7 +3,10 @@
  * fail fast instead of hanging requests (STACK-NOTES §4): no offline queue (a
  * command while disconnected errors at once, and nothing replays into the
  * wrong window after a reconnect), one retry per command, bounded connect and
- * command timeouts, auto-pipelining on. Reconnects forever with backoff; the
+ * command timeouts. No auto-pipelining: rate-limit checks are already batched
+ * into one script call per event-loop turn (redis-batch.ts), and ioredis' auto-
+ * pipeline would add a Pipeline object per command and make queued commands
+ * start their timeout only after the running pipeline's. Reconnects forever with backoff; the
  * outage is logged once, and the recovery once.
  */
 import { Cluster, Redis, type RedisOptions } from 'ioredis'
@@ -20,7 +23,7 @@ const FAIL_FAST: RedisOptions = {
   maxRetriesPerRequest: 1,
   connectTimeout: REDIS_CONNECT_TIMEOUT_MS,
   commandTimeout: REDIS_COMMAND_TIMEOUT_MS,
-  enableAutoPipelining: true,
+  enableAutoPipelining: false,
   retryStrategy: (times) => Math.min(times * 100, MAX_RECONNECT_DELAY_MS)
 }
 
@@ -51,7 +54,7 @@ export function createRedis (settings: RedisSettings, log: FastifyBaseLogger): R
     redis = new Cluster(settings.clusterNodes.map(nodeOf), {
       lazyConnect: true,
       enableOfflineQueue: false,
-      enableAutoPipelining: true,
+      enableAutoPipelining: false,
       clusterRetryStrategy: (times) => Math.min(times * 100, MAX_RECONNECT_DELAY_MS),
       redisOptions: { ...nodeOptions, ...optionsFromUrl(settings.url) }
     })
