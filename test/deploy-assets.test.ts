@@ -40,8 +40,8 @@ function readYaml (file: string): Any {
 
 interface MetricInfo { labels: Set<string>, histogram: boolean }
 const METRICS = new Map<string, MetricInfo>()
-for (const m of createMetrics().registry.getMetricsAsArray() as unknown as Array<{ name: string, labelNames?: string[], constructor: { name: string } }>) {
-  METRICS.set(m.name, { labels: new Set(m.labelNames ?? []), histogram: m.constructor.name === 'Histogram' })
+for (const m of createMetrics().registry.getMetricsAsArray() as unknown as Array<{ name: string, type?: string, labelNames?: readonly string[] }>) {
+  METRICS.set(m.name, { labels: new Set(m.labelNames ?? []), histogram: m.type === 'histogram' })
 }
 /** Labels Prometheus adds to every scraped series (job, instance) and our static target labels. */
 const TARGET_LABELS = new Set(['job', 'instance', 'service'])

@@ -216,6 +216,7 @@ export class LocalCount {
 class StatusHistogram {
   readonly type = 'histogram'
   readonly aggregator = 'sum'
+  readonly labelNames = ['status_class'] as const
   /** Per status class: one slot per bucket (value <= bound) plus +Inf. */
   private readonly buckets = STATUS_CLASSES.map(() => new Float64Array(LATENCY_BUCKETS.length + 1))
   private readonly sums = new Float64Array(STATUS_CLASSES.length)
