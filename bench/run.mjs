@@ -876,14 +876,14 @@ function httpNotes (rows) {
 
 async function ratePhase (ctx, subjects, tokens, watch) {
   const jwts = tokens.map((t) => t.jwt)
-  const per = new Map(subjects.map((s) => [s.name, { lat: [], total: 0, bad: 0, cpu: [], late: 0 }]))
+  const per = new Map(subjects.map((s) => [s.name, { lat: [], total: 0, bad: 0, cpu: [], late: 0, noise: [] }]))
   for (let round = 1; round <= S.rate.rounds; round++) {
     const order = subjects.map((_s, i) => subjects[(i + round - 1) % subjects.length])
     for (const s of order) {
       const run = ctx.httpRuns.get(s.name)
-      const win = cpuWindow([{ label: 'subject', pid: run.pid }], ctx.pin)
+      const win = cpuWindow([{ label: 'subject', pid: run.pid }, ...run.others], ctx.pin)
       const r = await openLoop(run.url, { path: `${REQUEST_PATH}fixed-rate`, rate: S.rate.rps, seconds: S.rate.duration, tokens: s.auth ? jwts : undefined })
-      const { cpu } = win.stop().summarize(r.sent)
+      const { cpu, noise } = win.stop().summarize(r.sent)
       watch.check()
       const acc = per.get(s.name)
       acc.lat.push(r.latencies)
@@ -891,8 +891,9 @@ async function ratePhase (ctx, subjects, tokens, watch) {
       acc.bad += r.non2xx + r.errors
       acc.cpu.push(cpu[0].usPerReq)
       acc.late = Math.max(acc.late, r.lateMs)
+      acc.noise.push(noise.subjectCore ?? noise.machine)
       console.log(`fixed rate round ${round}/${S.rate.rounds} ${s.name.padEnd(16)} ${fmt.int(S.rate.rps)} req/s  p50 ${fmt.ms(quantile(r.latencies, 0.5))} ms  ` +
-        `p99 ${fmt.ms(quantile(r.latencies, 0.99))} ms  max ${fmt.ms(r.latencies[r.latencies.length - 1])} ms  ${fmt.us(cpu[0].usPerReq)} µs/req` +
+        `p99 ${fmt.ms(quantile(r.latencies, 0.99))} ms  max ${fmt.ms(r.latencies[r.latencies.length - 1])} ms  ${fmt.us(cpu[0].usPerReq)} µs/req  other load ${fmtNoise(noise)}` +
         `${r.non2xx + r.errors ? `  NON-2XX/ERRORS: ${r.non2xx + r.errors}` : ''}`)
     }
   }
@@ -908,7 +909,8 @@ async function ratePhase (ctx, subjects, tokens, watch) {
       max: all[all.length - 1],
       cpu: median(acc.cpu),
       bad: acc.bad,
-      late: acc.late
+      late: acc.late,
+      noise: Math.max(...acc.noise.filter((x) => Number.isFinite(x)))
     }
   })
   const direct = rows.find((r) => r.name === 'direct')
@@ -921,13 +923,13 @@ async function ratePhase (ctx, subjects, tokens, watch) {
 
 function rateTable (rows) {
   const lines = [
-    '| subject | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | added p50 ms (vs direct) | added p99 ms (vs direct) | CPU µs/req | non-2xx / errors |',
-    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
+    '| subject | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | added p50 ms (vs direct) | added p99 ms (vs direct) | CPU µs/req | other load (worst round) | non-2xx / errors |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
   ]
   for (const r of rows) {
     const added = (x) => (r.name === 'direct' || x === undefined ? '–' : `${x >= 0 ? '+' : ''}${fmt.ms(x)}`)
     lines.push(`| ${r.name} | ${fmt.ms(r.p50)} | ${fmt.ms(r.p90)} | ${fmt.ms(r.p99)} | ${fmt.ms(r.p999)} | ${fmt.ms(r.max)} | ${added(r.added50)} | ${added(r.added99)} | ` +
-      `${fmt.us(r.cpu)} | ${r.bad === 0 ? '0' : `**${r.bad}**`} |`)
+      `${fmt.us(r.cpu)} | ${fmt.pct(r.noise)} | ${r.bad === 0 ? '0' : `**${r.bad}**`} |`)
   }
   return lines.join('\n')
 }
@@ -1430,7 +1432,8 @@ async function main () {
       `Open loop (bench/lib/open-loop.mjs): one request every ${fmt.n2(1000 / S.rate.rps)} ms whatever the answers, up to 256 connections, latency measured from the moment each request was due ` +
       `(a stall shows in every request scheduled during it). ${S.rate.duration} s per subject and round, ${S.rate.rounds} interleaved rounds, subjects already warm from the HTTP table; ` +
       'percentiles over all rounds\' requests together. "added" = the row\'s percentile minus direct\'s: what the proxy adds, with the scheduler\'s ~1 ms tick and the app cancelled out. ' +
-      'CPU µs/req here is at a light load (the core mostly idle), so it is higher than under saturation (fewer requests share each wake-up).')
+      'CPU µs/req here is at a light load (the core mostly idle), so it is higher than under saturation (fewer requests share each wake-up). ' +
+      '"other load": busy time on the subject core from anything but the subject, the app and its Redis (other users of the machine), in % of the core, worst round: a tail in a round with high other load is the machine\'s, not the subject\'s.')
   }
   if (down) {
     sections.push(`## Redis down: gateway-redis while its Redis is up, hung, dead\n\n${redisDownTable(down.phases)}\n\n` +
