@@ -6,6 +6,8 @@
 //   PROXY_PIPELINING  undici pipelining depth to the app (default 1)
 //   PROXY_BUFFER_BYTES  answers with a Content-Length up to this size are read
 //                       whole and sent as one Buffer instead of piped (default 0: off)
+//   PROXY_DISABLE_CACHE=1  reply-from's URL cache off
+// With PROXY_BUFFER_BYTES=16384 PROXY_DISABLE_CACHE=1 it has the gateway's proxy tuning (row plain-proxy-tuned).
 // Prints {"port":N} on stdout once listening.
 import Fastify from 'fastify'
 import httpProxy from '@fastify/http-proxy'
@@ -17,12 +19,13 @@ if (!upstream) {
 }
 const pipelining = Number(process.env.PROXY_PIPELINING ?? 1)
 const bufferBytes = Number(process.env.PROXY_BUFFER_BYTES ?? 0)
+const disableCache = process.env.PROXY_DISABLE_CACHE === '1'
 
 const replyOptions = {}
 if (bufferBytes > 0) {
   replyOptions.onResponse = (_request, reply, res) => {
     const len = Number(res.headers['content-length'])
-    if (!(len <= bufferBytes) || typeof res.stream.bytes !== 'function') return reply.send(res.stream)
+    if (_request.method === 'HEAD' || !(len <= bufferBytes) || typeof res.stream.bytes !== 'function') return reply.send(res.stream)
     res.stream.bytes().then((b) => reply.send(Buffer.from(b.buffer, b.byteOffset, b.byteLength)), (err) => reply.send(err))
   }
 }
@@ -32,6 +35,7 @@ await app.register(httpProxy, {
   upstream,
   websocket: true,
   undici: { connections: 128, pipelining },
+  disableCache,
   replyOptions
 })
 await app.listen({ host: '127.0.0.1', port: Number(process.env.BENCH_PORT ?? 0) })
