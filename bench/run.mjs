@@ -114,7 +114,10 @@ const S = {
     // must have headroom, or the run measures queueing, not the latency a proxy adds.
     rps: ['', 'auto', undefined].includes(process.env.BENCH_RATE?.trim()) ? 'auto' : envNumber('BENCH_RATE', 1000, { min: 0 }),
     duration: envNumber('BENCH_RATE_DURATION', 8, { min: 1 }),
-    rounds: envNumber('BENCH_RATE_ROUNDS', 2, { min: 1, integer: true })
+    rounds: envNumber('BENCH_RATE_ROUNDS', 2, { min: 1, integer: true }),
+    // Seconds at the same rate before each measurement, discarded: right after saturation a Node process pays for
+    // the heap it grew (V8's memory reducer, major GCs) in its first seconds at a light load.
+    warmup: envNumber('BENCH_RATE_WARMUP', 2)
   },
   // 2. Redis down
   redisDown: {
@@ -882,6 +885,7 @@ async function ratePhase (ctx, subjects, tokens, watch) {
     const order = subjects.map((_s, i) => subjects[(i + round - 1) % subjects.length])
     for (const s of order) {
       const run = ctx.httpRuns.get(s.name)
+      if (S.rate.warmup > 0) await openLoop(run.url, { path: `${REQUEST_PATH}fixed-rate`, rate: S.rate.rps, seconds: S.rate.warmup, tokens: s.auth ? jwts : undefined })
       const win = cpuWindow([{ label: 'subject', pid: run.pid }, ...run.others], ctx.pin)
       const r = await openLoop(run.url, { path: `${REQUEST_PATH}fixed-rate`, rate: S.rate.rps, seconds: S.rate.duration, tokens: s.auth ? jwts : undefined })
       const { cpu, noise } = win.stop().summarize(r.sent)
@@ -1280,7 +1284,7 @@ async function main () {
 
   const wsRound = S.ws.warmup + S.ws.duration + 1
   const planned = subjects.length * (S.prime + S.rounds * (S.warmup + S.duration)) +
-    (S.rate.rps !== 0 ? subjects.length * S.rate.rounds * (S.rate.duration + 1) : 0) +
+    (S.rate.rps !== 0 ? subjects.length * S.rate.rounds * (S.rate.warmup + S.rate.duration + 1) : 0) +
     (S.redisDown.enabled ? (S.redisDown.warmup ?? (subjects.some((s) => s.name === 'gateway-redis') ? 3 : 10)) + 3 * S.redisDown.duration + 10 : 0) +
     wsSubjects.length * (S.ws.prime + S.rounds * wsRound) +
     memTargets.length * (2 * S.ws.settle + 5 + S.ws.connections * 0.004)
@@ -1431,7 +1435,7 @@ async function main () {
   if (fixed) {
     sections.push(`## Fixed rate: the latency each subject adds at ${fmt.int(S.rate.rps)} req/s (open loop)\n\n${rateTable(fixed)}\n\n` +
       `Open loop (bench/lib/open-loop.mjs): one request every ${fmt.n2(1000 / S.rate.rps)} ms whatever the answers, up to 256 connections, latency measured from the moment each request was due ` +
-      `(a stall shows in every request scheduled during it). ${S.rate.duration} s per subject and round, ${S.rate.rounds} interleaved rounds, subjects already warm from the HTTP table; ` +
+      `(a stall shows in every request scheduled during it). ${S.rate.duration} s per subject and round after ${S.rate.warmup} s at the same rate (discarded), ${S.rate.rounds} interleaved rounds, subjects already warm from the HTTP table; ` +
       'percentiles over all rounds\' requests together. "added" = the row\'s percentile minus direct\'s: what the proxy adds, with the scheduler\'s ~1 ms tick and the app cancelled out. ' +
       'CPU µs/req here is at a light load (the core mostly idle), so it is higher than under saturation (fewer requests share each wake-up). ' +
       '"other load": busy time on the subject core from anything but the subject, the app and its Redis (other users of the machine), in % of the core, worst round: a tail in a round with high other load is the machine\'s, not the subject\'s.')
