@@ -15,7 +15,7 @@ import type { Audit } from '../observability/audit.js'
 import type { AuthFailureReason, Transport } from '../observability/metrics.js'
 import { authChallenge, FORBIDDEN, type Challenge } from './challenge.js'
 import { checkClaims, type Claims, type Identity } from './identity.js'
-import type { KeyStore } from './keys.js'
+import type { KeyResult, KeyStore } from './keys.js'
 import { extractToken } from './token.js'
 import { VerifiedTokens, type VerifiedToken } from './verified.js'
 import { transportAllowsToken } from './transport.js'
@@ -68,7 +68,6 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
   app.decorateRequest('identity', null)
   app.decorateRequest('transport', 'http')
   app.decorateRequest('bearerToken', null)
-  app.decorateRequest('keyResolved', false)
   app.decorateRequest('keyPem', null)
 
   await app.register(fastifyJwt, {
@@ -77,19 +76,17 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
       if (typeof alg !== 'string' || !allowed.has(alg)) return cb(KEY_ERRORS.alg_not_allowed as KeyError)
       const kid = token.header.kid
       if (kid !== undefined && typeof kid !== 'string') return cb(KEY_ERRORS.malformed as KeyError)
-      const found = keys.lookup(kid, alg)
-      if ('then' in found) {
-        found.then((r) => {
-          if ('key' in r) { request.keyResolved = true; request.keyPem = r.key.pem; cb(null, r.key.pem) } else cb(KEY_ERRORS[r.error] as KeyError)
-        }, cb)
-        return
+      const answer = (r: KeyResult): void => {
+        if ('key' in r) { request.keyPem = r.key.pem; cb(null, r.key.pem) } else cb(KEY_ERRORS[r.error] as KeyError)
       }
-      if ('key' in found) { request.keyResolved = true; request.keyPem = found.key.pem; cb(null, found.key.pem) } else cb(KEY_ERRORS[found.error] as KeyError)
+      const found = keys.lookup(kid, alg)
+      if ('then' in found) found.then(answer, cb)
+      else answer(found)
     },
     decode: { complete: true },
     verify: {
       algorithms: config.auth.algorithms,
-      clockTolerance: config.auth.clockToleranceSec * 1000, // fast-jwt takes ms
+      clockTolerance: clockToleranceMs, // fast-jwt takes ms
       cache: false, // VerifiedTokens (verified.ts) answers repeated tokens before fast-jwt is called
       complete: true,
       extractToken: (request: FastifyRequest) => request.bearerToken ?? undefined
@@ -139,9 +136,10 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
     if (!transportAllowsToken(request, config.server.allowInsecureHttp)) { deny(request, reply, 'insecure_transport', transport); return }
 
     const token = found.token
-    // Upgrades: keyed by the token (it may come from the query or the protocol header).
+    // Same keys as above: the header value when the token came in one, else the token (query or protocol header).
+    // Plain HTTP already looked its header up; an upgrade looks up here, after extraction ruled out multiple tokens.
     const cacheKey = found.source === 'header' && authorization !== undefined ? authorization : token
-    if (found.source !== 'header' && cachedAdmit(request, reply, cacheKey, path, done)) return
+    if (transport === 'ws' && cachedAdmit(request, reply, cacheKey, path, done)) return
     verify(request, token).then((r) => {
       if (typeof r === 'string') { deny(request, reply, r, transport); return }
       if (!('identity' in r)) { deny(request, reply, r.problem, transport, r.sub); return }
@@ -176,7 +174,7 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
     try {
       decoded = await request.jwtVerify<DecodedToken>()
     } catch (err) {
-      return classify(err as Error & { code?: string }, request.keyResolved)
+      return classify(err as Error & { code?: string }, request.keyPem !== null)
     } finally {
       request.bearerToken = null
     }

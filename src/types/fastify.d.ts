@@ -9,9 +9,10 @@ declare module 'fastify' {
     transport: Transport
     /** The bearer token of this request, for @fastify/jwt's extractToken only. */
     bearerToken: string | null
-    /** Whether the signing key was resolved (tells malformed from bad signature). */
-    keyResolved: boolean
-    /** The key (PEM) that verified this request's token, for the verified-token cache. */
+    /**
+     * The key (PEM) resolved for this request's token: non-null tells a bad
+     * signature from a malformed token, and the verified-token cache keeps it.
+     */
     keyPem: string | null
   }
 }
