@@ -39,14 +39,8 @@ export class WsMessageLimiter {
   /** `limit` is read per message, so a config reload applies to open connections too. */
   constructor (private readonly store: LimitStore, private readonly limit: () => { max: number, windowMs: number }) {}
 
-  check (sub: string): Promise<MessageVerdict> {
-    return new Promise((resolve, reject) => {
-      this.checkCallback(sub, (err, verdict) => { if (verdict !== undefined) resolve(verdict); else reject(err) })
-    })
-  }
-
-  /** The same, callback style: the in-process store answers synchronously (inside this call). */
-  checkCallback (sub: string, cb: (err: Error | null, verdict?: MessageVerdict) => void): void {
+  /** Counts one message of `sub`; the in-process store answers synchronously (inside this call). */
+  check (sub: string, cb: (err: Error | null, verdict?: MessageVerdict) => void): void {
     const { max, windowMs } = this.limit()
     this.store.incr(`wsmsg:${sub}`, (err, res) => {
       if (err !== null || res === undefined) return cb(err ?? new Error('no result'))

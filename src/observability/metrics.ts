@@ -59,9 +59,10 @@ export type WsCloseReason = typeof WS_CLOSE_REASONS[number]
 
 const LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
 
-export function statusClass (code: number): StatusClass {
+/** Index into STATUS_CLASSES of an HTTP status; anything outside 1xx-5xx counts as 5xx. */
+export function statusClassIndex (code: number): number {
   const c = Math.floor(code / 100)
-  return (c >= 1 && c <= 5 ? `${c}xx` : '5xx') as StatusClass
+  return c >= 1 && c <= 5 ? c - 1 : 4
 }
 
 export type Metrics = ReturnType<typeof createMetrics>
@@ -179,8 +180,7 @@ export function createMetrics () {
   return {
     registry,
     observeRequest (status: number, seconds: number): void {
-      const c = Math.floor(status / 100) - 1
-      duration.observe(c >= 0 && c <= 4 ? c : 4, seconds)
+      duration.observe(statusClassIndex(status), seconds)
     },
     authFailures,
     forbidden,

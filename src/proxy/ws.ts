@@ -358,7 +358,7 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
       return
     }
     /** The verdict for one message: forward it, refuse it, or end the session when the store refused. */
-    const settle = (_err: Error | null, verdict: MessageVerdict | undefined, data: Buffer, isBinary: boolean, size: number): void => {
+    const settle = (verdict: MessageVerdict | undefined, data: Buffer, isBinary: boolean, size: number): void => {
       s.pending--
       s.pendingBytes -= size
       if (verdict === undefined) {
@@ -387,22 +387,23 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
       if ((s.pending >= MAX_PENDING_MESSAGES || s.pendingBytes + target.bufferedAmount > ws.maxBuffered) && !client.isPaused) client.pause()
       if (idle) {
         let sync = true
-        let answer: [Error | null, MessageVerdict | undefined] | undefined
+        let answered = false
+        let answer: MessageVerdict | undefined
         let release: (() => void) | undefined
-        messages.checkCallback(s.identity.sub, (err, verdict) => {
-          if (sync) { answer = [err, verdict]; return }
+        messages.check(s.identity.sub, (_err, verdict) => {
+          if (sync) { answered = true; answer = verdict; return }
           release?.() // the next message's check starts after this (a microtask): order is kept
-          settle(err, verdict, data, isBinary, size)
+          settle(verdict, data, isBinary, size)
         })
         sync = false
-        if (answer !== undefined) settle(answer[0], answer[1], data, isBinary, size)
+        if (answered) settle(answer, data, isBinary, size)
         else s.queue = new Promise((resolve) => { release = resolve }) // later messages wait for this one
         return
       }
       s.queue = s.queue.then(() => new Promise<void>((resolve) => {
-        messages.checkCallback(s.identity.sub, (err, verdict) => {
+        messages.check(s.identity.sub, (_err, verdict) => {
           resolve()
-          settle(err, verdict, data, isBinary, size)
+          settle(verdict, data, isBinary, size)
         })
       }))
     })
