@@ -29,7 +29,7 @@ import autocannon from 'autocannon'
 import { SignJWT, calculateJwkThumbprint, exportJWK, exportSPKI, generateKeyPair } from 'jose'
 import {
   busySeconds, cpuSeconds, describeTail, freePorts, installCleanup, openFilesLimit, rssKiB, setupPinning, spawnNode, stopAll, stopChild,
-  spawnProcess, waitHello, waitHttpOk
+  hasCommand, spawnProcess, waitHello, waitHttpOk
 } from './lib/children.mjs'
 import { HAPROXY_HEALTH, haproxyConfig } from './subjects/haproxy.mjs'
 import { redisCommandStats, redisCommandsProcessed, redisServerVersion, startRedis } from './lib/redis.mjs'
@@ -1249,15 +1249,6 @@ function pick (list, envName, enabled) {
     console.log(`note: ${s.name} skipped: \`${s.requires}\` is not installed (Debian: apt-get install ${s.requires})`)
     return false
   })
-}
-
-function hasCommand (cmd) {
-  try {
-    execFileSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' })
-    return true
-  } catch {
-    return false
-  }
 }
 
 async function main () {

@@ -14,13 +14,18 @@ const children = new Set()
 
 // ---------------------------------------------------------------- pinning --
 
-function hasTaskset () {
-  try {
-    execFileSync('taskset', ['-V'], { stdio: 'ignore' })
-    return true
-  } catch {
-    return false
+const onPath = new Map()
+/** Whether `cmd` is an executable on PATH (asked once per command). */
+export function hasCommand (cmd) {
+  if (!onPath.has(cmd)) {
+    try {
+      execFileSync('sh', ['-c', 'command -v "$1"', 'sh', cmd], { stdio: 'ignore' })
+      onPath.set(cmd, true)
+    } catch {
+      onPath.set(cmd, false)
+    }
   }
+  return onPath.get(cmd)
 }
 
 /** "0-2,5" -> [0, 1, 2, 5] */
@@ -40,7 +45,7 @@ export function parseCpuList (s) {
  */
 export function setupPinning () {
   if (process.platform !== 'linux') return { applied: false, reason: 'not Linux' }
-  if (!hasTaskset()) return { applied: false, reason: 'taskset not found' }
+  if (!hasCommand('taskset')) return { applied: false, reason: 'taskset not found' }
   let allowed
   try {
     const out = execFileSync('taskset', ['-cp', String(process.pid)], { encoding: 'utf8' })
@@ -78,7 +83,7 @@ export function spawnNode (name, script, { args = [], execArgv = [], env = proce
  */
 export function spawnProcess (name, cmd, cmdArgs, { env = process.env, cwd, pin, pdeathsig = false } = {}) {
   let argv = [cmd, ...cmdArgs]
-  if (pdeathsig && hasSetpriv()) argv = ['setpriv', '--pdeathsig', 'SIGKILL', ...argv]
+  if (pdeathsig && hasCommand('setpriv')) argv = ['setpriv', '--pdeathsig', 'SIGKILL', ...argv]
   if (pin?.applied) argv = ['taskset', '-c', String(pin.subjectCpu), ...argv]
   const child = spawn(argv[0], argv.slice(1), { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] })
   child.benchName = name
@@ -113,19 +118,6 @@ export function spawnProcess (name, cmd, cmdArgs, { env = process.env, cwd, pin,
   })
   child.on('error', (err) => rejectHello(err))
   return child
-}
-
-let setprivOk
-function hasSetpriv () {
-  if (setprivOk === undefined) {
-    try {
-      execFileSync('setpriv', ['--version'], { stdio: 'ignore' })
-      setprivOk = true
-    } catch {
-      setprivOk = false
-    }
-  }
-  return setprivOk
 }
 
 /** Stops one child: SIGTERM, then SIGKILL after graceMs. Resolves when it has exited. */

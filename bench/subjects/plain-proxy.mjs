@@ -23,9 +23,9 @@ const disableCache = process.env.PROXY_DISABLE_CACHE === '1'
 
 const replyOptions = {}
 if (bufferBytes > 0) {
-  replyOptions.onResponse = (_request, reply, res) => {
+  replyOptions.onResponse = (request, reply, res) => {
     const len = Number(res.headers['content-length'])
-    if (_request.method === 'HEAD' || !(len <= bufferBytes) || typeof res.stream.bytes !== 'function') return reply.send(res.stream)
+    if (request.method === 'HEAD' || !(len <= bufferBytes) || typeof res.stream.bytes !== 'function') return reply.send(res.stream)
     res.stream.bytes().then((b) => reply.send(Buffer.from(b.buffer, b.byteOffset, b.byteLength)), (err) => reply.send(err))
   }
 }
