@@ -31,8 +31,6 @@ export class VerifiedTokens {
 
   constructor (private readonly max: number) {}
 
-  get size (): number { return this.entries.size }
-
   /** A hit costs one Map lookup: entries are not reordered (eviction is oldest-inserted first). */
   get (key: string, now: number): VerifiedToken | undefined {
     const e = this.entries.get(key)

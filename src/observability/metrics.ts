@@ -198,7 +198,7 @@ export function createMetrics () {
 }
 
 /** A count kept in a plain number; prom-client takes the increase at scrape time (take()). */
-export class LocalCount {
+class LocalCount {
   private n = 0
   inc (): void { this.n++ }
   take (): number {
