@@ -10,6 +10,10 @@
  * check is a Map lookup. It loads them at start, applies pub/sub messages as
  * they come, and rescans every RESYNC_MS (and after every reconnect) in case
  * a message was missed. Without Redis revocations apply to this process only.
+ *
+ * Every TTL, PX and PXAT sent to Redis is a whole number of milliseconds
+ * (Redis answers `ERR value is not an integer` otherwise, and a JWT `exp` may
+ * carry a fraction), and no revocation lives longer than MAX_REVOCATION_TTL_MS.
  */
 import type { Cluster, Redis } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
@@ -18,6 +22,14 @@ import type { Identity } from './identity.js'
 export const RESYNC_MS = 30_000
 /** Revocations held in memory; beyond it the earliest-expiring are dropped (Redis still has them). */
 export const MAX_LOCAL_REVOCATIONS = 1_000_000
+/**
+ * Hard cap on a revocation's lifetime (plus the clock tolerance), and on how far
+ * ahead an `exp` may lie to count when sizing it: 30 days. Access tokens live
+ * minutes to hours; an `exp` further ahead (or not a finite number) is still
+ * verified as usual but ignored here, so one odd token cannot make every
+ * revocation live for years or overflow Redis's expiry arithmetic.
+ */
+export const MAX_REVOCATION_TTL_MS = 30 * 24 * 3600_000
 
 export type RevocationKind = 'jti' | 'sub'
 export interface Revocation {
@@ -29,15 +41,19 @@ export interface Revocation {
   expiresAt: number
 }
 
+// KEYS[1] = the shared maximum `exp` (seconds); ARGV = candidate exp, its PXAT (ms), the largest sane exp.
+// Returns the maximum after the call. A stored value above the sane bound (written before it existed) or not a
+// number counts as none, so the next sane candidate replaces it.
 const MAXEXP_LUA = `
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if cur > tonumber(ARGV[3]) then cur = 0 end
 if tonumber(ARGV[1]) > cur then
   redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[2])
   return tonumber(ARGV[1])
 end
 return cur
 `
-type RevRedis = (Redis | Cluster) & { revMaxExp?: (key: string, exp: number, pxat: number) => Promise<number> }
+type RevRedis = (Redis | Cluster) & { revMaxExp?: (key: string, exp: number, pxat: number, saneMax: number) => Promise<number> }
 
 export interface RevocationOptions {
   redis: Redis | Cluster | undefined
@@ -87,14 +103,21 @@ export class Revocations {
     return false
   }
 
-  /** Tracks the latest `exp` seen, which sets how long a revocation must live. */
+  /**
+   * Tracks the latest `exp` seen (seconds), which sets how long a revocation
+   * must live. Called per request: one comparison unless `exp` is a new maximum.
+   * An `exp` more than MAX_REVOCATION_TTL_MS ahead, or not finite, is ignored.
+   */
   observe (exp: number): void {
-    if (exp <= this.maxExpSeen) return
-    this.maxExpSeen = exp
+    if (!(exp > this.maxExpSeen)) return // also false for NaN
+    if (!(exp * 1000 <= Date.now() + MAX_REVOCATION_TTL_MS)) return // also false for Infinity
+    // Whole seconds, rounded up: stored in Redis and turned into a PXAT.
+    const sec = Math.ceil(exp)
+    this.maxExpSeen = sec
     // Shared with the other replicas, at most once a minute of growth.
-    if (this.redis !== undefined && exp > this.maxExpPushed + 60 && this.redis.status === 'ready') {
-      this.maxExpPushed = exp
-      this.redis.revMaxExp?.(`${this.opts.keyPrefix}rev:maxexp`, exp, exp * 1000).catch(() => {})
+    if (this.redis !== undefined && sec > this.maxExpPushed + 60 && this.redis.status === 'ready') {
+      this.maxExpPushed = sec
+      this.redis.revMaxExp?.(`${this.opts.keyPrefix}rev:maxexp`, sec, sec * 1000, saneMaxExp(Date.now())).catch(() => {})
     }
   }
 
@@ -104,11 +127,12 @@ export class Revocations {
   async revoke (kind: RevocationKind, value: string, now = Date.now()): Promise<Revocation> {
     let maxExp = this.maxExpSeen
     if (this.redis?.revMaxExp !== undefined) {
-      maxExp = Math.max(maxExp, await this.redis.revMaxExp(`${this.opts.keyPrefix}rev:maxexp`, 0, now + 1000))
+      // The shared maximum may come from another replica (or an older version that stored any `exp`).
+      const shared = Number(await this.redis.revMaxExp(`${this.opts.keyPrefix}rev:maxexp`, 0, Math.ceil(now) + 1000, saneMaxExp(now)))
+      if (shared > maxExp) maxExp = shared
     }
-    const tolMs = this.opts.clockToleranceSec * 1000
-    const ttlMs = Math.max(maxExp * 1000 - now, this.opts.minTtlMs) + tolMs
-    const r: Revocation = { kind, value, at: Math.floor(now / 1000), expiresAt: now + ttlMs }
+    const ttlMs = revocationTtlMs(maxExp, now, this.opts.minTtlMs, this.opts.clockToleranceSec)
+    const r: Revocation = { kind, value, at: Math.floor(now / 1000), expiresAt: Math.ceil(now) + ttlMs }
     if (this.redis !== undefined) {
       await this.redis.set(this.key(kind, value), String(r.at), 'PX', ttlMs)
       await this.redis.publish(this.channel, JSON.stringify(r))
@@ -194,4 +218,21 @@ export class Revocations {
       } while (cursor !== '0')
     }
   }
+}
+
+/** The latest `exp` (whole seconds) that counts when sizing revocations at `now` (epoch ms). */
+function saneMaxExp (now: number): number {
+  return Math.ceil((now + MAX_REVOCATION_TTL_MS) / 1000)
+}
+
+/**
+ * How long a revocation made at `now` (epoch ms) must live, in whole
+ * milliseconds: until the latest `exp` seen (seconds) has passed, at least
+ * `minTtlMs`, at most MAX_REVOCATION_TTL_MS, plus the clock tolerance. A
+ * `maxExp` that is not finite counts as none.
+ */
+export function revocationTtlMs (maxExp: number, now: number, minTtlMs: number, clockToleranceSec: number): number {
+  const remaining = Number.isFinite(maxExp) ? maxExp * 1000 - now : 0
+  const ttl = Math.min(Math.max(remaining, minTtlMs), MAX_REVOCATION_TTL_MS)
+  return Math.ceil(ttl + clockToleranceSec * 1000)
 }
