@@ -546,14 +546,22 @@ t.test('role rules from YAML: 403 insufficient_scope, no bypass by case, encodin
     ['/API/Resonance/Admin/x', false],
     ['/api/resonance/x/../admin/x', true],
     ['/api/resonance/./admin/x', true],
-    ['/api/resonance/x/..%2fadmin/x', true],
     ['/api/resonance/%61dmin/x', false],
-    ['/api/resonance/admin%2Fx', false],
     ['/api/resonance//admin/x', true],
     ['/api/resonance/admin', false],
     ['/api/resonance/admin/', false]
   ] as const) {
     await t.test(`bypass attempt ${path}`, (tt) => forbidden(tt, path, useRaw))
+  }
+  // Targets the gateway will not canonicalise: refused before the token is even looked at.
+  for (const path of ['/api/resonance/x/..%2fadmin/x', '/api/resonance/admin%2Fx', '/api/resonance/admin#', '/api/resonance/admin\\x']) {
+    await t.test(`bypass attempt ${path}: 400 invalid_path`, async (tt) => {
+      upstream.reset()
+      const a = await raw(g.url, 'POST', path, { authorization: `Bearer ${user}` })
+      tt.equal(a.status, 400)
+      tt.match(JSON.parse(a.body), { error: 'invalid_request', error_description: 'The request path is invalid' })
+      tt.equal(upstream.requests.length, 0, 'the app never saw it')
+    })
   }
 
   await t.test('public path: served without a token, no X-User-* reaches the app', async (tt) => {

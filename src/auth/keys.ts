@@ -80,6 +80,11 @@ export class KeyStore {
   get size (): number { return this.keys.size }
   get error (): string | undefined { return this.lastError }
 
+  /** Whether a key for this kid/alg is in the current set (never fetches). */
+  has (kid: string | undefined, alg: string): boolean {
+    return this.find(kid, alg) !== undefined
+  }
+
   /**
    * The key for a token header. Synchronous for known kids; otherwise a
    * promise that resolves after at most one shared refetch.

@@ -10,15 +10,16 @@ import fastifyJwt from '@fastify/jwt'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { Config } from '../config/load.js'
 import type { LiveConfig } from '../config/live.js'
-import { normalizePath } from '../config/patterns.js'
+import { ruleAppliesTo } from '../config/patterns.js'
 import type { Audit } from '../observability/audit.js'
 import type { AuthFailureReason, Transport } from '../observability/metrics.js'
 import { authChallenge, FORBIDDEN, type Challenge } from './challenge.js'
 import { checkClaims, type Claims, type Identity } from './identity.js'
 import type { KeyResult, KeyStore } from './keys.js'
-import { extractToken } from './token.js'
+import { extractToken, tokenHeader } from './token.js'
+import { canonicalTarget, rulePath, targetPath } from './target.js'
 import { VerifiedTokens, type VerifiedToken } from './verified.js'
-import { transportAllowsToken } from './transport.js'
+import { isWebSocketHandshake, transportAllowsToken } from './transport.js'
 import type { AuthFailureLimiter } from '../limits/auth-failures.js'
 import type { Revocations } from './revocation.js'
 
@@ -48,10 +49,16 @@ const KEY_ERRORS: Partial<Record<AuthFailureReason, KeyError>> = {
 
 interface DecodedToken { header: Claims, payload: Claims }
 
-export function isUpgrade (request: FastifyRequest): boolean {
-  const u = request.headers.upgrade
-  return u !== undefined && u.toLowerCase() === 'websocket'
-}
+/**
+ * Failures that count towards the per-IP limit: presented tokens that failed
+ * verification (each cost a parse and possibly a signature check or a key
+ * lookup). Not counted: no token, a token over plain HTTP, a bad path, the
+ * issuer's JWKS being down, a revoked (but genuine) token.
+ */
+const COUNTED: ReadonlySet<AuthFailureReason> = new Set<AuthFailureReason>([
+  'malformed', 'multiple_tokens', 'alg_not_allowed', 'unknown_kid', 'bad_signature', 'expired', 'not_yet_valid',
+  'wrong_issuer', 'wrong_audience', 'missing_claim', 'wrong_token_type'
+])
 
 export function send (reply: FastifyReply, c: Challenge): FastifyReply {
   return reply.code(c.status).headers(c.headers).send(c.body)
@@ -96,29 +103,39 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
   function deny (request: FastifyRequest, reply: FastifyReply, reason: AuthFailureReason, transport: Transport, sub?: string): FastifyReply {
     const c = authChallenge(reason)
     audit.denied(request, { event: 'auth_failure', reason, transport, status: c.status, sub })
-    failures.record(request.ip)
+    if (COUNTED.has(reason)) failures.record(request.ip)
     return send(reply, c)
+  }
+
+  /** An IP over the failure limit whose token did not verify (or was not even tried): 429. */
+  function tooManyFailures (request: FastifyRequest, reply: FastifyReply, wait: number): void {
+    audit.denied(request, { event: 'rate_limited', reason: 'auth_failures', transport: request.transport, status: 429 })
+    reply.code(429).header('retry-after', wait).type('application/json; charset=utf-8').send(TOO_MANY_FAILURES)
+  }
+
+  /**
+   * While an IP is blocked its tokens are still verified (a genuine token is
+   * never refused by this limit), but one whose key is not already known is
+   * refused without a JWKS fetch: each bad token costs at most one signature check.
+   */
+  function keyKnown (token: string): boolean {
+    const h = tokenHeader(token)
+    if (h === undefined || typeof h.alg !== 'string' || !allowed.has(h.alg)) return false
+    if (h.kid !== undefined && typeof h.kid !== 'string') return false
+    return keys.has(h.kid, h.alg)
   }
 
   // A callback hook: a cached token is served without a promise per request.
   app.addHook('onRequest', (request, reply, done) => {
-    const transport: Transport = isUpgrade(request) ? 'ws' : 'http'
+    const transport: Transport = isWebSocketHandshake(request.raw) ? 'ws' : 'http'
     request.transport = transport
+    // One canonical target per request: rules match it and the app receives it.
+    const target = canonicalTarget(request.url)
+    if (target === undefined) { deny(request, reply, 'invalid_path', transport); return }
+    if (target !== request.raw.url) request.raw.url = target
     const auth = live.current.auth
-
-    let path: string | undefined
-    if (auth.publicPaths.length > 0 || auth.routes.length > 0) {
-      path = normalizePath(request.url)
-      if (path === undefined) { deny(request, reply, 'invalid_path', transport); return }
-      if (auth.isPublic(path)) { done(); return }
-    }
-
-    const wait = failures.blockedFor(request.ip)
-    if (wait > 0) {
-      audit.denied(request, { event: 'rate_limited', reason: 'auth_failures', transport, status: 429 })
-      reply.code(429).header('retry-after', wait).type('application/json; charset=utf-8').send(TOO_MANY_FAILURES)
-      return
-    }
+    if (auth.publicPaths.length > 0 && auth.isPublic(targetPath(target))) { done(); return }
+    const path = auth.routes.length > 0 ? rulePath(target) : undefined
 
     // Plain HTTP with a header seen before: the cache is keyed by the whole header value.
     const authorization = request.headers.authorization
@@ -126,7 +143,7 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
 
     const found = extractToken({
       authorization,
-      url: request.url,
+      url: target,
       protocolHeader: request.headers['sec-websocket-protocol'],
       upgrade: transport === 'ws'
     })
@@ -136,13 +153,20 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
     if (!transportAllowsToken(request, config.server.allowInsecureHttp)) { deny(request, reply, 'insecure_transport', transport); return }
 
     const token = found.token
-    // Same keys as above: the header value when the token came in one, else the token (query or protocol header).
-    // Plain HTTP already looked its header up; an upgrade looks up here, after extraction ruled out multiple tokens.
-    const cacheKey = found.source === 'header' && authorization !== undefined ? authorization : token
+    // Same keys as above: the header value when the token came in one. A token
+    // from the query or the subprotocol is keyed as the header that would carry
+    // it, so a key can only ever be hit by a header that really says Bearer.
+    const cacheKey = found.source === 'header' && authorization !== undefined ? authorization : `Bearer ${token}`
     if (transport === 'ws' && cachedAdmit(request, reply, cacheKey, path, done)) return
+    const blocked = failures.blockedFor(request.ip)
+    if (blocked > 0 && !keyKnown(token)) { tooManyFailures(request, reply, blocked); return }
     verify(request, token).then((r) => {
-      if (typeof r === 'string') { deny(request, reply, r, transport); return }
-      if (!('identity' in r)) { deny(request, reply, r.problem, transport, r.sub); return }
+      if (typeof r === 'string' || !('identity' in r)) {
+        if (blocked > 0) { tooManyFailures(request, reply, blocked); return }
+        if (typeof r === 'string') deny(request, reply, r, transport)
+        else deny(request, reply, r.problem, transport, r.sub)
+        return
+      }
       verified.set(cacheKey, r)
       admit(request, reply, r.identity, path, transport, done)
     }, done).catch((err: Error) => {
@@ -203,8 +227,7 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
 /** Every matching rule must be satisfied: adding a rule never loosens access. */
 function rolesAllow (rules: Config['auth']['routes'], method: string, path: string, identity: Identity): boolean {
   for (const rule of rules) {
-    if (rule.methods.length > 0 && !(rule.methods as string[]).includes(method)) continue
-    if (!rule.match(path)) continue
+    if (!ruleAppliesTo(rule.methods, method) || !rule.match(path)) continue
     if (!rule.roles.some((r) => identity.roles.includes(r))) return false
   }
   return true

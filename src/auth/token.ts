@@ -40,8 +40,8 @@ export function extractToken (req: TokenCarrier): Extracted {
     else found.push({ token: m[1] as string, source: 'header' })
   }
   if (req.upgrade) {
-    const q = queryToken(req.url)
-    if (q !== undefined) found.push({ token: q, source: 'query' })
+    const q = queryTokens(req.url)
+    for (const token of q) found.push({ token, source: 'query' })
     const p = protocolToken(req.protocolHeader)
     if (p === null) malformed = true
     else if (p !== undefined) found.push({ token: p, source: 'protocol' })
@@ -55,30 +55,86 @@ export function extractToken (req: TokenCarrier): Extracted {
   return { kind: 'token', token: one.token, source: one.source }
 }
 
-/** The access_token query value, undefined when absent. */
-export function queryToken (url: string): string | undefined {
+/** The non-empty access_token query values (exact name, after percent-decoding). */
+export function queryTokens (url: string): string[] {
   const q = url.indexOf('?')
-  if (q === -1) return undefined
+  if (q === -1) return []
   // URLSearchParams decodes names too: `access%5Ftoken` is the same parameter to the app.
-  const v = new URLSearchParams(url.slice(q + 1)).get('access_token')
-  return v === null || v === '' ? undefined : v
+  return new URLSearchParams(url.slice(q + 1)).getAll('access_token').filter((v) => v !== '')
 }
 
-/** Removes every access_token parameter from a request target. */
+/**
+ * Whether a query parameter name is a spelling of access_token to some
+ * server-side parser: any letter case, percent-encoded, with a `[...]` suffix
+ * (qs, PHP, Rack arrays), `.`, space or `[` where `_` stands (PHP rewrites
+ * those to `_`), or cut short by a NUL. Also catches names that merely start
+ * with `access_token_`, which is the safe side.
+ */
+export function isTokenParamName (rawName: string): boolean {
+  let name = rawName
+  if (name.includes('%') || name.includes('+')) {
+    try { name = decodeURIComponent(name.replaceAll('+', ' ')) } catch { return false }
+  }
+  if (name.length < 12) return false
+  const nul = name.indexOf('\0')
+  if (nul !== -1) name = name.slice(0, nul)
+  const n = name.toLowerCase().trim().replace(/[ .[\]]/g, '_')
+  return n === 'access_token' || n.startsWith('access_token_')
+}
+
+/**
+ * Removes every access_token parameter, in any spelling (isTokenParamName),
+ * from a request target. Parameters are split on `&` and also on `;` (some
+ * parsers accept it as a separator); everything else is kept byte for byte.
+ */
 export function stripQueryToken (url: string): string {
   const q = url.indexOf('?')
   if (q === -1) return url
-  const kept = url.slice(q + 1).split('&').filter((p) => {
-    const name = p.split('=', 1)[0] as string
-    let decoded = name
-    try { decoded = decodeURIComponent(name.replaceAll('+', ' ')) } catch {}
-    return decoded !== 'access_token'
-  })
+  const query = url.slice(q + 1)
+  // Cheap pre-check: no parameter name could be a spelling without these letters.
+  if (!/access|%/i.test(query)) return url
+  const kept: string[] = []
+  for (const part of query.split('&')) {
+    const pieces = part.split(';')
+    const left = pieces.filter((p) => !isTokenParamName(p.split('=', 1)[0] as string))
+    if (left.length === pieces.length) kept.push(part)
+    else if (left.some((p) => p !== '')) kept.push(left.join(';'))
+  }
   return kept.length === 0 ? url.slice(0, q) : `${url.slice(0, q)}?${kept.join('&')}`
+}
+
+/**
+ * The decoded JOSE header of a compact JWS, or undefined when it is not one:
+ * a cheap look at `kid`/`alg` without verifying anything.
+ */
+export function tokenHeader (token: string): Record<string, unknown> | undefined {
+  const dot = token.indexOf('.')
+  if (dot <= 0) return undefined
+  try {
+    const h: unknown = JSON.parse(Buffer.from(token.slice(0, dot), 'base64url').toString('utf8'))
+    return typeof h === 'object' && h !== null && !Array.isArray(h) ? h as Record<string, unknown> : undefined
+  } catch {
+    return undefined
+  }
 }
 
 function splitProtocols (header: string): string[] {
   return header.split(',').map((s) => s.trim()).filter((s) => s.length > 0)
+}
+
+/** RFC 6455 §4.1 / RFC 7230 token characters: what a subprotocol name may contain. */
+const PROTOCOL_RE = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/
+
+/**
+ * Whether a Sec-WebSocket-Protocol header can be answered: every entry a
+ * token and no entry twice (RFC 6455 §4.1; `ws` refuses such a handshake
+ * too, so it is answered 400 before the app or a connection slot is involved).
+ */
+export function protocolsValid (header: string | undefined): boolean {
+  if (header === undefined) return true
+  const list = header.split(',').map((s) => s.trim())
+  if (list.some((p) => !PROTOCOL_RE.test(p))) return false
+  return new Set(list).size === list.length
 }
 
 /**

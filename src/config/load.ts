@@ -10,7 +10,7 @@ import { ConfigInvalidError } from '../errors.js'
 import { LEAVES, type LeafPath, type LeafValues } from './settings.js'
 import { duration, int, type JwtAlgorithm, type LogLevel, type TrustProxy } from './parsers.js'
 import { DEFAULT_RATE_LIMIT_WINDOW_MS, type StoreErrorPolicy, type WsLimitAction } from './settings.js'
-import { compilePattern, patternError, type PathMatcher } from './patterns.js'
+import { compileExactPattern, compilePattern, patternError, type PathMatcher } from './patterns.js'
 
 export const DEFAULT_CONFIG_FILE = 'config/gateway.yaml'
 
@@ -164,7 +164,7 @@ export function loadConfig (opts: LoadOptions = {}): Config {
     throw new ConfigInvalidError(errors.map((e) => `  - ${e}`).join('\n'))
   }
 
-  const publicMatchers = publicPaths.map(compilePattern)
+  const publicMatchers = publicPaths.map(compileExactPattern)
   const config: Config = {
     source,
     server: {

@@ -16,7 +16,8 @@ import rateLimit from '@fastify/rate-limit'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { Config } from '../config/load.js'
 import type { LiveConfig } from '../config/live.js'
-import { normalizePath } from '../config/patterns.js'
+import { ruleAppliesTo } from '../config/patterns.js'
+import { rulePath } from '../auth/target.js'
 import type { Audit } from '../observability/audit.js'
 import type { Identity } from '../auth/identity.js'
 import { AuthFailureLimiter } from './auth-failures.js'
@@ -54,13 +55,11 @@ export function policyFor (request: FastifyRequest, limits: Config['rateLimit'])
   }
   if (isExempt(id, limits)) return null
   if (limits.routes.length > 0) {
-    const path = normalizePath(request.url)
-    if (path !== undefined) {
-      for (const rule of limits.routes) {
-        if (rule.methods.length > 0 && !(rule.methods as string[]).includes(request.method)) continue
-        if (!rule.match(path)) continue
-        return { key: `${rule.id}:${id.sub}`, max: rule.max, windowMs: rule.windowMs, reason: 'route_limit' }
-      }
+    // request.url is the canonical target by now (auth rewrote it).
+    const path = rulePath(request.url)
+    for (const rule of limits.routes) {
+      if (!ruleAppliesTo(rule.methods, request.method) || !rule.match(path)) continue
+      return { key: `${rule.id}:${id.sub}`, max: rule.max, windowMs: rule.windowMs, reason: 'route_limit' }
     }
   }
   for (const r of limits.roles) {

@@ -24,11 +24,12 @@ import type { Identity } from '../auth/identity.js'
 import type { Revocation, Revocations } from '../auth/revocation.js'
 import type { Audit } from '../observability/audit.js'
 import type { Metrics, WsCloseReason, WsDirection } from '../observability/metrics.js'
-import { appProtocols, BEARER_PROTOCOL, protocolToken, stripQueryToken } from '../auth/token.js'
+import { appProtocols, BEARER_PROTOCOL, protocolsValid, protocolToken, stripQueryToken } from '../auth/token.js'
 import type { ConnectionSlots, MessageVerdict, WsMessageLimiter } from '../limits/ws.js'
 import { isExempt } from '../limits/http.js'
 import { authChallenge } from '../auth/challenge.js'
 import { send } from '../auth/plugin.js'
+import { isWebSocketHandshake } from '../auth/transport.js'
 import { upstreamWsHeaders } from './headers.js'
 import { forwardContext } from './context.js'
 import { UPSTREAM_ERROR_BODY, upstreamErrorStatus } from './errors.js'
@@ -105,11 +106,28 @@ const UPGRADE_CONSTRAINT = {
       set: (v: string, store: unknown) => { handlers.set(v, store) }
     }
   },
+  // Only a real handshake (Node's req.upgrade: `Connection: Upgrade` too);
+  // `Upgrade: websocket` alone on a keep-alive GET is an HTTP request.
   deriveConstraint (req: IncomingMessage): string | undefined {
-    const u = req.headers.upgrade
-    return u !== undefined && u.toLowerCase() === 'websocket' ? 'websocket' : undefined
+    return isWebSocketHandshake(req) ? 'websocket' : undefined
   },
   mustMatchWhenDerived: true
+}
+
+/** A Sec-WebSocket-Key is 16 random bytes in base64 (RFC 6455 §4.1). */
+const WS_KEY_RE = /^[+/0-9A-Za-z]{22}==$/
+
+/**
+ * What `ws` would refuse in the handshake, checked before a connection slot is
+ * taken or the app is contacted: a description of the problem, or undefined.
+ */
+function handshakeProblem (request: FastifyRequest): string | undefined {
+  const h = request.headers
+  if (h['sec-websocket-version'] !== '13') return 'Sec-WebSocket-Version must be 13'
+  const key = h['sec-websocket-key']
+  if (typeof key !== 'string' || !WS_KEY_RE.test(key.trim())) return 'Invalid Sec-WebSocket-Key'
+  if (!protocolsValid(h['sec-websocket-protocol'])) return 'Invalid or duplicated Sec-WebSocket-Protocol'
+  return undefined
 }
 
 /** Codes a peer may legally send in a close frame. */
@@ -166,6 +184,8 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
       audit.denied(request, { event: 'auth_failure', reason: 'missing_token', transport: 'ws', status: c.status })
       return send(reply, c)
     }
+    const problem = handshakeProblem(request)
+    if (problem !== undefined) return refuse(reply, 400, 'invalid_request', problem)
     const exempt = isExempt(identity, live.current.rateLimit)
     const slot = exempt ? { result: 'ok' as const, id: EXEMPT_SLOT } : await slots.acquire(identity.sub)
     if (slot.result === 'full') {
@@ -178,6 +198,21 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
         .send(JSON.stringify({ error: 'unavailable', error_description: 'Connection limits are temporarily unavailable' }))
     }
 
+    try {
+      return await openUpstream(request, reply, identity, slot.id)
+    } catch (err) {
+      // Whatever failed before the session existed, the slot goes back.
+      releaseSlot(identity.sub, slot.id)
+      throw err
+    }
+  }
+
+  /**
+   * Opens the app-side WebSocket for an admitted upgrade. On success the
+   * client-side handshake (handler: bridge) takes it over; on any refusal the
+   * slot is released here and the client gets a status.
+   */
+  async function openUpstream (request: FastifyRequest, reply: FastifyReply, identity: Identity, slotId: string): Promise<void> {
     const offered = request.headers['sec-websocket-protocol']
     const target = new WebSocket(base + stripQueryToken(request.url), appProtocols(offered), {
       headers: upstreamWsHeaders(request.headers, forwardContext(request, config)),
@@ -213,20 +248,20 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
     })
     if (outcome === null) {
       const token = protocolToken(offered)
-      const onClientGone = (): void => { target.terminate(); releaseSlot(identity.sub, slot.id) }
+      const onClientGone = (): void => { target.terminate(); releaseSlot(identity.sub, slotId) }
       request.raw.socket.once('close', onClientGone)
       pending.set(request.raw, {
         target,
         early,
         onEarly,
         protocol: target.protocol !== '' ? target.protocol : token !== undefined && token !== null ? BEARER_PROTOCOL : false,
-        slotId: slot.id,
+        slotId,
         onClientGone,
         startedAt: performance.now()
       })
       return
     }
-    releaseSlot(identity.sub, slot.id)
+    releaseSlot(identity.sub, slotId)
     if (outcome.status === 0) return // client left; nothing to answer
     if (outcome.status >= 500) {
       const kind = outcome.status === 504 ? 'timeout' : 'connect'
