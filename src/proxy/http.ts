@@ -2,7 +2,7 @@
  * HTTP forwarding with @fastify/http-proxy: streams request bodies (its
  * passthrough content parsers) and large or unsized answers, sends small sized
  * answers as one buffer, strips the access_token query parameter,
- * rewrites headers (proxy/headers.ts), and maps upstream failures to 502/504.
+ * rewrites headers both ways (proxy/headers.ts), and maps upstream failures to 502/504.
  * WebSocket upgrades never reach these routes (see proxy/ws.ts).
  */
 import httpProxy from '@fastify/http-proxy'
@@ -11,7 +11,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import type { Config } from '../config/load.js'
 import type { Metrics } from '../observability/metrics.js'
 import { stripQueryToken } from '../auth/token.js'
-import { rewriteUpstreamHeaders } from './headers.js'
+import { rewriteDownstreamHeaders, rewriteUpstreamHeaders, type ResponseHeaders } from './headers.js'
 import { forwardContext } from './context.js'
 import { UPSTREAM_ERROR_BODY, upstreamErrorKind, upstreamErrorStatus } from './errors.js'
 
@@ -40,6 +40,9 @@ export async function registerHttpProxy (app: FastifyInstance, config: Config, m
       },
       // reply-from passes its own copy of the request headers: rewritten in place.
       rewriteRequestHeaders: (request, headers) => rewriteUpstreamHeaders(headers, forwardContext(request as FastifyRequest, config)),
+      // The app's answer headers, before reply-from copies them onto the reply: for a client on HTTP/1.x it copies
+      // them all (Connection and Keep-Alive included; its own hop-by-hop filter only runs for HTTP/2 clients).
+      rewriteHeaders: (headers) => rewriteDownstreamHeaders(headers as ResponseHeaders),
       onError: (reply, { error }) => { upstreamFailed(reply as FastifyReply, error) },
       onResponse: (request, anyReply, raw) => {
         const reply = anyReply as FastifyReply

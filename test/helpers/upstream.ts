@@ -62,6 +62,23 @@ function streamBytes (res: http.ServerResponse, total: number): void {
   pump()
 }
 
+/** The query value for `/respond`: raw response header lines, in order, names as written. */
+export function respondHeaders (lines: Array<[string, string]>): string {
+  return encodeURIComponent(JSON.stringify(lines))
+}
+
+// `/respond?headers=<respondHeaders(...)>`: 200 with exactly those raw header lines (hop-by-hop ones included, e.g.
+// `Connection: keep-alive, X-Hop`), plus Content-Type and a JSON body like every other route. The body has a
+// Content-Length unless a `Trailer` line is given (Node sends that only with chunked bodies).
+function respond (res: http.ServerResponse, spec: string | null, payload: unknown): void {
+  const lines = spec === null ? [] : JSON.parse(spec) as Array<[string, string]>
+  const body = JSON.stringify(payload)
+  const raw: string[] = ['Content-Type', 'application/json']
+  if (!lines.some(([name]) => name.toLowerCase() === 'trailer')) raw.push('Content-Length', String(Buffer.byteLength(body)))
+  for (const [name, value] of lines) raw.push(name, value)
+  res.writeHead(200, raw).end(body)
+}
+
 export async function startUpstream (): Promise<TestUpstream> {
   const requests: Recorded[] = []
   const wsConnections: RecordedWs[] = []
@@ -97,6 +114,7 @@ export async function startUpstream (): Promise<TestUpstream> {
         res.writeHead(200, headers).end(body)
         return
       }
+      if (pathname === '/respond') return respond(res, searchParams.get('headers'), { method, url, headers: req.headers, bodyLength: body.length })
       if (pathname === '/redirect') {
         res.writeHead(302, { location: '/somewhere' }).end()
         return
