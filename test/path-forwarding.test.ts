@@ -215,6 +215,8 @@ t.test('WebSocket upgrades: the same canonical target, refused spellings never r
     ['/ws//chat/../admin', user, 403, null],
     ['/ws/%61dmin', user, 403, null],
     ['/ws/admin%2f', user, 400, null],
+    ['http://127.0.0.1/ws/chat', user, 400, null],
+    ['/ws/chat\\..\\admin', user, 400, null],
     ['/ws//chat/./room', user, 101, '/ws/chat/room'],
     ['/ws/%63hat?x=1', user, 101, '/ws/chat?x=1'],
     ['/ws//admin/', admin, 101, '/ws/admin/']
