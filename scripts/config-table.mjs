@@ -2,7 +2,8 @@
 // Usage: npm run build && node scripts/config-table.mjs
 import { LEAVES } from '../dist/config/settings.js'
 
-const DURATIONS = new Set(['server.shutdownDelay', 'server.shutdownTimeout', 'upstream.timeout', 'upstream.connectTimeout',
+const DURATIONS = new Set(['server.shutdownDelay', 'server.shutdownTimeout', 'server.requestTimeout', 'server.headersTimeout',
+  'server.keepAliveTimeout', 'upstream.timeout', 'upstream.connectTimeout',
   'auth.jwks.cacheTtl', 'auth.jwks.minRefreshInterval', 'auth.jwks.fetchTimeout', 'rateLimit.window', 'rateLimit.authFailures.window',
   'ws.messageLimit.window', 'ws.idleTimeout', 'ws.pingInterval'])
 const rows = ['| YAML key | Env | Default | Meaning |', '|---|---|---|---|',

@@ -50,6 +50,15 @@ export interface Config {
     shutdownDelayMs: number
     shutdownTimeoutMs: number
     configWatch: boolean
+    /** Whole request (headers and body) received within this. */
+    requestTimeoutMs: number
+    /** Request line and headers received within this; <= requestTimeoutMs. */
+    headersTimeoutMs: number
+    keepAliveTimeoutMs: number
+    /** Open client connections; 0 = derived from the file-descriptor limit at start. */
+    maxConnections: number
+    /** Open not-yet-authenticated connections per client address; 0 = no limit. */
+    maxUnauthenticatedPerIp: number
   }
   admin: { host: string, port: number, token: string | undefined }
   upstream: {
@@ -160,6 +169,12 @@ export function loadConfig (opts: LoadOptions = {}): Config {
     if (file !== undefined && !existsSync(file)) errors.push(`${path}: file not found: ${file}`)
   }
 
+  const requestTimeout = v['server.requestTimeout']
+  const headersTimeout = v['server.headersTimeout']
+  if (requestTimeout !== undefined && headersTimeout !== undefined && headersTimeout > requestTimeout) {
+    errors.push(`server.headersTimeout (HEADERS_TIMEOUT): must not be longer than server.requestTimeout (REQUEST_TIMEOUT, ${requestTimeout} ms)`)
+  }
+
   if (errors.length > 0) {
     throw new ConfigInvalidError(errors.map((e) => `  - ${e}`).join('\n'))
   }
@@ -175,7 +190,12 @@ export function loadConfig (opts: LoadOptions = {}): Config {
       trustProxy: v['server.trustProxy'],
       shutdownDelayMs: v['server.shutdownDelay'],
       shutdownTimeoutMs: v['server.shutdownTimeout'],
-      configWatch: v['server.configWatch']
+      configWatch: v['server.configWatch'],
+      requestTimeoutMs: v['server.requestTimeout'],
+      headersTimeoutMs: v['server.headersTimeout'],
+      keepAliveTimeoutMs: v['server.keepAliveTimeout'],
+      maxConnections: v['server.maxConnections'],
+      maxUnauthenticatedPerIp: v['server.maxUnauthenticatedPerIp']
     },
     admin: { host: v['admin.host'], port: v['admin.port'], token: v['admin.token'] },
     upstream: {

@@ -57,6 +57,13 @@ export const DEFAULT_WS_IDLE_TIMEOUT_MS = 10 * 60_000
 export const DEFAULT_REVOCATION_MIN_TTL_MS = 60 * 60_000
 export const DEFAULT_SHUTDOWN_DELAY_MS = 5_000
 export const DEFAULT_SHUTDOWN_TIMEOUT_MS = 30_000
+export const DEFAULT_REQUEST_TIMEOUT_MS = 60_000
+export const DEFAULT_HEADERS_TIMEOUT_MS = 10_000
+/** Fastify's own default: above the 60 s idle timeout of common load balancers, so they close first. */
+export const DEFAULT_KEEP_ALIVE_TIMEOUT_MS = 72_000
+/** 0 = derived from the process's file-descriptor limit (limits/connections.ts). */
+export const DEFAULT_MAX_CONNECTIONS = 0
+export const DEFAULT_MAX_UNAUTHENTICATED_PER_IP = 64
 
 /**
  * The table. Keys are YAML paths (dot-separated). Order = README order.
@@ -71,6 +78,11 @@ export const LEAVES = {
   'server.configWatch': leaf({ env: 'CONFIG_WATCH', parse: bool, default: false, doc: 'Reload the YAML file when it changes (SIGHUP always reloads). Public paths, role rules, rate and WebSocket limits and the log level apply to new requests; listeners, TLS, issuer, upstream and Redis need a restart.' }),
   'server.shutdownDelay': leaf({ env: 'SHUTDOWN_DELAY', parse: duration(), default: DEFAULT_SHUTDOWN_DELAY_MS, doc: 'On SIGTERM, how long `/readyz` reports 503 before the listener stops accepting (lets load balancers drain).' }),
   'server.shutdownTimeout': leaf({ env: 'SHUTDOWN_TIMEOUT', parse: duration(1000), default: DEFAULT_SHUTDOWN_TIMEOUT_MS, doc: 'Upper bound for the whole shutdown; the process exits after it even if requests are still open.' }),
+  'server.requestTimeout': leaf({ env: 'REQUEST_TIMEOUT', parse: duration(100), default: DEFAULT_REQUEST_TIMEOUT_MS, doc: 'Time a client has to send a whole request, headers and body; after it the connection is closed (408 when nothing was answered yet). Raise it for slow uploads.' }),
+  'server.headersTimeout': leaf({ env: 'HEADERS_TIMEOUT', parse: duration(100), default: DEFAULT_HEADERS_TIMEOUT_MS, doc: 'Time a client has to send the request line and headers, counted from the connection or from the end of the previous request; at most `REQUEST_TIMEOUT`.' }),
+  'server.keepAliveTimeout': leaf({ env: 'KEEP_ALIVE_TIMEOUT', parse: duration(100), default: DEFAULT_KEEP_ALIVE_TIMEOUT_MS, doc: 'An idle keep-alive connection is closed after this long. Keep it above the idle timeout of a load balancer in front (60 s for AWS ALB and nginx) so that it closes first.' }),
+  'server.maxConnections': leaf({ env: 'MAX_CONNECTIONS', parse: int(0, 1_000_000), default: DEFAULT_MAX_CONNECTIONS, doc: 'Open client connections (HTTP and WebSocket) the public listener holds; beyond it a new connection is closed at once. 0: derived from the file-descriptor limit, leaving room for the connections to the app, Redis and the JWKS and for one app-side socket per WebSocket (logged at start).' }),
+  'server.maxUnauthenticatedPerIp': leaf({ env: 'MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP', parse: int(0, 1_000_000), default: DEFAULT_MAX_UNAUTHENTICATED_PER_IP, doc: 'Open connections per client address (the TCP peer; IPv6 by /64) that have not yet carried an authenticated request; beyond it a new connection from that address is closed at once. Authenticated connections do not count, so many users behind one NAT or load balancer are not limited by it. 0 disables.' }),
   'admin.host': leaf({ env: 'ADMIN_HOST', parse: str, default: '127.0.0.1', doc: 'Interface of the admin listener (`/metrics`, `/healthz`, `/readyz`). Keep it private; the container image sets `0.0.0.0`.' }),
   'admin.token': optional({ env: 'ADMIN_TOKEN', parse: secretToken, secret: true, doc: 'Bearer secret for the admin API (`POST /revocations`), at least 16 characters. Unset: the admin API answers 404. Metrics and health need no token.' }),
   'admin.port': leaf({ env: 'ADMIN_PORT', parse: port, default: DEFAULT_ADMIN_PORT, doc: 'Admin listener port. Never served on the public port.' }),

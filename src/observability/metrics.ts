@@ -57,6 +57,10 @@ export const WS_CLOSE_REASONS = [
 ] as const
 export type WsCloseReason = typeof WS_CLOSE_REASONS[number]
 
+/** Why the public listener closed a new connection at once (resonance_connections_refused_total{reason}). */
+export const CONNECTION_REFUSAL_REASONS = ['global', 'per_ip'] as const
+export type ConnectionRefusalReason = typeof CONNECTION_REFUSAL_REASONS[number]
+
 const LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
 
 /** Index into STATUS_CLASSES of an HTTP status; anything outside 1xx-5xx counts as 5xx. */
@@ -164,6 +168,21 @@ export function createMetrics () {
     registers: [registry]
   })
 
+  const connectionsRefused = new Counter({
+    name: 'resonance_connections_refused_total',
+    help: 'Client connections closed at once by the public listener: over MAX_CONNECTIONS (global) or over MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP (per_ip).',
+    labelNames: ['reason'] as const,
+    registers: [registry]
+  })
+  // Read from the listener's own count at scrape time (connections.ts sets the source).
+  let openConnections: () => number = () => 0
+  const connectionsOpen = new Gauge({
+    name: 'resonance_connections_open',
+    help: 'Client connections open on the public listener (HTTP keep-alive and WebSocket included).',
+    registers: [registry],
+    collect () { this.set(openConnections()) }
+  })
+
   // Children resolved once: no label hashing on the hot path, and every series
   // of a closed set exists from the start (dashboards and alerts see zeros).
   for (const c of STATUS_CLASSES) requests.labels(c).inc(0)
@@ -176,6 +195,7 @@ export function createMetrics () {
   for (const r of JWKS_FETCH_RESULTS) jwksFetches.labels(r).inc(0)
   for (const d of WS_DIRECTIONS) wsMessages.labels(d).inc(0)
   for (const r of WS_CLOSE_REASONS) wsCloses.labels(r).inc(0)
+  for (const r of CONNECTION_REFUSAL_REASONS) connectionsRefused.labels(r).inc(0)
 
   return {
     registry,
@@ -193,7 +213,11 @@ export function createMetrics () {
     storeDegraded,
     wsConnections,
     wsMessages: wsMessagesBy,
-    wsCloses
+    wsCloses,
+    connectionsRefused,
+    connectionsOpen,
+    /** Where resonance_connections_open reads its value. */
+    countOpenConnections (source: () => number): void { openConnections = source }
   }
 }
 
