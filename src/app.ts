@@ -29,7 +29,7 @@ import { LimitStore } from './limits/store.js'
 import { AuthFailureLimiter } from './limits/auth-failures.js'
 import { registerHttpLimits } from './limits/http.js'
 import { ConnectionSlots, WsMessageLimiter } from './limits/ws.js'
-import { ConnectionGuard, effectiveMaxConnections } from './limits/connections.js'
+import { ConnectionGuard, effectiveMaxConnections, readNofile } from './limits/connections.js'
 import { Revocations } from './auth/revocation.js'
 
 export interface GatewayDeps {
@@ -147,7 +147,7 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
   for (const w of configWarnings(config)) app.log.warn({ component: 'config' }, w)
 
   // --- connection budget: global and per-address caps (limits/connections.ts) ---
-  const maxConnections = effectiveMaxConnections(config.server.maxConnections, config.upstream.connections)
+  const maxConnections = effectiveMaxConnections(config.server.maxConnections, config.upstream.connections, readNofile())
   const guard = new ConnectionGuard(app.server, {
     maxConnections: maxConnections.max,
     maxUnauthenticatedPerIp: config.server.maxUnauthenticatedPerIp,

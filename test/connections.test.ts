@@ -15,6 +15,12 @@ import { fileURLToPath } from 'node:url'
 import t, { type Test } from 'tap'
 import WebSocket from 'ws'
 import { loadConfig } from '../src/config/load.js'
+import { connectionsCheckingInterval } from '../src/app.js'
+import {
+  autoMaxConnections, effectiveMaxConnections, FALLBACK_MAX_CONNECTIONS, FD_RESERVE, MIN_AUTO_CONNECTIONS, parseNofile, readNofile,
+  UnauthenticatedConnections
+} from '../src/limits/connections.js'
+import { AuthFailureLimiter } from '../src/limits/auth-failures.js'
 import { startIssuer, type TestIssuer } from './helpers/issuer.js'
 import { startUpstream, type TestUpstream } from './helpers/upstream.js'
 import { startGateway, type TestGateway } from './helpers/gateway.js'
@@ -67,7 +73,7 @@ class Raw {
     await within(new Promise<void>((resolve, reject) => {
       if (this.isClosed) { reject(new Error('closed before connecting')); return }
       this.socket.once(this.socket instanceof tls.TLSSocket ? 'secureConnect' : 'connect', () => resolve())
-      void this.closed.then(() => reject(new Error('closed before connecting')))
+      this.socket.once('close', () => reject(new Error('closed before connecting')))
     }), 3000, 'connect')
     return this
   }
@@ -499,6 +505,51 @@ t.test('configuration', async (t) => {
     /server\.headersTimeout \(HEADERS_TIMEOUT\): must not be longer than server\.requestTimeout/, 'the same from YAML')
 })
 
+t.test('connection budget: pure logic', async (t) => {
+  const limits = `Limit                     Soft Limit           Hard Limit           Units
+Max cpu time              unlimited            unlimited            seconds
+Max open files            1024                 524288               files
+Max locked memory         8388608              8388608              bytes
+`
+  t.equal(parseNofile(limits), 1024, 'the soft limit')
+  t.equal(parseNofile(limits.replace('1024                 524288', 'unlimited            unlimited')), undefined, 'unlimited: none')
+  t.equal(parseNofile('nothing here'), undefined)
+  t.equal(readNofile('/nonexistent/limits'), undefined, 'unreadable: none')
+  if (existsSync('/proc/self/limits')) t.type(readNofile(), 'number', 'this process on Linux')
+
+  t.equal(autoMaxConnections(300, 16), Math.floor((300 - 16 - FD_RESERVE) / 2), '(nofile - upstream pool - reserve) / 2')
+  t.equal(autoMaxConnections(300, 16), 110)
+  t.equal(autoMaxConnections(1_048_576, 128), 524_192)
+  t.equal(autoMaxConnections(100, 128), MIN_AUTO_CONNECTIONS, 'never below the minimum')
+  t.strictSame(effectiveMaxConnections(500, 128, 300), { max: 500, source: 'config', nofile: 300 }, 'a configured cap wins')
+  t.strictSame(effectiveMaxConnections(0, 128, 1024), { max: 416, source: 'auto', nofile: 1024 })
+  t.strictSame(effectiveMaxConnections(0, 128, undefined), { max: FALLBACK_MAX_CONNECTIONS, source: 'fallback', nofile: undefined })
+
+  const u = new UnauthenticatedConnections(2)
+  t.ok(u.tryAdd('a'))
+  t.ok(u.tryAdd('a'))
+  t.notOk(u.tryAdd('a'), 'the third from one key is refused')
+  t.equal(u.count('a'), 2, 'and not counted')
+  t.ok(u.tryAdd('b'), 'another key is not affected')
+  u.remove('a')
+  t.ok(u.tryAdd('a'), 'room again after one left')
+  u.remove('a')
+  u.remove('a')
+  u.remove('b')
+  t.equal(u.size, 0, 'entries are removed at zero (bounded memory)')
+  u.remove('never-added')
+  t.equal(u.size, 0, 'removing an unknown key is harmless')
+
+  // The key is the one the auth-failure limit uses: IPv6 by /64, IPv4-mapped addresses as IPv4.
+  t.equal(AuthFailureLimiter.clientKey('2001:db8:1:2:aaaa::1'), AuthFailureLimiter.clientKey('2001:db8:1:2:bbbb::2'), 'one /64, one key')
+  t.not(AuthFailureLimiter.clientKey('2001:db8:1:2::1'), AuthFailureLimiter.clientKey('2001:db8:1:3::1'))
+  t.equal(AuthFailureLimiter.clientKey('::ffff:192.0.2.7'), '192.0.2.7')
+
+  t.equal(connectionsCheckingInterval(10_000), 1000, 'deadlines checked every second by default')
+  t.equal(connectionsCheckingInterval(500), 250, 'twice per headersTimeout when it is short')
+  t.equal(connectionsCheckingInterval(100), 50)
+})
+
 let hasPrlimit = true
 try { execFileSync('prlimit', ['--version'], { stdio: 'ignore' }) } catch { hasPrlimit = false }
 
@@ -645,5 +696,3 @@ t.test('a gateway with 300 file descriptors keeps serving valid users while one 
   t.match(out, /"maxConnections":110\b/, 'the automatic global cap is logged at start')
   t.equal(child.exitCode, null, 'the gateway is still running')
 })
-
-

@@ -69,7 +69,7 @@ export interface MaxConnections {
   nofile: number | undefined
 }
 
-export function effectiveMaxConnections (configured: number, upstreamConnections: number, nofile = readNofile()): MaxConnections {
+export function effectiveMaxConnections (configured: number, upstreamConnections: number, nofile: number | undefined): MaxConnections {
   if (configured > 0) return { max: configured, source: 'config', nofile }
   if (nofile === undefined) return { max: FALLBACK_MAX_CONNECTIONS, source: 'fallback', nofile }
   return { max: autoMaxConnections(nofile, upstreamConnections), source: 'auto', nofile }
