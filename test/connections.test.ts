@@ -14,7 +14,9 @@ import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import t, { type Test } from 'tap'
 import WebSocket from 'ws'
+import pino from 'pino'
 import { loadConfig } from '../src/config/load.js'
+import { LiveConfig } from '../src/config/live.js'
 import { connectionsCheckingInterval } from '../src/app.js'
 import {
   autoMaxConnections, effectiveMaxConnections, FALLBACK_MAX_CONNECTIONS, FD_RESERVE, MIN_AUTO_CONNECTIONS, parseNofile, readNofile,
@@ -503,6 +505,16 @@ t.test('configuration', async (t) => {
   }
   t.throws(() => loadConfig({ env: { ...base, CONFIG_FILE: yamlFile('server:\n  requestTimeout: 4s\n  headersTimeout: 5s\n') } }),
     /server\.headersTimeout \(HEADERS_TIMEOUT\): must not be longer than server\.requestTimeout/, 'the same from YAML')
+
+  // Listener settings need a restart: a reload keeps them and says so.
+  const env: Record<string, string> = { ...base, CONFIG_FILE: yamlFile('') }
+  const live = new LiveConfig(loadConfig({ env }), env)
+  env.REQUEST_TIMEOUT = '30s'
+  env.MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP = '8'
+  const reloaded = live.reload(pino({ level: 'silent' }) as never)
+  t.strictSame(reloaded.restartNeeded, ['server'], 'a reload reports that the server settings need a restart')
+  t.equal(live.current.server.requestTimeoutMs, 60_000, 'and keeps the values in force')
+  t.equal(live.current.server.maxUnauthenticatedPerIp, 64)
 })
 
 t.test('connection budget: pure logic', async (t) => {

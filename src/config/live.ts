@@ -2,8 +2,9 @@
  * The configuration in force, replaceable at runtime (SIGHUP, or a file watch
  * with CONFIG_WATCH=true). Only the parts that shape request policy reload:
  * public paths, role rules, rate limits (budgets, routes, roles, exemptions,
- * auth-failure limit), WebSocket limits and the log level. Listeners, TLS,
- * issuer/JWKS, upstream and Redis need a restart: a reload that changes them
+ * auth-failure limit), WebSocket limits and the log level. Listeners (their
+ * timeouts and connection caps included), TLS, issuer/JWKS, upstream and Redis
+ * need a restart: a reload that changes them
  * keeps the old values and says so. Requests read `live.current` when they
  * start, so a reload applies to new requests and leaves open connections be.
  */
