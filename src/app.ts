@@ -259,7 +259,7 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
 
   // --- limits: preHandler, so the verified sub exists; before the proxy ------
   await registerHttpLimits(app, { live, store, audit })
-  // Last hook before the proxy handler: everything that could deny has run.
+  // Last root hook before the HTTP proxy's handler: auth, roles and limits have all passed.
   app.addHook('preHandler', (request, reply, done) => {
     forwarded.add(request)
     if (wantsContinue.has(request.raw)) (reply.raw as ServerResponse).writeContinue()
