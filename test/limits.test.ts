@@ -406,6 +406,9 @@ t.test('failed tokens are limited per client IP; no token and valid tokens never
     t.ok(Number(a.headers['retry-after']) >= 1 && Number(a.headers['retry-after']) <= 30, `request ${n}: Retry-After ${a.headers['retry-after']}`)
   }
 
+  const notJwt = await request(g, '/api/x', { token: 'not-even-a-jwt', ...bad })
+  t.equal(notJwt.status, 429, 'a token that is not even JWT-shaped from the blocked IP: 429 too')
+
   const before = upstream.requests.length
   const v = await request(g, '/api/valid', { token: valid, ...bad })
   t.equal(v.status, 200, 'a valid token from the blocked IP is verified and served: the limit never locks out a real user')
@@ -428,7 +431,7 @@ t.test('failed tokens are limited per client IP; no token and valid tokens never
   t.equal((await request(g, '/api/valid', { token: valid, ...other })).status, 200, 'and a valid token from it is served')
 
   const audits = g.audits().filter((l) => l.reason === 'auth_failures')
-  t.equal(audits.length, 2 + 5 + 1, `every refused request of the blocked IP audited once (${audits.length})`)
+  t.equal(audits.length, 3 + 5 + 1, `every refused request of the blocked IP audited once (${audits.length})`)
   t.match(audits[0], { component: 'audit', event: 'rate_limited', reason: 'auth_failures', status: 429, transport: 'http', ip: '198.51.100.1' })
   t.equal(await triggered(g, 'http') - httpBefore, audits.length, 'counted in resonance_rate_limit_triggered_total')
   t.ok((await scanKeys(redis, g.prefix)).some((k) => k.includes('198.51.100.1')), 'failures counted in Redis under the prefix (shared by replicas)')

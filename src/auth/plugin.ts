@@ -148,8 +148,13 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
       upgrade: transport === 'ws'
     })
     if (found.kind === 'none') { deny(request, reply, 'missing_token', transport); return }
-    if (found.kind === 'multiple') { deny(request, reply, 'multiple_tokens', transport); return }
-    if (found.kind === 'malformed') { deny(request, reply, 'malformed', transport); return }
+    // From here on a token was presented: an IP over the failure limit gets 429 for any that fails.
+    const blocked = failures.blockedFor(request.ip)
+    if (found.kind !== 'token') {
+      if (blocked > 0) tooManyFailures(request, reply, blocked)
+      else deny(request, reply, found.kind === 'multiple' ? 'multiple_tokens' : 'malformed', transport)
+      return
+    }
     if (!transportAllowsToken(request, config.server.allowInsecureHttp)) { deny(request, reply, 'insecure_transport', transport); return }
 
     const token = found.token
@@ -158,7 +163,6 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
     // it, so a key can only ever be hit by a header that really says Bearer.
     const cacheKey = found.source === 'header' && authorization !== undefined ? authorization : `Bearer ${token}`
     if (transport === 'ws' && cachedAdmit(request, reply, cacheKey, path, done)) return
-    const blocked = failures.blockedFor(request.ip)
     if (blocked > 0 && !keyKnown(token)) { tooManyFailures(request, reply, blocked); return }
     verify(request, token).then((r) => {
       if (typeof r === 'string' || !('identity' in r)) {

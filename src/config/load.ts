@@ -268,6 +268,9 @@ export function configWarnings (config: Config): string[] {
   if (config.server.allowInsecureHttp) {
     warnings.push('ALLOW_INSECURE_HTTP=true: bearer tokens are accepted over plaintext. Development only.')
   }
+  if (config.server.trustProxy === true) {
+    warnings.push('TRUST_PROXY=true trusts every hop: any client can send its own X-Forwarded-For and X-Forwarded-Proto, so it chooses the address the per-IP limits and audit lines see (spoofing a victim, or rotating to evade the failed-token limit) and can pass plain HTTP off as https. Use the proxies\' addresses or CIDRs instead.')
+  }
   return warnings
 }
 

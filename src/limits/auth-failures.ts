@@ -1,14 +1,21 @@
 /**
- * Unauthenticated abuse: failed authentications are counted per client IP
- * (the shared store, so all replicas add up). Once an IP is over
- * AUTH_FAILURE_LIMIT_MAX in the window, its requests get 429 before any token
- * work, so a flood of bad tokens or made-up kids costs a Map lookup and never
- * reaches Keycloak.
+ * Bad tokens, counted per client IP (the shared store, so all replicas add
+ * up). The limit bounds what bad tokens cost, and never locks a real user
+ * out:
+ *   - only presented tokens that fail verification count (plugin.ts, COUNTED);
+ *     a request without a token, a token over plain HTTP, an outage of the
+ *     issuer's JWKS or a revoked token do not;
+ *   - once an IP is over AUTH_FAILURE_LIMIT_MAX in the window, its tokens are
+ *     still verified and a genuine one is served, but one whose key is not
+ *     already known is refused (429) without a JWKS fetch, and any other
+ *     failure answers 429: each bad token costs at most one signature check,
+ *     and none reaches Keycloak.
  *
  * The hot path for good requests is only `blockedFor()`: a local Map lookup,
  * no Redis round trip. Counting happens on failures only, in the background;
  * a replica learns that an IP is blocked from its own count's answer, which
- * already includes every replica's failures.
+ * already includes every replica's failures. While an IP is blocked its
+ * failures are not counted again (the block lasts until its window ends).
  */
 import { createRequire } from 'node:module'
 import type { LimitStore } from './store.js'
