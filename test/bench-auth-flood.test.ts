@@ -57,11 +57,16 @@ t.test('bench:auth-flood runs its phases and checks what each must answer', { ti
   only('3', '401')
   only('4', '429')
   only('5', '429')
+  only('6', '429')
   only('6j', '429')
   only('7', '200')
   for (const id of ['5', '6', '6j']) {
     t.equal(by(id).jwks, 0, `phase ${id}: no JWKS fetch from a blocked IP`)
     t.equal(by(id).checksPerReq, 0, `phase ${id}: no signature check`)
   }
-  t.ok((by('4').checksPerReq ?? Infinity) <= 1.1, `phase 4: at most one signature check per bad token (${by('4').checksPerReq})`)
+  // The counter is read around the measurement while up to 64 requests are in flight: checks of requests answered
+  // just outside the window can count in it (the script's own check allows the same 2 x connections).
+  const four = by('4')
+  const answered = Object.values(four.codes).reduce((a, b) => a + b, 0)
+  t.ok((four.checksPerReq ?? Infinity) <= 1 + 128 / answered, `phase 4: at most one signature check per bad token (${four.checksPerReq} over ${answered} requests)`)
 })
