@@ -8,7 +8,7 @@
  */
 import { randomBytes } from 'node:crypto'
 import { readFileSync } from 'node:fs'
-import type { IncomingMessage, ServerResponse } from 'node:http'
+import type { IncomingMessage } from 'node:http'
 import Fastify, { LogController, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import pino, { type DestinationStream } from 'pino'
 import type { Config } from './config/load.js'
@@ -29,7 +29,7 @@ import { LimitStore } from './limits/store.js'
 import { AuthFailureLimiter } from './limits/auth-failures.js'
 import { registerHttpLimits } from './limits/http.js'
 import { ConnectionSlots, WsMessageLimiter } from './limits/ws.js'
-import { ConnectionGuard, effectiveMaxConnections, readNofile } from './limits/connections.js'
+import { guardConnections, listenerDeadlines } from './limits/connections.js'
 import { Revocations } from './auth/revocation.js'
 
 export interface GatewayDeps {
@@ -74,48 +74,13 @@ function requestId (req: IncomingMessage): string {
   return typeof h === 'string' && REQUEST_ID_RE.test(h) ? h : `${ID_PREFIX}-${(++idCounter).toString(36)}`
 }
 
-/**
- * Node checks request and header deadlines only every
- * `connectionsCheckingInterval` (30 s by default), so a 10 s headersTimeout
- * could let a connection live 40 s: check at least twice per headersTimeout,
- * and at least every second.
- */
-export function connectionsCheckingInterval (headersTimeoutMs: number): number {
-  return Math.max(50, Math.min(1000, Math.floor(headersTimeoutMs / 2)))
-}
-
-/**
- * A response that must end its connection instead of keeping it alive:
- * - any status >= 400 while the request's declared body was not read to its
- *   end: Node would otherwise keep reading (and discarding) it, for as long as
- *   the client dribbles it;
- * - a 400 or 401 the gateway produced itself (not the app's): whoever sent it
- *   is not a client worth a kept-alive connection.
- */
-function mustClose (request: FastifyRequest, status: number, forwarded: boolean): boolean {
-  if (status < 400) return false
-  if (!forwarded && (status === 400 || status === 401)) return true
-  const raw = request.raw
-  if (raw.complete) return false
-  const length = raw.headers['content-length']
-  return (length !== undefined && length !== '0') || raw.headers['transfer-encoding'] !== undefined
-}
-
 export async function buildGateway (config: Config, deps: GatewayDeps = {}): Promise<Gateway> {
   const logger = pino(loggerOptions(config.log.level), deps.logStream ?? process.stdout)
   const tls = config.server.tls
   const metrics = createMetrics()
   const audit = createAudit(metrics)
-  // Deadlines of the public listener. Fastify sets requestTimeout and
-  // keepAliveTimeout itself (its requestTimeout default 0 turns Node's off);
-  // headersTimeout and the checking interval only exist as server options,
-  // which Fastify passes as `http` (plain) or inside `https` (TLS).
-  const listenerOptions = {
-    requestTimeout: config.server.requestTimeoutMs,
-    headersTimeout: config.server.headersTimeoutMs,
-    keepAliveTimeout: config.server.keepAliveTimeoutMs,
-    connectionsCheckingInterval: connectionsCheckingInterval(config.server.headersTimeoutMs)
-  }
+  // Deadlines of the public listener (limits/connections.ts).
+  const deadlines = listenerDeadlines(config)
   const app = Fastify({
     loggerInstance: logger,
     logController: new LogController({ disableRequestLogging: true }),
@@ -138,45 +103,17 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
       return (reply as FastifyReply).code(400).type('application/json; charset=utf-8')
         .send(JSON.stringify({ error: 'bad_request', error_description: 'The request could not be routed' }))
     },
-    requestTimeout: listenerOptions.requestTimeout,
-    keepAliveTimeout: listenerOptions.keepAliveTimeout,
+    requestTimeout: deadlines.requestTimeout,
+    keepAliveTimeout: deadlines.keepAliveTimeout,
     ...(tls !== undefined
-      ? { https: { cert: readFileSync(tls.cert), key: readFileSync(tls.key), ...listenerOptions } }
-      : { http: listenerOptions })
+      ? { https: { cert: readFileSync(tls.cert), key: readFileSync(tls.key), ...deadlines } }
+      : { http: deadlines })
   }) as unknown as FastifyInstance
   for (const w of configWarnings(config)) app.log.warn({ component: 'config' }, w)
 
-  // --- connection budget: global and per-address caps (limits/connections.ts) ---
-  const maxConnections = effectiveMaxConnections(config.server.maxConnections, config.upstream.connections, readNofile())
-  const guard = new ConnectionGuard(app.server, {
-    maxConnections: maxConnections.max,
-    maxUnauthenticatedPerIp: config.server.maxUnauthenticatedPerIp,
-    metrics
-  })
-  app.log.info({
-    component: 'connections',
-    maxConnections: maxConnections.max,
-    maxConnectionsSource: maxConnections.source,
-    nofile: maxConnections.nofile,
-    maxUnauthenticatedPerIp: config.server.maxUnauthenticatedPerIp,
-    requestTimeoutMs: listenerOptions.requestTimeout,
-    headersTimeoutMs: listenerOptions.headersTimeout,
-    keepAliveTimeoutMs: listenerOptions.keepAliveTimeout
-  }, 'connection limits')
-  if (config.server.maxUnauthenticatedPerIp >= maxConnections.max) {
-    app.log.warn({ component: 'config' }, `server.maxUnauthenticatedPerIp (MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP, ${config.server.maxUnauthenticatedPerIp}) is not below the connection cap (${maxConnections.max}): one client address without a token can take every connection.`)
-  }
-
-  // Expect: 100-continue. Without a 'checkContinue' listener Node answers
-  // 100 Continue before any hook ran, inviting the body of a request that is
-  // then denied. Here the request goes through the pipeline like any other;
-  // the 100 is written just before forwarding (the preHandler below), and a
-  // denial goes out without it (Node then closes the connection).
-  const wantsContinue = new WeakSet<IncomingMessage>()
-  app.server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => {
-    wantsContinue.add(req)
-    app.routing(req, res)
-  })
+  // --- connections: global and per-address caps, deadlines, Connection: close
+  // on denials, Expect: 100-continue (limits/connections.ts) -----------------
+  const connections = guardConnections(app, config, metrics, deadlines)
 
   // Node removes the socket's error listener before emitting 'upgrade'; a
   // client reset while auth is pending must not crash the process (STACK-NOTES §2).
@@ -195,16 +132,6 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     // HTTP parser has let go of: nothing else would ever close it.
     if ((request.raw as IncomingMessage & { upgrade?: boolean }).upgrade === true) request.raw.socket.destroy()
     done()
-  })
-  // Requests that passed auth and limits and were handed to the proxy: their
-  // 4xx are the app's (or the proxy's 502/504), not the gateway's denials.
-  const forwarded = new WeakSet<FastifyRequest>()
-  app.addHook('onSend', (request, reply, payload, done) => {
-    if (mustClose(request, reply.statusCode, forwarded.has(request))) reply.header('connection', 'close')
-    // A 403 (missing role) still verified the caller: the connection is not anonymous.
-    // request.raw.socket is null once a body was read to its end; the response keeps it until finished.
-    if (request.identity !== null) guard.authenticated(reply.raw.socket)
-    done(null, payload)
   })
   app.setErrorHandler((err: Error & { statusCode?: number, code?: string }, request, reply) => {
     const status = err.statusCode !== undefined && err.statusCode >= 400 && err.statusCode < 600 ? err.statusCode : 500
@@ -250,21 +177,13 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     log: app.log.child({ component: 'jwks' })
   })
   await app.register(authPlugin, { live, config, keys, audit, failures, revocations })
-  // After auth: a verified caller's connection stops counting as unauthenticated
-  // (HTTP and WebSocket upgrades alike), before the request runs its course.
-  app.addHook('onRequest', (request, _reply, done) => {
-    if (request.identity !== null) guard.authenticated(request.raw.socket)
-    done()
-  })
+  // After auth: a verified caller's connection stops counting as unauthenticated.
+  app.addHook('onRequest', connections.afterAuth)
 
   // --- limits: preHandler, so the verified sub exists; before the proxy ------
   await registerHttpLimits(app, { live, store, audit })
-  // Last root hook before the HTTP proxy's handler: auth, roles and limits have all passed.
-  app.addHook('preHandler', (request, reply, done) => {
-    forwarded.add(request)
-    if (wantsContinue.has(request.raw)) (reply.raw as ServerResponse).writeContinue()
-    done()
-  })
+  // Last root hook before the proxy: auth, roles and limits have all passed (100 Continue goes out here).
+  app.addHook('preHandler', connections.beforeProxy)
 
   // --- proxy: last, so every hook above applies to its routes --------------
   // The proxy streams bodies through its own catch-all parser, but Fastify's

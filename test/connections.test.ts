@@ -17,9 +17,8 @@ import WebSocket from 'ws'
 import pino from 'pino'
 import { loadConfig } from '../src/config/load.js'
 import { LiveConfig } from '../src/config/live.js'
-import { connectionsCheckingInterval } from '../src/app.js'
 import {
-  autoMaxConnections, effectiveMaxConnections, FALLBACK_MAX_CONNECTIONS, FD_RESERVE, MIN_AUTO_CONNECTIONS, parseNofile, readNofile,
+  autoMaxConnections, connectionsCheckingInterval, effectiveMaxConnections, FALLBACK_MAX_CONNECTIONS, FD_RESERVE, MIN_AUTO_CONNECTIONS, parseNofile, readNofile,
   UnauthenticatedConnections
 } from '../src/limits/connections.js'
 import { AuthFailureLimiter } from '../src/limits/auth-failures.js'

@@ -18,7 +18,10 @@
  * any header is read. Behind a load balancer every connection comes from it.
  */
 import { readFileSync } from 'node:fs'
+import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Server, Socket } from 'node:net'
+import type { FastifyInstance, FastifyRequest, onRequestHookHandler, preHandlerHookHandler } from 'fastify'
+import type { Config } from '../config/load.js'
 import type { Metrics } from '../observability/metrics.js'
 import { AuthFailureLimiter } from './auth-failures.js'
 
@@ -178,5 +181,124 @@ export class ConnectionGuard {
     this.pending.delete(socket)
     this.unauthenticated?.remove(key)
     return true
+  }
+}
+
+/** Deadlines of the public listener, as Node's server options. */
+export interface ListenerDeadlines {
+  requestTimeout: number
+  headersTimeout: number
+  keepAliveTimeout: number
+  connectionsCheckingInterval: number
+}
+
+/**
+ * Node checks request and header deadlines only every
+ * `connectionsCheckingInterval` (30 s by default), so a 10 s headersTimeout
+ * could let a connection live 40 s: check at least twice per headersTimeout,
+ * and at least every second.
+ */
+export function connectionsCheckingInterval (headersTimeoutMs: number): number {
+  return Math.max(50, Math.min(1000, Math.floor(headersTimeoutMs / 2)))
+}
+
+/**
+ * The listener's deadlines. Fastify sets requestTimeout and keepAliveTimeout
+ * itself (its requestTimeout default 0 turns Node's off); headersTimeout and
+ * the checking interval only exist as server options, which Fastify passes as
+ * `http` (plain) or inside `https` (TLS).
+ */
+export function listenerDeadlines (config: Config): ListenerDeadlines {
+  return {
+    requestTimeout: config.server.requestTimeoutMs,
+    headersTimeout: config.server.headersTimeoutMs,
+    keepAliveTimeout: config.server.keepAliveTimeoutMs,
+    connectionsCheckingInterval: connectionsCheckingInterval(config.server.headersTimeoutMs)
+  }
+}
+
+/**
+ * A response that must end its connection instead of keeping it alive:
+ * - any status >= 400 while the request's declared body was not read to its
+ *   end: Node would otherwise keep reading (and discarding) it, for as long as
+ *   the client dribbles it;
+ * - a 400 or 401 the gateway produced itself (not the app's): whoever sent it
+ *   is not a client worth a kept-alive connection.
+ */
+export function mustClose (request: FastifyRequest, status: number, forwarded: boolean): boolean {
+  if (status < 400) return false
+  if (!forwarded && (status === 400 || status === 401)) return true
+  const raw = request.raw
+  if (raw.complete) return false
+  const length = raw.headers['content-length']
+  return (length !== undefined && length !== '0') || raw.headers['transfer-encoding'] !== undefined
+}
+
+/** Hooks that must run at given points of the pipeline (app.ts places them). */
+export interface ConnectionHooks {
+  /** onRequest, right after auth: a verified caller's connection stops counting as unauthenticated. */
+  afterAuth: onRequestHookHandler
+  /** preHandler, the last before the proxy: the request is forwarded; an `Expect: 100-continue` gets its 100 now. */
+  beforeProxy: preHandlerHookHandler
+}
+
+/**
+ * The public listener's connection policy: both caps (ConnectionGuard, logged
+ * at start), `Connection: close` on denials (mustClose, in an onSend hook), and
+ * Expect: 100-continue answered only once auth and limits passed.
+ */
+export function guardConnections (app: FastifyInstance, config: Config, metrics: Metrics, deadlines: ListenerDeadlines): ConnectionHooks {
+  const maxConnections = effectiveMaxConnections(config.server.maxConnections, config.upstream.connections, readNofile())
+  const guard = new ConnectionGuard(app.server, {
+    maxConnections: maxConnections.max,
+    maxUnauthenticatedPerIp: config.server.maxUnauthenticatedPerIp,
+    metrics
+  })
+  app.log.info({
+    component: 'connections',
+    maxConnections: maxConnections.max,
+    maxConnectionsSource: maxConnections.source,
+    nofile: maxConnections.nofile,
+    maxUnauthenticatedPerIp: config.server.maxUnauthenticatedPerIp,
+    requestTimeoutMs: deadlines.requestTimeout,
+    headersTimeoutMs: deadlines.headersTimeout,
+    keepAliveTimeoutMs: deadlines.keepAliveTimeout
+  }, 'connection limits')
+  if (config.server.maxUnauthenticatedPerIp >= maxConnections.max) {
+    app.log.warn({ component: 'config' }, `server.maxUnauthenticatedPerIp (MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP, ${config.server.maxUnauthenticatedPerIp}) is not below the connection cap (${maxConnections.max}): one client address without a token can take every connection.`)
+  }
+
+  // Expect: 100-continue. Without a 'checkContinue' listener Node answers
+  // 100 Continue before any hook ran, inviting the body of a request that is
+  // then denied. Here the request goes through the pipeline like any other;
+  // the 100 is written just before forwarding (beforeProxy), and a denial goes
+  // out without it (Node then closes the connection).
+  const wantsContinue = new WeakSet<IncomingMessage>()
+  app.server.on('checkContinue', (req: IncomingMessage, res: ServerResponse) => {
+    wantsContinue.add(req)
+    app.routing(req, res)
+  })
+
+  // Requests that passed auth and limits and were handed to the proxy: their
+  // 4xx are the app's (or the proxy's 502/504), not the gateway's denials.
+  const forwarded = new WeakSet<FastifyRequest>()
+  app.addHook('onSend', (request, reply, payload, done) => {
+    if (mustClose(request, reply.statusCode, forwarded.has(request))) reply.header('connection', 'close')
+    // A 403 (missing role) still verified the caller: the connection is not anonymous.
+    // request.raw.socket is null once a body was read to its end; the response keeps it until finished.
+    if (request.identity !== null) guard.authenticated(reply.raw.socket)
+    done(null, payload)
+  })
+
+  return {
+    afterAuth: (request, _reply, done) => {
+      if (request.identity !== null) guard.authenticated(request.raw.socket)
+      done()
+    },
+    beforeProxy: (request, reply, done) => {
+      forwarded.add(request)
+      if (wantsContinue.has(request.raw)) reply.raw.writeContinue()
+      done()
+    }
   }
 }
