@@ -6,6 +6,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import t from 'tap'
 import { configWarnings, loadConfig, type Config } from '../src/config/load.js'
+import { configTable } from '../src/config/reference.js'
 import { LEAVES } from '../src/config/settings.js'
 
 const dir = mkdtempSync(join(tmpdir(), 'gw-config-test-'))
@@ -477,6 +478,19 @@ t.test('configWarnings', async (t) => {
   const noRedis = configWarnings(load({ TLS_CERT: CERT, TLS_KEY: KEY }))
   t.equal(noRedis.length, 1, 'without Redis: exactly one warning')
   t.match(noRedis[0], /REDIS_URL.*per process|per process.*REDIS_URL|rate limits are kept in this process only/, 'the per-process limits warning')
+})
+
+t.test('README holds exactly the generated configuration table, once', async (t) => {
+  const readme = readFileSync(new URL('../README.md', import.meta.url), 'utf8')
+  const table = configTable()
+  const at = readme.indexOf(table)
+  t.not(at, -1, 'the table generated from settings.ts (node scripts/config-table.mjs) is in README.md word for word')
+  t.equal(readme.indexOf(table, at + 1), -1, 'only once')
+  const end = at + table.length
+  t.equal(readme.slice(end, end + 2), '\n\n', 'and nothing but a blank line follows it (no stale rows)')
+  for (const leaf of Object.values(LEAVES)) {
+    t.equal(readme.split(`| \`${leaf.env}\` |`).length - 1, 1, `${leaf.env} has exactly one row in README`)
+  }
 })
 
 t.test('README documents every environment variable', async (t) => {

@@ -523,7 +523,7 @@ t.test('configuration', async (t) => {
   env.REQUEST_TIMEOUT = '30s'
   env.MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP = '8'
   const reloaded = live.reload(pino({ level: 'silent' }) as never)
-  t.strictSame(reloaded.restartNeeded, ['server'], 'a reload reports that the server settings need a restart')
+  t.strictSame(reloaded.restartNeeded, ['server.requestTimeout', 'server.maxUnauthenticatedPerIp'], 'a reload names the listener settings that need a restart')
   t.equal(live.current.server.requestTimeoutMs, 60_000, 'and keeps the values in force')
   t.equal(live.current.server.maxUnauthenticatedPerIp, 64)
 })

@@ -61,7 +61,7 @@ t.test('reload applies new policy to new requests and keeps open WebSockets', as
   writeFileSync(file, 'upstream:\n  connections: 7\nrateLimit:\n  max: 10\n')
   const fixed = g.gw.reload()
   t.equal(fixed.ok, true)
-  t.same(fixed.restartNeeded, ['upstream'], 'upstream changes are reported as needing a restart')
+  t.same(fixed.restartNeeded, ['upstream.connections'], 'upstream changes are reported as needing a restart')
   t.equal(g.gw.live.current.upstream.connections, 128, 'and keep their old value')
   ws.close()
 })

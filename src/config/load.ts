@@ -41,6 +41,8 @@ export interface RoleLimit { role: string, max: number, windowMs: number }
 export interface Config {
   /** Where the YAML came from (undefined: defaults and env only). */
   source: string | undefined
+  /** Every scalar setting as resolved, by YAML path (what check-config prints and a reload compares). */
+  leaves: Readonly<LeafValues>
   server: {
     host: string
     port: number
@@ -108,13 +110,15 @@ export interface Config {
   }
 }
 
-/** YAML keys that are not scalar leaves (validated below). */
-const STRUCTURED = new Set(['auth.publicPaths', 'auth.routes', 'rateLimit.routes', 'rateLimit.roles', 'rateLimit.exempt'])
+/** YAML keys that are not scalar leaves (validated below); all of them apply on a reload. */
+export const STRUCTURED = new Set(['auth.publicPaths', 'auth.routes', 'rateLimit.routes', 'rateLimit.roles', 'rateLimit.exempt'])
 
 export interface LoadOptions {
   env?: NodeJS.ProcessEnv
   /** Overrides CONFIG_FILE (used by check-config --file). */
   file?: string
+  /** Values used instead of what file and env say (a reload keeps the restart-only settings in force). */
+  keep?: Partial<LeafValues>
 }
 
 export function loadConfig (opts: LoadOptions = {}): Config {
@@ -152,6 +156,7 @@ export function loadConfig (opts: LoadOptions = {}): Config {
     if (parsed.ok) values[path] = parsed.value
     else errors.push(`${label}: ${parsed.error}${fromEnv !== undefined ? ' (from environment)' : ''}`)
   }
+  if (opts.keep !== undefined) Object.assign(values, opts.keep)
   const v = values as LeafValues
 
   const publicPaths = parsePatternList(getPath(yaml, 'auth.publicPaths'), 'auth.publicPaths', errors)
@@ -182,6 +187,7 @@ export function loadConfig (opts: LoadOptions = {}): Config {
   const publicMatchers = publicPaths.map(compileExactPattern)
   const config: Config = {
     source,
+    leaves: v,
     server: {
       host: v['server.host'],
       port: v['server.port'],

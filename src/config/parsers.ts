@@ -39,13 +39,17 @@ export const bool: Parser<boolean> = (raw) => {
 /** Node timers clamp longer delays to 1 ms: a "30d" timeout would fire at once. */
 export const MAX_DURATION_MS = 2_147_483_647
 
-export function duration (minMs = 0): Parser<number> {
-  return (raw) => {
+/** A parser of durations is tagged, so the reference table can say its default is in ms. */
+export interface DurationParser extends Parser<number> { readonly unit: 'ms' }
+
+export function duration (minMs = 0): DurationParser {
+  const parse: Parser<number> = (raw) => {
     const ms = parseDuration(raw)
     return ms !== undefined && ms >= minMs && ms <= MAX_DURATION_MS
       ? ok(ms)
       : fail(`must be a duration in ms or with a unit (e.g. 500ms, 60s, 1m)${minMs > 0 ? `, at least ${minMs} ms` : ''}, at most 24d`)
   }
+  return Object.assign(parse, { unit: 'ms' as const })
 }
 
 /** Seconds as a plain number (JWT_CLOCK_TOLERANCE), also accepting "5s". */
