@@ -4,6 +4,7 @@
  * resonance-gateway check-config [--file F] validate config (file + env), print effective values, secrets masked
  * resonance-gateway revoke --sub S | --jti J [--admin-url URL]
  *                                           revoke through a running gateway's admin API (token: ADMIN_TOKEN env)
+ * resonance-gateway <command> --help          the command's usage (exit 0)
  * Exit codes: 0 ok, 1 failed, 2 usage.
  */
 import { loadConfig } from './config/load.js'
@@ -14,17 +15,44 @@ const USAGE = `usage:
   resonance-gateway check-config [--file <gateway.yaml>]
   resonance-gateway revoke (--sub <sub> | --jti <jti>) [--admin-url <http://127.0.0.1:9090>]
       the admin token is read from the ADMIN_TOKEN environment variable
+  resonance-gateway <command> --help
 `
+
+/** `<command> --help` (or `-h`): what that command takes. */
+const COMMAND_USAGE: Record<string, string> = {
+  serve: `usage: resonance-gateway [serve]
+  Runs the gateway (same as npm start). Configuration: the YAML file named by CONFIG_FILE
+  (default config/gateway.yaml) and the environment; check it with check-config.
+`,
+  'check-config': `usage: resonance-gateway check-config [--file <gateway.yaml>]
+  Validates the configuration (the YAML file and the environment) and prints every effective
+  value with its environment variable, secrets masked. Exit 0 when valid, 1 when not.
+  --file <path>   the YAML file (default: CONFIG_FILE, then config/gateway.yaml)
+`,
+  revoke: `usage: resonance-gateway revoke (--sub <sub> | --jti <jti>) [--admin-url <url>]
+  Revokes every token of a user (--sub) or one token (--jti) through a running gateway's admin
+  API (POST /revocations). The admin token is read from the ADMIN_TOKEN environment variable.
+  --admin-url <url>   the admin listener (default http://$ADMIN_HOST:$ADMIN_PORT, i.e. http://127.0.0.1:9090)
+  Exit 0 when revoked, 1 when the gateway refused or could not be reached.
+`
+}
+
+/** `--help` / `-h` in an option position: the caller asks for the command's usage. */
+const HELP = 'help'
 
 function flags (args: string[]): Map<string, string> {
   const out = new Map<string, string>()
   for (let i = 0; i < args.length; i++) {
     const a = args[i] as string
+    if (a === '--help' || a === '-h') { out.set(HELP, ''); continue }
     if (!a.startsWith('--')) throw new Error(`unexpected argument ${a}`)
     const eq = a.indexOf('=')
     if (eq !== -1) { out.set(a.slice(2, eq), a.slice(eq + 1)); continue }
     const v = args[i + 1]
-    if (v === undefined || v.startsWith('--')) throw new Error(`${a} needs a value`)
+    if (v === undefined || v.startsWith('--')) {
+      if (args.includes('--help') || args.includes('-h')) { out.set(HELP, ''); continue }
+      throw new Error(`${a} needs a value`)
+    }
     out.set(a.slice(2), v)
     i++
   }
@@ -43,6 +71,7 @@ export function mask (path: LeafPath, value: unknown): string {
 
 function checkConfig (args: string[]): number {
   const f = flags(args)
+  if (f.has(HELP)) return help('check-config')
   for (const k of f.keys()) if (k !== 'file') throw new Error(`unknown option --${k}`)
   let config
   try {
@@ -127,6 +156,7 @@ function effective (config: ReturnType<typeof loadConfig>, path: LeafPath): unkn
 
 async function revoke (args: string[]): Promise<number> {
   const f = flags(args)
+  if (f.has(HELP)) return help('revoke')
   for (const k of f.keys()) if (!['sub', 'jti', 'admin-url'].includes(k)) throw new Error(`unknown option --${k}`)
   const sub = f.get('sub')
   const jti = f.get('jti')
@@ -158,13 +188,22 @@ async function revoke (args: string[]): Promise<number> {
   return 0
 }
 
+function help (command: string): number {
+  process.stdout.write(COMMAND_USAGE[command] as string)
+  return 0
+}
+
 async function cli (argv: string[]): Promise<number> {
   const [command = 'serve', ...rest] = argv
   try {
     switch (command) {
-      case 'serve':
+      case 'serve': {
+        if (rest.includes('--help') || rest.includes('-h')) return help('serve')
+        const extra = rest[0]
+        if (extra !== undefined) throw new Error(extra.startsWith('--') ? `unknown option ${extra.split('=')[0] as string}` : `unexpected argument ${extra}`)
         await import('./server.js')
         return -1 // keeps running
+      }
       case 'check-config':
         return checkConfig(rest)
       case 'revoke':

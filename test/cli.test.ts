@@ -57,6 +57,42 @@ t.test('check-config', async (t) => {
   t.match(usage.stderr, /usage:/)
 })
 
+t.test('--help and -h: usage on stdout, exit 0, for the program and for every command', async (t) => {
+  for (const args of [['--help'], ['-h'], ['help']]) {
+    const r = await cli(args, {})
+    t.equal(r.code, 0, `${args.join(' ')} exits 0`)
+    t.match(r.stdout, /usage:/)
+    t.match(r.stdout, /check-config/)
+    t.match(r.stdout, /revoke/)
+    t.equal(r.stderr, '')
+  }
+  const expected: Record<string, RegExp> = {
+    'check-config': /usage: resonance-gateway check-config \[--file <gateway\.yaml>\]/,
+    revoke: /usage: resonance-gateway revoke \(--sub <sub> \| --jti <jti>\)/,
+    serve: /usage: resonance-gateway \[serve\]/
+  }
+  for (const [command, usage] of Object.entries(expected)) {
+    for (const help of ['--help', '-h']) {
+      // No JWT_ISSUER, no ADMIN_TOKEN: help needs no configuration, and `serve --help` must not start a gateway.
+      const r = await cli([command, help], {})
+      t.equal(r.code, 0, `${command} ${help} exits 0 (${r.stderr})`)
+      t.match(r.stdout, usage, `${command} ${help} prints the command's usage`)
+      t.equal(r.stderr, '', `${command} ${help}: nothing on stderr`)
+    }
+  }
+  // Help wins over other options and over their missing values.
+  const r = await cli(['revoke', '--sub', 'x', '--help'], {})
+  t.equal(r.code, 0)
+  t.match(r.stdout, expected.revoke)
+  // An unknown option is still a usage error (exit 2, usage on stderr), for serve too.
+  for (const args of [['check-config', '--nope', 'x'], ['serve', '--nope']]) {
+    const bad = await cli(args, {})
+    t.equal(bad.code, 2, `${args.join(' ')} exits 2`)
+    t.match(bad.stderr, /unknown option --nope/)
+    t.match(bad.stderr, /usage:/)
+  }
+})
+
 t.test('revoke through the admin API', async (t) => {
   const issuer = await startIssuer()
   t.teardown(() => issuer.close())
