@@ -13,6 +13,12 @@
  *   - on an unknown kid refetches at most once per minRefreshInterval, all
  *     concurrent misses sharing that one fetch (single flight); other unknown
  *     kids are refused meanwhile (negative cache by time);
+ *   - after a failed fetch (discovery or JWKS) makes no new attempt of any kind
+ *     (background, stale set, unknown kid, periodic timer) before a backoff:
+ *     minRefreshInterval (1 s when 0) doubling per consecutive failure, capped
+ *     at cacheTtl and at JWKS_MAX_BACKOFF_MS, reset by the next success. An
+ *     outage costs the issuer a handful of requests per process whatever the
+ *     request rate, instead of one per request once the set is stale;
  *   - bounds every fetch: undici connect/headers/body timeouts that fire, and a
  *     body size cap.
  */
@@ -20,11 +26,31 @@ import { createPublicKey } from 'node:crypto'
 import { Agent, request } from 'undici'
 import buildGetJwks from 'get-jwks'
 import type { FastifyBaseLogger } from 'fastify'
+import type { CheckResult } from '../admin/readiness.js'
 import type { Metrics } from '../observability/metrics.js'
 import { DiscoveryFailedError, JwksUnavailableError } from '../errors.js'
 
 export const MAX_JWKS_BYTES = 1024 * 1024
 export const MAX_JWKS_KEYS = 100
+/** Longest pause between two attempts while the issuer keeps failing (also never longer than cacheTtl). */
+export const JWKS_MAX_BACKOFF_MS = 5 * 60_000
+/** First pause after a failure when JWKS_MIN_REFRESH_INTERVAL is 0. */
+export const JWKS_MIN_BACKOFF_MS = 1_000
+
+/**
+ * The pause after `failures` consecutive failed fetches: `base` (the minimum
+ * refresh interval, or JWKS_MIN_BACKOFF_MS when that is 0) doubled per further
+ * failure, at most max(base, min(cacheTtl, JWKS_MAX_BACKOFF_MS)). Capping at
+ * cacheTtl keeps the retry cadence during an outage no slower than the normal
+ * refresh cadence, so keys are fresh again within one cacheTtl of the issuer's
+ * recovery.
+ */
+export function jwksBackoffMs (failures: number, minRefreshIntervalMs: number, cacheTtlMs: number): number {
+  if (failures <= 0) return 0
+  const base = minRefreshIntervalMs > 0 ? minRefreshIntervalMs : JWKS_MIN_BACKOFF_MS
+  const cap = Math.max(base, Math.min(cacheTtlMs, JWKS_MAX_BACKOFF_MS))
+  return Math.min(cap, base * 2 ** Math.min(failures - 1, 30))
+}
 
 export interface KeyStoreOptions {
   issuer: string
@@ -53,6 +79,10 @@ export class KeyStore {
   private keys = new Map<string, PreparedKey>()
   private loadedAt = 0
   private lastAttempt = 0
+  /** Consecutive failed fetches; 0 after a success. */
+  private failures = 0
+  /** After a failure: no attempt of any kind before this time (epoch ms). */
+  private retryAt = 0
   private inflight: Promise<void> | undefined
   private jwksUri: string | undefined
   private readonly agent: Agent
@@ -79,6 +109,26 @@ export class KeyStore {
   get ready (): boolean { return this.loadedAt > 0 }
   get size (): number { return this.keys.size }
   get error (): string | undefined { return this.lastError }
+  /** Consecutive failed fetches, and how long until the next attempt is allowed (0: now). */
+  get backoff (): { failures: number, retryInMs: number } {
+    return { failures: this.failures, retryInMs: Math.max(0, this.retryAt - Date.now()) }
+  }
+
+  /**
+   * Readiness: ready once a key set has loaded. A failing refresh after that
+   * keeps the process ready (the last good set serves known kids) and shows
+   * in the detail, with the backoff.
+   */
+  check (): CheckResult {
+    const { failures, retryInMs } = this.backoff
+    const failing = failures > 0
+      ? `${this.lastError ?? 'fetch failed'}; ${failures} failed attempt${failures === 1 ? '' : 's'}, next in ${Math.ceil(retryInMs / 1000)} s`
+      : undefined
+    if (this.ready) {
+      return { ok: true, detail: failing === undefined ? `${this.size} keys` : `${this.size} keys; refresh failing: ${failing}` }
+    }
+    return { ok: false, detail: failing ?? 'not loaded yet' }
+  }
 
   /** Whether a key for this kid/alg is in the current set (never fetches). */
   has (kid: string | undefined, alg: string): boolean {
@@ -93,10 +143,12 @@ export class KeyStore {
     const now = Date.now()
     const hit = this.find(kid, alg)
     if (hit !== undefined) {
-      if (now - this.loadedAt > this.opts.cacheTtlMs) this.refresh(now).catch(() => {})
+      if (now - this.loadedAt > this.opts.cacheTtlMs && this.due(now)) this.refresh(now).catch(() => {})
       return { key: hit }
     }
-    if (this.inflight === undefined && now - this.lastAttempt < this.opts.minRefreshIntervalMs) {
+    // An unknown kid joins a fetch in flight; otherwise it may start one only
+    // outside the failure backoff and the negative-cache interval.
+    if (this.inflight === undefined && (!this.due(now) || now - this.lastAttempt < this.opts.minRefreshIntervalMs)) {
       return { error: this.ready ? 'unknown_kid' : 'jwks_unavailable' }
     }
     return this.refresh(now).then(() => {
@@ -106,7 +158,16 @@ export class KeyStore {
     })
   }
 
-  /** Loads the key set (single flight); never rejects, failures are kept for readiness. */
+  /** Whether a new fetch may start now: none in flight, and outside the failure backoff. */
+  private due (now: number): boolean {
+    return this.inflight === undefined && now >= this.retryAt
+  }
+
+  /**
+   * Loads the key set (single flight); never rejects, failures are kept for
+   * readiness. Callers check due() first: this method itself ignores the
+   * backoff, so that start() always makes its first attempt.
+   */
   refresh (now = Date.now()): Promise<void> {
     if (this.inflight !== undefined) return this.inflight
     this.lastAttempt = now
@@ -115,15 +176,22 @@ export class KeyStore {
         this.keys = keys
         this.loadedAt = Date.now()
         this.lastError = undefined
+        if (this.failures > 0) this.opts.log.info({ failures: this.failures, keys: keys.size }, 'jwks refresh succeeded again')
+        this.failures = 0
+        this.retryAt = 0
         this.opts.metrics.jwksFetches.labels('ok').inc()
         this.opts.metrics.jwksKeys.set(keys.size)
         this.opts.metrics.jwksLastSuccess.set(this.loadedAt / 1000)
         this.opts.log.debug({ keys: keys.size }, 'jwks loaded')
       }, (err: Error) => {
         this.opts.metrics.jwksFetches.labels('error').inc()
+        this.failures++
+        const backoffMs = jwksBackoffMs(this.failures, this.opts.minRefreshIntervalMs, this.opts.cacheTtlMs)
+        // Counted from the end of the failed attempt: a fetch that hung until its timeout does not shorten the pause.
+        this.retryAt = Date.now() + backoffMs
         if (this.lastError !== err.message) {
           // One line per distinct problem, not per attempt.
-          this.opts.log.error({ err: { message: err.message, code: (err as { code?: string }).code } },
+          this.opts.log.error({ err: { message: err.message, code: (err as { code?: string }).code }, failures: this.failures, retryInMs: backoffMs },
             this.ready ? 'jwks refresh failed; serving the last good key set' : 'jwks fetch failed')
         }
         this.lastError = err.message
@@ -135,13 +203,15 @@ export class KeyStore {
 
   /**
    * Loads the key set now and keeps it fresh: retries until the first load
-   * succeeds, then refreshes whenever the set is older than cacheTtl. Requests
-   * never wait for this; they keep using the last good set.
+   * succeeds, then refreshes whenever the set is older than cacheTtl, both
+   * within the failure backoff. Requests never wait for this; they keep using
+   * the last good set.
    */
   start (): Promise<void> {
     const every = Math.max(1000, Math.min(this.opts.minRefreshIntervalMs || 1000, this.opts.cacheTtlMs))
     this.timer = setInterval(() => {
-      if (!this.ready || Date.now() - this.loadedAt > this.opts.cacheTtlMs) this.refresh().catch(() => {})
+      const now = Date.now()
+      if ((!this.ready || now - this.loadedAt > this.opts.cacheTtlMs) && this.due(now)) this.refresh(now).catch(() => {})
     }, every)
     this.timer.unref()
     return this.refresh()

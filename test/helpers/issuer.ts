@@ -26,7 +26,9 @@ export interface TokenOptions {
   audience?: string
 }
 
-export type JwksMode = 'ok' | 'error' | 'hang'
+// 'error': HTTP 500; 'unavailable': HTTP 503 with Retry-After (an overloaded or restarting Keycloak);
+// 'hang': accept and never answer; 'drop': close the connection without any answer (a crashing proxy in front).
+export type JwksMode = 'ok' | 'error' | 'hang' | 'unavailable' | 'drop'
 
 export interface TestIssuer {
   issuer: string
@@ -254,6 +256,14 @@ export async function startIssuer (opts: { realm?: string, audience?: string } =
         // accept and never answer; close() destroys the socket
         hanging.add(res)
         res.on('close', () => hanging.delete(res))
+        return
+      }
+      if (mode === 'drop') {
+        req.socket.destroy()
+        return
+      }
+      if (mode === 'unavailable') {
+        res.writeHead(503, { 'content-type': 'text/html', 'retry-after': '1' }).end('<html><body>503 Service Unavailable</body></html>')
         return
       }
       res.writeHead(500, { 'content-type': 'application/json' }).end('{"error":"injected failure"}')
