@@ -20,11 +20,12 @@ import { createAudit, type Audit } from './observability/audit.js'
 import { KeyStore } from './auth/keys.js'
 import authPlugin, { send } from './auth/plugin.js'
 import { authChallenge } from './auth/challenge.js'
+import { proxyTrust } from './auth/transport.js'
 import { registerHttpProxy } from './proxy/http.js'
 import { registerWsProxy, type WsBridge } from './proxy/ws.js'
 import { buildAdmin } from './admin/plugin.js'
 import { Readiness } from './admin/readiness.js'
-import { connectRedis, createRedis, redisCheck } from './limits/redis.js'
+import { connectRedis, createRedis } from './limits/redis.js'
 import { LimitStore } from './limits/store.js'
 import { AuthFailureLimiter } from './limits/auth-failures.js'
 import { registerHttpLimits } from './limits/http.js'
@@ -84,7 +85,7 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
   const app = Fastify({
     loggerInstance: logger,
     logController: new LogController({ disableRequestLogging: true }),
-    trustProxy: config.server.trustProxy as boolean, // Fastify accepts a hop count too; its types omit it
+    trustProxy: proxyTrust(config.server.trustProxy) as boolean, // Fastify takes a function too; its types name only some forms
     genReqId: requestId,
     childLoggerFactory: (logger, bindings, opts) => new LazyRequestLogger(logger as never, bindings, opts as Record<string, unknown>) as never,
     requestIdHeader: false,
@@ -198,10 +199,11 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
 
   // --- admin listener -------------------------------------------------------
   const readiness = new Readiness()
-  readiness.add('jwks', () => keys.ready
-    ? { ok: true, detail: `${keys.size} keys` }
-    : { ok: false, detail: keys.error ?? 'not loaded yet' })
-  if (redis !== undefined) readiness.add('redis', () => redisCheck(redis))
+  // jwks: not ready until a key set has loaded (a failing refresh later only shows in the detail);
+  // redis and revocations follow RATE_LIMIT_ON_STORE_ERROR (README, Operations > Health).
+  readiness.add('jwks', () => keys.check())
+  if (redis !== undefined) readiness.add('redis', () => store.check())
+  if (redis !== undefined) readiness.add('revocations', () => revocations.check(config.rateLimit.onStoreError))
   const admin = buildAdmin({ logger: app.log, metrics, readiness, revocations, adminToken: config.admin.token })
 
   let closing: Promise<void> | undefined

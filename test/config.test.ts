@@ -449,6 +449,7 @@ t.test('configWarnings', async (t) => {
   const PLAINTEXT = /every request that carries a token will be refused as plaintext/
   const HTTP_JWKS = /plain http from a non-loopback host/
   const SPOOF = /TRUST_PROXY=true trusts every hop: any client can send its own X-Forwarded-For and X-Forwarded-Proto/
+  const HOPS = /TRUST_PROXY=2 trusts the nearest 2 hop\(s\) whoever they are/
   const secure = { TLS_CERT: CERT, TLS_KEY: KEY, REDIS_URL: 'redis://127.0.0.1:6379/0' }
   const rows: Array<{ name: string, env: Env, has: RegExp[], not: RegExp[] }> = [
     { name: 'audience "account"', env: { ...secure, JWT_AUDIENCE: 'account' }, has: [AUD], not: [PLAINTEXT, HTTP_JWKS] },
@@ -458,8 +459,8 @@ t.test('configWarnings', async (t) => {
     { name: 'TLS set', env: secure, has: [], not: [PLAINTEXT] },
     { name: 'ALLOW_INSECURE_HTTP=true', env: { ALLOW_INSECURE_HTTP: 'true' }, has: [/ALLOW_INSECURE_HTTP=true/], not: [PLAINTEXT] },
     { name: 'TRUST_PROXY=true', env: { TRUST_PROXY: 'true' }, has: [SPOOF], not: [PLAINTEXT] },
-    { name: 'TRUST_PROXY=2', env: { TRUST_PROXY: '2' }, has: [], not: [PLAINTEXT, SPOOF] },
-    { name: 'TRUST_PROXY list', env: { TRUST_PROXY: '10.0.0.0/8' }, has: [], not: [PLAINTEXT, SPOOF] },
+    { name: 'TRUST_PROXY=2', env: { TRUST_PROXY: '2' }, has: [HOPS], not: [PLAINTEXT, SPOOF] },
+    { name: 'TRUST_PROXY list', env: { TRUST_PROXY: '10.0.0.0/8' }, has: [], not: [PLAINTEXT, SPOOF, HOPS] },
     { name: 'http issuer on a remote host', env: { ...secure, JWT_ISSUER: 'http://keycloak.example.com/realms/r' }, has: [HTTP_JWKS], not: [] },
     { name: 'http issuer on 127.0.0.1', env: { ...secure, JWT_ISSUER: 'http://127.0.0.1:8080/realms/r' }, has: [], not: [HTTP_JWKS] },
     { name: 'http issuer on localhost', env: { ...secure, JWT_ISSUER: 'http://localhost:8080/realms/r' }, has: [], not: [HTTP_JWKS] },

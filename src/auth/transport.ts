@@ -6,6 +6,7 @@
  */
 import type { IncomingMessage } from 'node:http'
 import type { FastifyRequest } from 'fastify'
+import type { TrustProxy } from '../config/parsers.js'
 
 export function transportAllowsToken (request: FastifyRequest, allowInsecureHttp: boolean): boolean {
   return allowInsecureHttp || request.protocol === 'https'
@@ -21,4 +22,20 @@ export function isWebSocketHandshake (req: IncomingMessage): boolean {
   if ((req as IncomingMessage & { upgrade?: boolean }).upgrade !== true) return false
   const u = req.headers.upgrade
   return u !== undefined && u.toLowerCase() === 'websocket'
+}
+
+/** What Fastify's `trustProxy` option takes: trust all, a list of IPs/CIDRs, or a function of (address, hop). */
+export type ProxyTrust = boolean | string[] | ((address: string, hop: number) => boolean)
+
+/**
+ * TRUST_PROXY as Fastify must be given it. A hop count N trusts the peer and
+ * the N-1 addresses before it in X-Forwarded-For, so the client is the N-th
+ * address from the right (Envoy's xff_num_trusted_hops, Express's
+ * `trust proxy = N`). Fastify 5.12 turns a bare number into "trust nothing",
+ * so the count is passed as a function of the hop index (0 = the peer).
+ */
+export function proxyTrust (tp: TrustProxy): ProxyTrust {
+  if (typeof tp !== 'number') return tp
+  const hops = tp
+  return (_address, hop) => hop < hops
 }
