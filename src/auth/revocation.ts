@@ -11,15 +11,25 @@
  * they come, and rescans every RESYNC_MS (and after every reconnect) in case
  * a message was missed. Without Redis revocations apply to this process only.
  *
+ * Readiness (check()): not ready until the first full load from Redis has
+ * completed (retried every FIRST_LOAD_RETRY_MS until it has), so a replica
+ * never takes traffic it would wrongly admit. One exception, by policy: with
+ * RATE_LIMIT_ON_STORE_ERROR=open and Redis unreachable the site keeps serving,
+ * so the check passes with a detail saying the set is not loaded; it loads as
+ * soon as Redis answers (the process is briefly not ready while it does).
+ *
  * Every TTL, PX and PXAT sent to Redis is a whole number of milliseconds
  * (Redis answers `ERR value is not an integer` otherwise, and a JWT `exp` may
  * carry a fraction), and no revocation lives longer than MAX_REVOCATION_TTL_MS.
  */
 import type { Cluster, Redis } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
+import type { CheckResult } from '../admin/readiness.js'
 import type { Identity } from './identity.js'
 
 export const RESYNC_MS = 30_000
+/** Until the first load from Redis has succeeded, it is retried this often. */
+export const FIRST_LOAD_RETRY_MS = 1_000
 /** Revocations held in memory; beyond it the earliest-expiring are dropped (Redis still has them). */
 export const MAX_LOCAL_REVOCATIONS = 1_000_000
 /**
@@ -72,17 +82,47 @@ export class Revocations {
   private maxExpSeen = 0
   private maxExpPushed = 0
   private timer: NodeJS.Timeout | undefined
+  private retry: NodeJS.Timeout | undefined
   private readonly channel: string
+  /** The first full load from Redis has completed (always true without Redis). */
+  private loadedOnce: boolean
+  private loadError: string | undefined
+  private resyncing: Promise<void> | undefined
+  private closed = false
+  /** A connection attempt failed or the connection was lost, and it is not ready again yet (not: still starting). */
+  private redisDown = false
 
   constructor (private readonly opts: RevocationOptions) {
     this.redis = opts.redis as RevRedis | undefined
     this.channel = `${opts.keyPrefix}revocations`
+    this.loadedOnce = this.redis === undefined
+    this.redis?.on('reconnecting', () => { this.redisDown = true })
+    this.redis?.on('ready', () => { this.redisDown = false })
     if (this.redis !== undefined && this.redis.revMaxExp === undefined) {
       this.redis.defineCommand('revMaxExp', { numberOfKeys: 1, lua: MAXEXP_LUA })
     }
   }
 
   get size (): number { return this.jtis.size + this.subs.size }
+  /** Whether the revocations stored in Redis have been loaded at least once. */
+  get loaded (): boolean { return this.loadedOnce }
+
+  /**
+   * Readiness: ok once the first load has completed. Before that, ok only
+   * when Redis is unreachable and the policy is `open` (the site serves
+   * anyway; the detail says the set is not loaded).
+   */
+  check (policy: 'open' | 'closed'): CheckResult {
+    if (this.loadedOnce) return { ok: true, detail: `${this.size} active` }
+    const redis = this.redis
+    const why = this.loadError !== undefined ? `: ${this.loadError}` : ''
+    if (redis !== undefined && redis.status !== 'ready' && this.redisDown) {
+      return policy === 'open'
+        ? { ok: true, detail: `degraded: not loaded, redis ${redis.status}; loaded as soon as Redis answers (RATE_LIMIT_ON_STORE_ERROR=open)` }
+        : { ok: false, detail: `not loaded, redis ${redis.status}` }
+    }
+    return { ok: false, detail: `loading from redis${why}` }
+  }
 
   /** Per-request check: two Map lookups, nothing when there are no revocations. */
   isRevoked (id: Identity, now = Date.now()): boolean {
@@ -157,6 +197,8 @@ export class Revocations {
       } catch {}
     })
     sub.on('ready', () => { this.resync().catch(() => {}) })
+    // The main client may become ready after the subscriber (resync needs it): load then too.
+    redis.on('ready', () => { this.resync().catch(() => {}) })
     try {
       await sub.connect()
       await sub.subscribe(this.channel)
@@ -165,12 +207,22 @@ export class Revocations {
     }
     this.timer = setInterval(() => { this.resync().catch(() => {}) }, RESYNC_MS)
     this.timer.unref()
-    await this.resync().catch(() => {})
+    await this.firstLoad()
   }
 
   close (): void {
+    this.closed = true
     clearInterval(this.timer)
+    clearTimeout(this.retry)
     this.subscriber?.disconnect()
+  }
+
+  /** One load now; until one has succeeded, another every FIRST_LOAD_RETRY_MS (in the background). */
+  private async firstLoad (): Promise<void> {
+    await this.resync().catch(() => {})
+    if (this.loadedOnce || this.closed) return
+    this.retry = setTimeout(() => { this.firstLoad().catch(() => {}) }, FIRST_LOAD_RETRY_MS)
+    this.retry.unref()
   }
 
   private key (kind: RevocationKind, value: string): string {
@@ -193,10 +245,26 @@ export class Revocations {
     for (const [k, s] of this.subs) if (s.expiresAt <= now) this.subs.delete(k)
   }
 
-  /** Reloads every revocation from Redis (all masters of a cluster). */
-  private async resync (): Promise<void> {
+  /** Reloads every revocation from Redis (all masters of a cluster); single flight. */
+  private resync (): Promise<void> {
+    this.resyncing ??= this.scanAll().then(() => {
+      if (!this.loadedOnce) this.opts.log.info({ component: 'revocation', active: this.size }, 'revocations loaded')
+      this.loadedOnce = true
+      this.loadError = undefined
+    }, (err: Error) => {
+      if (!this.loadedOnce && this.loadError !== err.message) {
+        this.opts.log.warn({ component: 'revocation', err: { message: err.message } }, 'revocations not loaded yet; retrying')
+      }
+      this.loadError = err.message
+      throw err
+    }).finally(() => { this.resyncing = undefined })
+    return this.resyncing
+  }
+
+  private async scanAll (): Promise<void> {
     const redis = this.redis
-    if (redis === undefined || redis.status !== 'ready') return
+    if (redis === undefined) return
+    if (redis.status !== 'ready') throw new Error(`redis ${redis.status}`)
     this.sweep()
     const nodes: Redis[] = 'nodes' in redis ? (redis as Cluster).nodes('master') : [redis as Redis]
     const match = `${this.opts.keyPrefix}rev:*`
@@ -205,13 +273,27 @@ export class Revocations {
       do {
         const [next, keys] = await node.scan(cursor, 'MATCH', match, 'COUNT', 500)
         cursor = next
+        const found: Array<{ kind: RevocationKind, value: string }> = []
+        // One round trip per SCAN page (GET + PTTL of each key), not two per key: a large set loads in
+        // milliseconds, which is how long a replica waits for it before it is ready.
+        const batch = node.pipeline()
         for (const key of keys) {
           const rest = key.slice(this.opts.keyPrefix.length + 4)
           const kind = rest.startsWith('jti:') ? 'jti' : rest.startsWith('sub:') ? 'sub' : undefined
           if (kind === undefined) continue
-          const [at, ttl] = await Promise.all([node.get(key), node.pttl(key)])
-          if (at === null || ttl <= 0) continue
-          const r: Revocation = { kind, value: rest.slice(4), at: Number(at), expiresAt: Date.now() + ttl }
+          found.push({ kind, value: rest.slice(4) })
+          batch.get(key).pttl(key)
+        }
+        if (found.length === 0) continue
+        const replies = await batch.exec()
+        const now = Date.now()
+        for (const [i, { kind, value }] of found.entries()) {
+          const [getErr, at] = replies?.[2 * i] ?? [new Error('no reply')]
+          const [ttlErr, ttl] = replies?.[2 * i + 1] ?? [new Error('no reply')]
+          if (getErr !== null) throw getErr
+          if (ttlErr !== null) throw ttlErr
+          if (at === null || typeof ttl !== 'number' || ttl <= 0) continue
+          const r: Revocation = { kind, value, at: Number(at), expiresAt: now + ttl }
           const known = kind === 'jti' ? this.jtis.has(r.value) : this.subs.get(r.value)?.at === r.at
           if (!known) this.apply(r)
         }

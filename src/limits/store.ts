@@ -18,6 +18,15 @@
  * Redis does not cost every request the full timeout), then one request at a
  * time probes it; the first success ends the outage.
  *
+ * The outage (resonance_rate_limit_store_degraded, one log line when it starts
+ * and one when it ends) also begins when the connection is lost or a readiness
+ * PING fails, so it shows without traffic; it ends when a command or PING
+ * succeeds or the connection is ready again. Readiness (check()) follows the
+ * policy: with `open` the site keeps serving, so an outage is reported in the
+ * detail but the process stays ready (otherwise every replica would turn
+ * unready at once and the Service would have no endpoints); with `closed`
+ * requests get 503, so the process is not ready.
+ *
  * child() returns the same store: keys are fully built by the caller, so GET
  * and POST of one user share one budget (the plugin's child() would prefix
  * `${method}${url}` and split them, STACK-NOTES §4).
@@ -27,7 +36,9 @@ import type { Cluster, Redis } from 'ioredis'
 import { createRequire } from 'node:module'
 import type { Metrics } from '../observability/metrics.js'
 import type { StoreErrorPolicy } from '../config/settings.js'
+import type { CheckResult } from '../admin/readiness.js'
 import { BatchedRedisStore } from './redis-batch.js'
+import { redisCheck } from './redis.js'
 
 const require = createRequire(import.meta.url)
 /* The plugin exports its stores only as files; they are its public store API (README "Custom Store"). */
@@ -65,11 +76,46 @@ export class LimitStore {
   private degradedUntil = 0
   private degraded = false
   private probing = false
+  /** A connection attempt failed or the connection was lost, and it is not ready again yet. */
+  private down = false
 
   constructor (private readonly opts: LimitStoreOptions) {
     this.redisStore = opts.redis !== undefined ? new BatchedRedisStore(opts.redis, opts.keyPrefix) : undefined
     this.local = new LocalStore(false, false, LOCAL_STORE_ENTRIES)
     this.fallback = new LocalStore(false, false, LOCAL_STORE_ENTRIES)
+    // 'reconnecting' only follows a lost or refused connection (never a deliberate disconnect at shutdown).
+    opts.redis?.on('reconnecting', () => {
+      this.down = true
+      this.unavailable(undefined)
+    })
+    opts.redis?.on('ready', () => {
+      this.down = false
+      if (this.degraded) this.recovered()
+    })
+  }
+
+  /** True while Redis is considered unavailable and the policy applies. */
+  get isDegraded (): boolean { return this.degraded }
+
+  /**
+   * Readiness of the store: a PING within the command timeout. On failure the
+   * outage is recorded (gauge, log line); with policy `open` the check still
+   * passes with a `degraded:` detail, with `closed` it fails.
+   */
+  async check (): Promise<CheckResult> {
+    const redis = this.opts.redis
+    if (redis === undefined) return { ok: true, detail: 'in-process limits' }
+    const r = await redisCheck(redis)
+    if (r.ok) {
+      if (this.degraded) this.recovered()
+      return r
+    }
+    // The first connection attempt still running (or not begun): starting up, not an outage.
+    if (!this.down && redis.status !== 'ready') return { ok: false, detail: `${r.detail ?? 'redis not connected'}; connecting` }
+    this.unavailable(undefined)
+    return this.opts.policy === 'open'
+      ? { ok: true, detail: `degraded: ${r.detail ?? 'redis unavailable'}; limits per process (RATE_LIMIT_ON_STORE_ERROR=open)` }
+      : { ok: false, detail: `${r.detail ?? 'redis unavailable'}; requests refused (RATE_LIMIT_ON_STORE_ERROR=closed)` }
   }
 
   incr (key: string, cb: IncrCallback, windowMs: number, max: number): void {
@@ -102,14 +148,7 @@ export class LimitStore {
 
   private failed (key: string, cb: IncrCallback, windowMs: number, max: number, err: Error | undefined): void {
     this.opts.metrics.storeErrors.inc()
-    if (!this.degraded) {
-      this.degraded = true
-      this.opts.metrics.storeDegraded.set(1)
-      this.opts.log.error({ component: 'rate-limit', policy: this.opts.policy, err: err !== undefined ? { message: err.message } : undefined },
-        this.opts.policy === 'open'
-          ? 'rate-limit store unavailable: serving with per-process fallback limits'
-          : 'rate-limit store unavailable: refusing requests (503) until it is back')
-    }
+    this.unavailable(err)
     if (this.opts.policy === 'closed') return cb(UNAVAILABLE)
     const fallbackMax = this.opts.fallbackMax
     if (fallbackMax === undefined || fallbackMax >= max) return this.fallback.incr(key, cb, windowMs, max)
@@ -118,6 +157,17 @@ export class LimitStore {
       if (e !== null || res === undefined) return cb(e)
       cb(null, { current: Math.ceil(res.current * max / fallbackMax), ttl: res.ttl })
     }, windowMs, fallbackMax)
+  }
+
+  /** Starts an outage: gauge 1 and one log line (nothing when one is already on). */
+  private unavailable (err: Error | undefined): void {
+    if (this.degraded) return
+    this.degraded = true
+    this.opts.metrics.storeDegraded.set(1)
+    this.opts.log.error({ component: 'rate-limit', policy: this.opts.policy, err: err !== undefined ? { message: err.message } : undefined },
+      this.opts.policy === 'open'
+        ? 'rate-limit store unavailable: serving with per-process fallback limits'
+        : 'rate-limit store unavailable: refusing requests (503) until it is back')
   }
 
   private recovered (): void {
