@@ -227,12 +227,18 @@ async function stop (code, why) {
   process.exit(code)
 }
 
+let firstSignal
+
 function onSignal (signal) {
   if (stopping) {
+    // `npm run demo` delivers one Ctrl-C twice: the terminal signals the whole process group (npm and this process)
+    // and npm forwards what it got to its child. The same signal within a second is that copy, not a second Ctrl-C.
+    if (firstSignal !== undefined && firstSignal.signal === signal && Date.now() - firstSignal.at < 1000) return
     // A second Ctrl-C: no more waiting.
     for (const { child } of children) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL')
     process.exit(1)
   }
+  firstSignal = { signal, at: Date.now() }
   log(`demo: ${signal}: stopping...`)
   stop(0)
 }
@@ -350,8 +356,8 @@ async function main () {
       `curl -i -H "Authorization: Bearer ${alice}" ${gw}/api/resonance/premium/insights`],
     ['forbidden', '403: bob lacks the premium role',
       `curl -i -H "Authorization: Bearer ${bob}" ${gw}/api/resonance/premium/insights`],
-    ['rate-limit', '429: bob may make 10 requests a minute (premium users 1000): 200s, then 429s with Retry-After',
-      `for i in $(seq 1 12); do curl -s -o /dev/null -w "%{http_code}\\n" -H "Authorization: Bearer ${bob}" ${gw}/api/resonance/entries; done`],
+    ['rate-limit', '429: bob may make 10 requests a minute (premium users 1000): 200s, then 429s with Retry-After (seconds)',
+      `for i in $(seq 1 12); do curl -s -o /dev/null -D - -H "Authorization: Bearer ${bob}" ${gw}/api/resonance/entries | tr -d '\\r' | awk 'NR == 1 { s = $2 } tolower($1) == "retry-after:" { r = "  Retry-After: " $2 } END { print s r }'; done`],
     ['websocket', 'WebSocket through the gateway (token in Sec-WebSocket-Protocol: bearer, <token>): greeting, then the echo',
       wsLine(alice)],
     ['metrics', `Prometheus metrics on the admin port (${admin}/metrics), non-zero resonance_* series`,

@@ -1,11 +1,13 @@
 // `npm run demo` (scripts/demo.mjs), followed as a user would: start it, wait for the printed commands, paste each
 // one into bash and check what it shows (200, 401, 403, the 429 loop, the WebSocket greeting and echo, metrics, a
 // fresh token, revocation), then Ctrl-C: exit 0 within seconds, every port free again and no child left running.
+// `npm run demo` itself (npm -> sh -> node) exits 0 when Ctrl-C signals the whole process group.
 // Also: a part that dies stops the demo with exit 1 and a message; a busy port is refused before anything starts.
 import { execFileSync, spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:child_process'
 import { once } from 'node:events'
-import { existsSync } from 'node:fs'
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import net, { type AddressInfo } from 'node:net'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import t, { type Test } from 'tap'
@@ -155,10 +157,16 @@ t.test('npm run demo: every printed command does what it says; Ctrl-C stops ever
 
   const loop = await paste(cmd('rate-limit'))
   t.equal(loop.code, 0)
-  const codes = loop.stdout.trim().split('\n')
+  const lines = loop.stdout.trim().split('\n')
+  const codes = lines.map((l) => l.split(' ')[0])
   t.equal(codes.length, 12, 'the loop makes 12 requests')
   t.match(codes.join(' '), /^(200 )+429( 429)*$/, `200s, then only 429s: ${codes.join(' ')}`)
   t.ok(codes.filter((c) => c === '200').length <= 10, 'at most the budget of 10 passes')
+  // What the step promises: each 429 line shows its Retry-After (seconds until the window resets); a 200 line does not.
+  for (const l of lines) {
+    if (l.startsWith('429')) t.match(l, /^429 {2}Retry-After: ([1-9]|[1-5]\d|60)$/, `a 429 line shows Retry-After: ${l}`)
+    else t.equal(l, '200', 'a 200 line is just the status')
+  }
 
   const ws = await paste(cmd('websocket'))
   t.equal(ws.code, 0, `the WebSocket line exits 0 (stderr: ${ws.stderr})`)
@@ -196,6 +204,43 @@ t.test('npm run demo: every printed command does what it says; Ctrl-C stops ever
   }
   t.notOk(alive(gatewayPid), 'the gateway process is gone')
   t.notOk(alive(appPid), 'the stand-in app process is gone')
+})
+
+t.test('`npm run demo` and Ctrl-C in a terminal: npm, its shell and the demo get SIGINT; npm exits 0', async (t) => {
+  // A terminal's Ctrl-C signals the whole foreground process group: npm, the shell running the script and the demo
+  // (npm also forwards the signal to its child). The script's `npm run build` is stubbed (dist/ was built in
+  // t.before): rebuilding dist/ here would race the other test files that run it.
+  const realNpm = (process.env.PATH ?? '').split(':').map((d) => join(d, 'npm')).find((f) => existsSync(f))
+  if (realNpm === undefined) return t.skip('npm is not on PATH')
+  const bin = mkdtempSync(join(tmpdir(), 'demo-npm-'))
+  t.teardown(() => rmSync(bin, { recursive: true, force: true }))
+  writeFileSync(join(bin, 'npm'), `#!/bin/sh\n[ "$1 $2" = "run build" ] && exit 0\nexec ${JSON.stringify(realNpm)} "$@"\n`, { mode: 0o755 })
+  const port = await freePort()
+  const adminPort = await freePort()
+  const child = spawn(realNpm, ['run', 'demo'], {
+    cwd: ROOT,
+    env: { PATH: `${bin}:${process.env.PATH ?? '/usr/bin:/bin'}`, HOME: process.env.HOME ?? ROOT, DEMO_PORT: String(port), DEMO_ADMIN_PORT: String(adminPort) },
+    stdio: ['ignore', 'pipe', 'pipe'],
+    detached: true // its own process group, as a terminal's foreground job
+  })
+  let out = ''
+  child.stdout.setEncoding('utf8').on('data', (c: string) => { out += c })
+  child.stderr.setEncoding('utf8').on('data', (c: string) => { out += c })
+  const exited = new Promise<Exit>((resolve) => child.on('exit', (code, signal) => resolve({ code, signal, at: Date.now() })))
+  t.teardown(() => { try { process.kill(-(child.pid as number), 'SIGKILL') } catch {} })
+  const deadline = Date.now() + 60_000
+  while (!/^Press Ctrl-C to stop/m.test(out)) {
+    if (child.exitCode !== null || Date.now() > deadline) throw new Error(`npm run demo did not get ready:\n${out}`)
+    await new Promise((resolve) => setTimeout(resolve, 100))
+  }
+  const pids = out.match(/^Processes: gateway pid=(\d+) app pid=(\d+) demo pid=(\d+)/m)
+  process.kill(-(child.pid as number), 'SIGINT')
+  const exit = await exited
+  t.same({ code: exit.code, signal: exit.signal }, { code: 0, signal: null }, `npm run demo exits 0 on Ctrl-C:\n${out.split('\n').slice(-6).join('\n')}`)
+  t.match(out, /demo: stopped/, 'after the demo\'s own cleanup')
+  for (const pid of [pids?.[1], pids?.[2], pids?.[3]]) t.notOk(alive(Number(pid)), `process ${String(pid)} is gone`)
+  t.ok(await canBind(port), 'gateway port free')
+  t.ok(await canBind(adminPort), 'admin port free')
 })
 
 t.test('a part that dies stops the demo: exit 1 with a message, nothing left running', async (t) => {
