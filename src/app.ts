@@ -16,7 +16,7 @@ import { configWarnings } from './config/load.js'
 import { LiveConfig, type ReloadResult } from './config/live.js'
 import { LazyRequestLogger, loggerOptions } from './observability/logger.js'
 import { createMetrics, type Metrics } from './observability/metrics.js'
-import { createAudit, type Audit } from './observability/audit.js'
+import { auditDestination, createAudit, type Audit } from './observability/audit.js'
 import { KeyStore } from './auth/keys.js'
 import authPlugin, { send } from './auth/plugin.js'
 import { authChallenge } from './auth/challenge.js'
@@ -36,6 +36,8 @@ import { Revocations } from './auth/revocation.js'
 export interface GatewayDeps {
   /** Where logs go (default stdout); tests capture them here. */
   logStream?: DestinationStream
+  /** Where audit lines go (default: the AUDIT_LOG destination); tests capture them here. */
+  auditStream?: DestinationStream
   /** The environment the config was loaded from; reloads read it again (default process.env). */
   env?: NodeJS.ProcessEnv
 }
@@ -79,7 +81,8 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
   const logger = pino(loggerOptions(config.log.level), deps.logStream ?? process.stdout)
   const tls = config.server.tls
   const metrics = createMetrics()
-  const audit = createAudit(metrics)
+  // The audit trail has its own destination and level (observability/audit.ts).
+  const audit = createAudit(metrics, deps.auditStream ?? auditDestination(config.audit.log))
   // Deadlines of the public listener (limits/connections.ts).
   const deadlines = listenerDeadlines(config)
   const app = Fastify({
@@ -204,7 +207,7 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
   readiness.add('jwks', () => keys.check())
   if (redis !== undefined) readiness.add('redis', () => store.check())
   if (redis !== undefined) readiness.add('revocations', () => revocations.check(config.rateLimit.onStoreError))
-  const admin = buildAdmin({ logger: app.log, metrics, readiness, revocations, adminToken: config.admin.token })
+  const admin = buildAdmin({ logger: app.log, metrics, audit, readiness, revocations, adminToken: config.admin.token })
 
   let closing: Promise<void> | undefined
   return {
@@ -218,7 +221,10 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     ws,
     revocations,
     live,
-    reload: () => live.reload(app.log),
+    reload: () => {
+      audit.reopen() // SIGHUP after log rotation: a file AUDIT_LOG is opened again
+      return live.reload(app.log)
+    },
     start: async () => {
       await Promise.all([keys.start(), redis !== undefined ? connectRedis(redis) : undefined])
       await revocations.start()
@@ -235,6 +241,7 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
         live.close()
         revocations.close()
         redis?.disconnect()
+        audit.flush()
       })()
       return closing
     }

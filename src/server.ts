@@ -33,27 +33,32 @@ export async function main (env: NodeJS.ProcessEnv = process.env): Promise<void>
     config: config.source ?? '(defaults and environment)'
   }, 'gateway listening')
 
+  // Audit lines are written synchronously; flushing before every exit also covers a stream that buffers.
+  const exit = (code: number): never => {
+    gw.audit.flush()
+    return process.exit(code)
+  }
   let stopping = false
   const stop = (signal: string): void => {
     if (stopping) {
       log.warn({ signal }, 'second signal: exiting now')
-      process.exit(1)
+      exit(1)
     }
     stopping = true
     log.info({ signal, delayMs: config.server.shutdownDelayMs }, 'shutting down: readiness failed, draining')
     gw.readiness.draining = true
     const force = setTimeout(() => {
       log.error({ timeoutMs: config.server.shutdownTimeoutMs }, 'shutdown timed out: exiting')
-      process.exit(1)
+      exit(1)
     }, config.server.shutdownTimeoutMs)
     force.unref()
     setTimeout(() => {
       gw.close().then(() => {
         log.info('shutdown complete')
-        process.exit(0)
+        exit(0)
       }, (err: unknown) => {
         log.error({ err }, 'shutdown failed')
-        process.exit(1)
+        exit(1)
       })
     }, config.server.shutdownDelayMs).unref()
   }

@@ -7,12 +7,15 @@
 import { timingSafeEqual, createHash } from 'node:crypto'
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import type { Metrics } from '../observability/metrics.js'
+import type { Audit } from '../observability/audit.js'
 import type { Revocations } from '../auth/revocation.js'
 import type { Readiness } from './readiness.js'
 
 export interface AdminOptions {
   logger: FastifyBaseLogger
   metrics: Metrics
+  /** Revocations and refused admin tokens are audit lines. */
+  audit: Audit
   readiness: Readiness
   revocations: Revocations
   adminToken: string | undefined
@@ -21,7 +24,7 @@ export interface AdminOptions {
 const digest = (s: string): Buffer => createHash('sha256').update(s).digest()
 
 export function buildAdmin (opts: AdminOptions): FastifyInstance {
-  const { metrics, readiness, revocations, adminToken } = opts
+  const { metrics, audit, readiness, revocations, adminToken } = opts
   const admin = Fastify({
     loggerInstance: opts.logger.child({ component: 'admin' }),
     logController: new LogController({ disableRequestLogging: true }),
@@ -46,7 +49,7 @@ export function buildAdmin (opts: AdminOptions): FastifyInstance {
     const m = /^Bearer (\S+)$/i.exec(request.headers.authorization ?? '')
     // Compare digests: constant time whatever the presented length.
     if (expected !== undefined && m !== null && timingSafeEqual(digest(m[1] as string), expected)) return true
-    request.log.warn({ component: 'audit', event: 'admin_denied', ip: request.ip, path: request.routeOptions.url }, 'admin API: bad or missing token')
+    audit.admin(request, 'admin_denied', { path: request.routeOptions.url }, 'admin API: bad or missing token')
     reply.code(401).header('www-authenticate', 'Bearer realm="resonance-admin"')
       .send({ error: 'unauthorized', error_description: 'The admin token is missing or wrong' })
     return false
@@ -81,7 +84,7 @@ export function buildAdmin (opts: AdminOptions): FastifyInstance {
     const kind = body.jti !== undefined ? 'jti' : 'sub'
     const value = (body.jti ?? body.sub) as string
     const r = await revocations.revoke(kind, value)
-    request.log.warn({ component: 'audit', event: 'revoked', kind, sub: kind === 'sub' ? value : undefined, ip: request.ip }, 'token revocation')
+    audit.admin(request, 'revoked', { kind, sub: kind === 'sub' ? value : undefined }, 'token revocation')
     return reply.code(201).send({ kind: r.kind, value: r.value, issuedBefore: r.at, expiresAt: new Date(r.expiresAt).toISOString() })
   })
 

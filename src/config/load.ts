@@ -3,7 +3,8 @@
  * environment variables (env wins), validated all at once, then deep-frozen.
  * Nothing after this reads process.env.
  */
-import { readFileSync, existsSync } from 'node:fs'
+import { accessSync, constants, existsSync, readFileSync, statSync } from 'node:fs'
+import { dirname, resolve } from 'node:path'
 import { isIP } from 'node:net'
 import { parse as parseYaml } from 'yaml'
 import { ConfigInvalidError } from '../errors.js'
@@ -94,6 +95,8 @@ export interface Config {
     idleTimeoutMs: number
   }
   log: { level: LogLevel }
+  /** The audit trail's destination: 'stdout', 'stderr' or a file path (observability/audit.ts). */
+  audit: { log: string }
   redis: { url: string | undefined, clusterNodes: string[] }
   rateLimit: {
     max: number
@@ -174,6 +177,10 @@ export function loadConfig (opts: LoadOptions = {}): Config {
     if (file !== undefined && !existsSync(file)) errors.push(`${path}: file not found: ${file}`)
   }
 
+  const auditLog = v['audit.log']
+  const auditErr = auditLog === 'stdout' || auditLog === 'stderr' ? undefined : auditFileError(auditLog)
+  if (auditErr !== undefined) errors.push(`audit.log (AUDIT_LOG): ${auditErr}`)
+
   const requestTimeout = v['server.requestTimeout']
   const headersTimeout = v['server.headersTimeout']
   if (requestTimeout !== undefined && headersTimeout !== undefined && headersTimeout > requestTimeout) {
@@ -239,6 +246,7 @@ export function loadConfig (opts: LoadOptions = {}): Config {
       idleTimeoutMs: v['ws.idleTimeout']
     },
     log: { level: v['log.level'] },
+    audit: { log: v['audit.log'] },
     redis: { url: v['redis.url'], clusterNodes: v['redis.clusterNodes'] },
     rateLimit: {
       max: v['rateLimit.max'],
@@ -281,6 +289,23 @@ export function configWarnings (config: Config): string[] {
     warnings.push('TRUST_PROXY=true trusts every hop: any client can send its own X-Forwarded-For and X-Forwarded-Proto, so it chooses the address the per-IP limits and audit lines see (spoofing a victim, or rotating to evade the failed-token limit) and can pass plain HTTP off as https. Use the proxies\' addresses or CIDRs instead.')
   }
   return warnings
+}
+
+/** Why the audit file cannot be appended to (it is opened at start, created when missing), or undefined. */
+function auditFileError (file: string): string | undefined {
+  try {
+    if (existsSync(file)) {
+      if (!statSync(file).isFile()) return `not a regular file: ${file}`
+      accessSync(file, constants.W_OK)
+      return undefined
+    }
+    const dir = dirname(resolve(file))
+    if (!existsSync(dir) || !statSync(dir).isDirectory()) return `directory not found: ${dir}`
+    accessSync(dir, constants.W_OK)
+    return undefined
+  } catch (err) {
+    return `cannot write ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`
+  }
 }
 
 function isLoopback (u: string): boolean {

@@ -77,7 +77,6 @@ interface Session {
   pending: number
   pendingBytes: number
   expiryTimer: NodeJS.Timeout | undefined
-  droppedWindowUntil: number
 }
 
 export interface WsBridge {
@@ -291,8 +290,7 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
       queue: Promise.resolve(),
       pending: 0,
       pendingBytes: 0,
-      expiryTimer: undefined,
-      droppedWindowUntil: 0
+      expiryTimer: undefined
     }
     sessions.add(s)
     let forSub = bySub.get(identity.sub)
@@ -444,20 +442,19 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
     })
   }
 
+  /**
+   * A client message over the limit: one audit line and one
+   * resonance_rate_limit_triggered_total{transport="ws"} per message refused.
+   * `close` ends the connection (status 1008); `drop` keeps it, so its line
+   * has status 429, the status the client's notice stands for.
+   */
   function overLimit (s: Session, retryAfterSec: number): void {
-    const now = Date.now()
     if (live.current.ws.messageLimit.action === 'close') {
-      audit.denied(s.request, { event: 'rate_limited', reason: 'ws_message_limit', transport: 'ws', status: CLOSE.policy, sub: s.identity.sub })
+      audit.denied(s.request, { event: 'rate_limited', reason: 'ws_message_limit', transport: 'ws', status: CLOSE.policy, action: 'close', sub: s.identity.sub })
       terminateSession(s, 'rate_limited', CLOSE.policy, 'message rate limit exceeded')
       return
     }
-    // drop: count every dropped message, audit once per window per connection.
-    if (now >= s.droppedWindowUntil) {
-      audit.denied(s.request, { event: 'rate_limited', reason: 'ws_message_limit', transport: 'ws', status: CLOSE.policy, sub: s.identity.sub })
-      s.droppedWindowUntil = now + retryAfterSec * 1000
-    } else {
-      metrics.rateLimited.labels('ws').inc()
-    }
+    audit.denied(s.request, { event: 'rate_limited', reason: 'ws_message_limit', transport: 'ws', status: 429, action: 'drop', sub: s.identity.sub })
     if (s.client.readyState === WebSocket.OPEN) {
       s.client.send(JSON.stringify({ error: 'rate_limited', error_description: 'message dropped: rate limit exceeded', retry_after: retryAfterSec }))
     }

@@ -17,8 +17,10 @@ export interface TestGateway {
   url: string
   wsUrl: string
   adminUrl: string
-  /** Every raw line the gateway logged so far. */
+  /** Every raw line the gateway logged so far (diagnostic log and audit trail). */
   rawLogs: string[]
+  /** The raw lines of the audit trail only (GatewayDeps.auditStream); empty when the env sets AUDIT_LOG. */
+  rawAudits: string[]
   logs (): LogLine[]
   audits (): LogLine[]
   close (): Promise<void>
@@ -64,7 +66,17 @@ export async function startGateway (t: Teardown, issuer: TestIssuer, upstream: T
       cb()
     }
   })
-  const gw = await buildGateway(config, { logStream, env })
+  // The audit trail has its own stream: captured here too (into rawLogs as well), unless the test chose AUDIT_LOG.
+  const rawAudits: string[] = []
+  const auditStream = new Writable({
+    write (chunk, _enc, cb) {
+      for (const line of String(chunk).split('\n')) {
+        if (line !== '') { rawAudits.push(line); rawLogs.push(line) }
+      }
+      cb()
+    }
+  })
+  const gw = await buildGateway(config, { logStream, env, ...((env as Record<string, string>).AUDIT_LOG === undefined ? { auditStream } : {}) })
   if (opts.noStart !== true) await gw.start()
   await gw.app.listen({ host: '127.0.0.1', port: 0 })
   await gw.admin.listen({ host: '127.0.0.1', port: 0 })
@@ -84,6 +96,7 @@ export async function startGateway (t: Teardown, issuer: TestIssuer, upstream: T
     wsUrl: `ws://127.0.0.1:${port}`,
     adminUrl: `http://127.0.0.1:${adminPort}`,
     rawLogs,
+    rawAudits,
     logs,
     audits: () => logs().filter((l) => l.component === 'audit'),
     close

@@ -1,0 +1,314 @@
+// The audit trail (README, Operations > Logs) through real sockets and the real entrypoint:
+//   - it is written whatever LOG_LEVEL says (error, silent), one JSON line per denial with the "log":"audit" marker and
+//     the documented fields, and its lines add up exactly to the denial metrics, event by event;
+//   - WebSocket message limit: `drop` writes one line per dropped message (action "drop", status 429, the connection
+//     stays open) and the lines add up to resonance_rate_limit_triggered_total; `close` writes one (action "close", 1008);
+//   - the admin API's lines (revoked, admin_denied) go to the audit trail, with one "component" key each;
+//   - `node dist/server.js` with AUDIT_LOG=<file> and LOG_LEVEL=silent: after SIGTERM the file holds every denial made
+//     before it; AUDIT_LOG=stderr; LOG_LEVEL=error still audits on stdout; an unwritable AUDIT_LOG exits 1 before binding.
+import { execFileSync, spawn } from 'node:child_process'
+import { randomUUID } from 'node:crypto'
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import http from 'node:http'
+import type { IncomingMessage } from 'node:http'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { setTimeout as sleep } from 'node:timers/promises'
+import t, { type Test } from 'tap'
+import WebSocket from 'ws'
+import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
+import { startUpstream, type TestUpstream } from './helpers/upstream.js'
+import { startGateway, type TestGateway } from './helpers/gateway.js'
+import { canBind, freePort } from './helpers/ports.js'
+import { until, within } from './helpers/wait.js'
+
+const ROOT = fileURLToPath(new URL('..', import.meta.url))
+const ENTRY = join(ROOT, 'dist', 'server.js')
+const LOOPBACK = '127.0.0.1'
+const ADMIN_TOKEN = 'audit-test-admin-token-0123456789'
+
+let issuer: TestIssuer
+let upstream: TestUpstream
+const tmp = mkdtempSync(join(tmpdir(), 'gw-audit-'))
+
+t.before(async () => {
+  if (!existsSync(ENTRY)) execFileSync('npm', ['run', 'build'], { cwd: ROOT, stdio: 'ignore' })
+  issuer = await startIssuer()
+  upstream = await startUpstream()
+})
+t.teardown(async () => {
+  await upstream.close()
+  await issuer.close()
+  rmSync(tmp, { recursive: true, force: true })
+})
+
+type Line = Record<string, unknown>
+
+/** Sum of every series of `name` in the gateway's registry (all label values). */
+async function total (g: TestGateway, name: string): Promise<number> {
+  const text = await g.gw.metrics.registry.metrics()
+  return text.split('\n')
+    .filter((l) => l.startsWith(`${name}{`) || l.startsWith(`${name} `))
+    .reduce((sum, l) => sum + Number(l.slice(l.lastIndexOf(' ') + 1)), 0)
+}
+
+async function totals (g: TestGateway): Promise<Record<string, number>> {
+  return {
+    auth_failure: await total(g, 'resonance_auth_failures_total'),
+    forbidden: await total(g, 'resonance_forbidden_total'),
+    rate_limited: await total(g, 'resonance_rate_limit_triggered_total')
+  }
+}
+
+/** Occurrences of `"key":` in a raw JSON line (a duplicate key is invisible once parsed). */
+function keyCount (raw: string, key: string): number {
+  return raw.split(`"${key}":`).length - 1
+}
+
+const EVENT_FIELDS = ['level', 'time', 'log', 'component', 'event', 'reason', 'ip', 'method', 'path', 'transport', 'status', 'reqId', 'msg']
+
+t.test('the audit trail ignores LOG_LEVEL: one marked line per denial, adding up to the metrics', async (t) => {
+  for (const level of ['error', 'silent']) {
+    await t.test(`LOG_LEVEL=${level}`, async (t) => {
+      const g = await startGateway(t, issuer, upstream, {
+        env: { LOG_LEVEL: level, RATE_LIMIT_MAX: '1' },
+        yaml: 'auth:\n  routes:\n    - path: /api/admin/**\n      roles: [admin]\n'
+      })
+      const before = await totals(g)
+      const token = await issuer.token({ sub: randomSub('auditee') })
+      const statuses = [
+        (await fetch(`${g.url}/api/x?access_token=not-logged`)).status, // 401 missing_token (query token not accepted)
+        (await fetch(`${g.url}/api/x`, { headers: { authorization: 'Bearer abc.def.ghi' } })).status, // 401 malformed
+        (await fetch(`${g.url}/api/admin/x`, { headers: { authorization: `Bearer ${token}` } })).status, // 403 missing_role
+        (await fetch(`${g.url}/api/x`, { headers: { authorization: `Bearer ${token}` } })).status, // 200
+        (await fetch(`${g.url}/api/x`, { headers: { authorization: `Bearer ${token}` } })).status // 429 user_limit
+      ]
+      t.strictSame(statuses, [401, 401, 403, 200, 429])
+      const after = await totals(g)
+
+      t.equal(g.rawAudits.length, 4, 'four denials, four audit lines on the audit stream')
+      const lines = g.rawAudits.map((l) => JSON.parse(l) as Line)
+      t.strictSame(lines.map((l) => [l.event, l.reason, l.status]), [
+        ['auth_failure', 'missing_token', 401],
+        ['auth_failure', 'malformed', 401],
+        ['forbidden', 'missing_role', 403],
+        ['rate_limited', 'user_limit', 429]
+      ])
+      for (const [i, l] of lines.entries()) {
+        for (const f of EVENT_FIELDS) t.ok(f in l, `line ${i}: ${f}`)
+        t.match(l, { level: 40, log: 'audit', component: 'audit', msg: 'denied', transport: 'http', ip: LOOPBACK, method: 'GET' })
+        t.equal(keyCount(g.rawAudits[i] as string, 'component'), 1, `line ${i}: one "component" key`)
+        t.notMatch(g.rawAudits[i] as string, /access_token|not-logged|abc\.def\.ghi/, 'no query, no token')
+      }
+      t.equal(lines[2]?.sub, (lines[3] as Line).sub, 'sub when the token identified the caller')
+      for (const event of ['auth_failure', 'forbidden', 'rate_limited']) {
+        t.equal(lines.filter((l) => l.event === event).length, (after[event] as number) - (before[event] as number), `${event}: lines = metric delta`)
+      }
+      t.notOk(g.logs().some((l) => l.component !== 'audit' && l.level < 50), `the diagnostic log still follows LOG_LEVEL=${level}`)
+    })
+  }
+})
+
+interface Conn { ws: WebSocket, texts: string[] }
+
+async function connect (g: TestGateway, token: string): Promise<Conn> {
+  const ws = new WebSocket(`${g.wsUrl}/ws/${randomUUID()}`, { headers: { authorization: `Bearer ${token}` } })
+  const texts: string[] = []
+  ws.on('message', (d) => texts.push((d as Buffer).toString()))
+  await within(new Promise<void>((resolve, reject) => {
+    ws.once('open', () => resolve())
+    ws.once('error', reject)
+    ws.once('unexpected-response', (_req, res: IncomingMessage) => { res.resume(); reject(new Error(`upgrade refused with ${res.statusCode}`)) })
+  }), 5000, 'open')
+  ws.on('error', () => {})
+  return { ws, texts }
+}
+
+const WS_LIMITED = 'resonance_rate_limit_triggered_total'
+
+t.test('WebSocket message limit, drop: one audit line per dropped message (action drop, 429), adding up to the metric', async (t) => {
+  const g = await startGateway(t, issuer, upstream, {
+    env: { WS_MESSAGE_LIMIT_MAX: '2', WS_MESSAGE_LIMIT_WINDOW: '60s', WS_MESSAGE_LIMIT_ACTION: 'drop' }
+  })
+  const sub = randomSub('dropper')
+  const before = await total(g, WS_LIMITED)
+  const c = await connect(g, await issuer.token({ sub }))
+  const N = 7
+  for (let i = 0; i < 2 + N; i++) c.ws.send(`m${i}`)
+  await until(() => c.texts.filter((x) => x.startsWith('{')).length >= N, 5000, `${N} drop notices`)
+  await sleep(200)
+  t.equal(c.ws.readyState, WebSocket.OPEN, 'the connection stays open')
+  const delta = (await total(g, WS_LIMITED)) - before
+  t.equal(delta, N, 'metric: every dropped message')
+  const lines = g.audits().filter((l) => l.reason === 'ws_message_limit' && l.sub === sub)
+  t.equal(lines.length, N, 'audit: one line per dropped message')
+  t.equal(lines.reduce((s, l) => s + (typeof l.count === 'number' ? l.count : 1), 0), delta, 'lines add up to the metric')
+  for (const l of lines) t.match(l, { event: 'rate_limited', transport: 'ws', action: 'drop', status: 429, log: 'audit' })
+  t.notOk(lines.some((l) => l.status === 1008), 'no line says 1008: nothing was closed')
+  c.ws.close()
+})
+
+t.test('WebSocket message limit, close: one audit line (action close, 1008)', async (t) => {
+  const g = await startGateway(t, issuer, upstream, {
+    env: { WS_MESSAGE_LIMIT_MAX: '1', WS_MESSAGE_LIMIT_WINDOW: '60s', WS_MESSAGE_LIMIT_ACTION: 'close' }
+  })
+  const sub = randomSub('closer')
+  const before = await total(g, WS_LIMITED)
+  const c = await connect(g, await issuer.token({ sub }))
+  const closed = new Promise<number>((resolve) => c.ws.once('close', (code) => resolve(code)))
+  c.ws.send('a')
+  c.ws.send('b')
+  t.equal(await within(closed, 5000, 'close'), 1008)
+  await sleep(100)
+  const lines = g.audits().filter((l) => l.reason === 'ws_message_limit' && l.sub === sub)
+  t.equal(lines.length, 1)
+  t.match(lines[0], { event: 'rate_limited', transport: 'ws', action: 'close', status: 1008 })
+  t.equal((await total(g, WS_LIMITED)) - before, 1, 'metric +1')
+})
+
+t.test('admin API lines (revoked, admin_denied) are on the audit trail with one "component" key', async (t) => {
+  const g = await startGateway(t, issuer, upstream, { env: { ADMIN_TOKEN, LOG_LEVEL: 'silent' } })
+  const post = async (auth: string): Promise<number> => (await fetch(`${g.adminUrl}/revocations`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${auth}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ sub: 'revoked-user' })
+  })).status
+  t.equal(await post(ADMIN_TOKEN), 201)
+  t.equal(await post('wrong-admin-token-0123456789'), 401)
+  const lines = g.rawAudits.map((l) => JSON.parse(l) as Line)
+  t.match(lines, [
+    { log: 'audit', component: 'audit', event: 'revoked', kind: 'sub', sub: 'revoked-user', ip: LOOPBACK, msg: 'token revocation' },
+    { log: 'audit', component: 'audit', event: 'admin_denied', ip: LOOPBACK, path: '/revocations' }
+  ])
+  t.equal(lines.length, 2)
+  for (const raw of g.rawAudits) t.equal(keyCount(raw, 'component'), 1, `one "component" key: ${raw}`)
+  t.notOk(g.rawLogs.some((l) => l.includes(ADMIN_TOKEN) || l.includes('wrong-admin-token')), 'no admin token logged')
+})
+
+// --- the real entrypoint --------------------------------------------------------------------------------------------
+
+interface Proc { stdout: () => string, stderr: () => string, exited: Promise<number | null>, term: () => void }
+
+function spawnGateway (t: Test, env: Record<string, string>): Proc {
+  const yaml = join(tmp, `${randomUUID()}.yaml`)
+  writeFileSync(yaml, '')
+  const child = spawn(process.execPath, [ENTRY], {
+    cwd: ROOT,
+    env: { PATH: process.env.PATH ?? '/usr/bin:/bin', CONFIG_FILE: yaml, ...env },
+    stdio: ['ignore', 'pipe', 'pipe']
+  })
+  let out = ''
+  let err = ''
+  child.stdout.setEncoding('utf8').on('data', (c: string) => { out += c })
+  child.stderr.setEncoding('utf8').on('data', (c: string) => { err += c })
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
+  t.teardown(async () => {
+    if (child.exitCode === null && child.signalCode === null) { child.kill('SIGKILL'); await exited }
+  })
+  return { stdout: () => out, stderr: () => err, exited, term: () => { child.kill('SIGTERM') } }
+}
+
+async function processEnv (): Promise<{ port: number, admin: number, env: Record<string, string> }> {
+  const port = await freePort()
+  const admin = await freePort()
+  const closed = await freePort() // nothing listens: the JWKS never loads, token-less requests are refused anyway
+  return {
+    port,
+    admin,
+    env: {
+      HOST: LOOPBACK,
+      PORT: String(port),
+      ADMIN_HOST: LOOPBACK,
+      ADMIN_PORT: String(admin),
+      JWT_ISSUER: `http://${LOOPBACK}:${closed}/realms/test`,
+      JWT_AUDIENCE: 'gw',
+      UPSTREAM_URL: `http://${LOOPBACK}:${closed}`,
+      ALLOW_INSECURE_HTTP: 'true',
+      SHUTDOWN_DELAY: '0',
+      SHUTDOWN_TIMEOUT: '5s'
+    }
+  }
+}
+
+const agent = new http.Agent({ keepAlive: true, maxSockets: 8 })
+t.teardown(() => agent.destroy())
+
+async function status (port: number, path: string, host = LOOPBACK): Promise<number> {
+  return await new Promise((resolve, reject) => {
+    http.get({ host, port, path, agent }, (res) => { res.resume(); res.on('end', () => resolve(res.statusCode ?? 0)) }).on('error', reject)
+  })
+}
+
+async function listening (port: number): Promise<void> {
+  await until(async () => await status(port, '/healthz').then(() => true, () => false), 15_000, 'admin port up')
+}
+
+/** `count` token-less requests (401 missing_token each), all at once. */
+async function denials (port: number, count: number): Promise<void> {
+  const s = await Promise.all(Array.from({ length: count }, async (_, i) => await status(port, `/api/d/${i}`)))
+  if (!s.every((x) => x === 401)) throw new Error(`expected 401s, got ${s.join(',')}`)
+}
+
+async function missingTokenMetric (admin: number): Promise<number> {
+  const text = await (await fetch(`http://${LOOPBACK}:${admin}/metrics`)).text()
+  const line = text.split('\n').find((l) => l.startsWith('resonance_auth_failures_total{reason="missing_token",transport="http"} '))
+  return Number(line?.split(' ')[1] ?? NaN)
+}
+
+function auditLines (text: string): Line[] {
+  return text.split('\n').filter((l) => l.includes('"log":"audit"')).map((l) => JSON.parse(l) as Line)
+}
+
+t.test('node dist/server.js, AUDIT_LOG=<file>, LOG_LEVEL=silent: every denial before SIGTERM is in the file', async (t) => {
+  const { port, admin, env } = await processEnv()
+  const file = join(tmp, `audit-${randomUUID()}.log`)
+  const p = spawnGateway(t, { ...env, LOG_LEVEL: 'silent', AUDIT_LOG: file })
+  await listening(admin)
+  const N = 200
+  await denials(port, N)
+  const counted = await missingTokenMetric(admin)
+  t.equal(counted, N, 'the metric counted every denial')
+  p.term()
+  t.equal(await within(p.exited, 10_000, 'exit'), 0, 'exit 0')
+  const lines = auditLines(readFileSync(file, 'utf8'))
+  t.equal(lines.length, counted, 'audit lines in the file = metric = denials made')
+  t.ok(lines.every((l) => l.event === 'auth_failure' && l.reason === 'missing_token' && l.status === 401), 'each a missing_token line')
+  t.equal(new Set(lines.map((l) => l.path)).size, N, 'one per request')
+  t.equal(p.stdout(), '', 'LOG_LEVEL=silent: nothing on stdout')
+})
+
+t.test('node dist/server.js, LOG_LEVEL=error: audit lines still on stdout (default AUDIT_LOG)', async (t) => {
+  const { port, admin, env } = await processEnv()
+  const p = spawnGateway(t, { ...env, LOG_LEVEL: 'error' })
+  await listening(admin)
+  await denials(port, 5)
+  p.term()
+  t.equal(await within(p.exited, 10_000, 'exit'), 0)
+  const lines = auditLines(p.stdout())
+  t.equal(lines.length, 5)
+  t.match(lines[0], { level: 40, log: 'audit', component: 'audit', event: 'auth_failure', reason: 'missing_token', transport: 'http', status: 401, msg: 'denied' })
+  t.equal(auditLines(p.stderr()).length, 0)
+})
+
+t.test('node dist/server.js, AUDIT_LOG=stderr: audit lines on stderr only', async (t) => {
+  const { port, admin, env } = await processEnv()
+  const p = spawnGateway(t, { ...env, LOG_LEVEL: 'info', AUDIT_LOG: 'stderr' })
+  await listening(admin)
+  await denials(port, 3)
+  p.term()
+  t.equal(await within(p.exited, 10_000, 'exit'), 0)
+  t.equal(auditLines(p.stderr()).length, 3, 'on stderr')
+  t.equal(auditLines(p.stdout()).length, 0, 'not on stdout')
+  t.ok(p.stdout().includes('gateway listening'), 'the diagnostic log stays on stdout')
+})
+
+t.test('node dist/server.js, AUDIT_LOG in a missing directory: exit 1 naming the field, no port bound', async (t) => {
+  const { port, admin, env } = await processEnv()
+  const p = spawnGateway(t, { ...env, AUDIT_LOG: join(tmp, 'no-such-dir', 'audit.log') })
+  t.equal(await within(p.exited, 10_000, 'exit'), 1, 'exit 1')
+  t.match(p.stderr(), 'audit.log (AUDIT_LOG)')
+  t.ok(await canBind(port), 'public port free')
+  t.ok(await canBind(admin), 'admin port free')
+})
+
