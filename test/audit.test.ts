@@ -5,7 +5,8 @@
 //     stays open) and the lines add up to resonance_rate_limit_triggered_total; `close` writes one (action "close", 1008);
 //   - the admin API's lines (revoked, admin_denied) go to the audit trail, with one "component" key each;
 //   - `node dist/server.js` with AUDIT_LOG=<file> and LOG_LEVEL=silent: after SIGTERM the file holds every denial made
-//     before it; AUDIT_LOG=stderr; LOG_LEVEL=error still audits on stdout; an unwritable AUDIT_LOG exits 1 before binding.
+//     before it; AUDIT_LOG=stderr; LOG_LEVEL=error still audits on stdout; an unwritable AUDIT_LOG exits 1 before binding;
+//   - the README's Logs section names every field, event and reason value.
 import { execFileSync, spawn } from 'node:child_process'
 import { randomUUID } from 'node:crypto'
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
@@ -22,6 +23,8 @@ import { startUpstream, type TestUpstream } from './helpers/upstream.js'
 import { startGateway, type TestGateway } from './helpers/gateway.js'
 import { canBind, freePort } from './helpers/ports.js'
 import { until, within } from './helpers/wait.js'
+import { AUTH_FAILURE_REASONS } from '../src/observability/metrics.js'
+import { FORBIDDEN_REASONS, RATE_LIMITED_REASONS } from '../src/observability/audit.js'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const ENTRY = join(ROOT, 'dist', 'server.js')
@@ -108,6 +111,18 @@ t.test('the audit trail ignores LOG_LEVEL: one marked line per denial, adding up
       t.notOk(g.logs().some((l) => l.component !== 'audit' && l.level < 50), `the diagnostic log still follows LOG_LEVEL=${level}`)
     })
   }
+})
+
+t.test('README, Operations > Logs: every field, event and reason value of the audit schema', async (t) => {
+  const readme = readFileSync(join(ROOT, 'README.md'), 'utf8')
+  const logs = readme.slice(readme.indexOf('### Logs'), readme.indexOf('### Metrics'))
+  const names = [
+    ...EVENT_FIELDS, 'pid', 'hostname', 'sub', 'action', 'kind',
+    'auth_failure', 'forbidden', 'rate_limited', 'revoked', 'admin_denied',
+    ...AUTH_FAILURE_REASONS, ...FORBIDDEN_REASONS, ...RATE_LIMITED_REASONS,
+    'AUDIT_LOG', '"log":"audit"'
+  ]
+  for (const n of names) t.ok(logs.includes(`\`${n}\``) || logs.includes(n.startsWith('"') ? n : `"${n}"`), n)
 })
 
 interface Conn { ws: WebSocket, texts: string[] }

@@ -25,12 +25,15 @@ export const FORBIDDEN_REASONS = ['missing_role'] as const
 /** The `reason` of rate_limited lines. */
 export const RATE_LIMITED_REASONS = ['user_limit', 'route_limit', 'ip_limit', 'auth_failures', 'ws_connections', 'ws_message_limit'] as const
 
+/** Every `reason` an audit line can carry (the README lists each; test/audit.test.ts checks it does). */
+export type DenialReason = AuthFailureReason | typeof FORBIDDEN_REASONS[number] | typeof RATE_LIMITED_REASONS[number]
+
 /** AUDIT_LOG values that are not file paths. */
 export const AUDIT_STREAMS = ['stdout', 'stderr'] as const
 
 export interface Denial {
   event: AuditEvent
-  reason: string
+  reason: DenialReason
   transport: Transport
   /** HTTP status of the refusal, or the WebSocket close code when a connection was closed. */
   status: number
