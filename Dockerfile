@@ -3,7 +3,8 @@
 # tini as PID 1 so SIGTERM reaches node (graceful drain), healthcheck on the
 # admin port.
 
-ARG NODE_IMAGE=node:20.20.2-bookworm-slim
+# Node 24 (Active LTS); .ci/run runs the test suite on exactly this version too.
+ARG NODE_IMAGE=node:24.22.3-bookworm-slim
 
 FROM ${NODE_IMAGE} AS build
 WORKDIR /app

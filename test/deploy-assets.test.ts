@@ -1,8 +1,9 @@
 // Deployment assets, checked without a Docker engine or a cluster: the compose file (docker-compose config -q, every
-// bind-mounted file exists and parses, pinned images, healthchecks), the Keycloak realm, the Grafana dashboard and the
-// Prometheus rules (every metric and label they use exists in src/observability/metrics.ts; promtool when
-// installed), the Kubernetes sidecar manifests (the ConfigMap's YAML passes the gateway's own validation) and the
-// Dockerfile's shape.
+// bind-mounted file exists and parses, pinned images, healthchecks, start order, nothing installed at start), the
+// Keycloak realm, the Grafana dashboard and the Prometheus rules (every metric and label they use exists in
+// src/observability/metrics.ts; every alert has a promtool test case; promtool when installed), the Kubernetes
+// sidecar manifests (the ConfigMap's YAML passes the gateway's own validation) and the Dockerfiles' shape (Node 24,
+// the same version in every image, `engines` satisfied by it, the version .ci/run tests on).
 import { spawnSync } from 'node:child_process'
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -23,6 +24,8 @@ const ALERTS_FILE = join(ROOT, 'deploy', 'prometheus', 'alerts.yml')
 const ALERT_TESTS_FILE = join(ROOT, 'deploy', 'prometheus', 'alerts.test.yml')
 const K8S_DIR = join(ROOT, 'deploy', 'kubernetes')
 const DOCKERFILE = join(ROOT, 'Dockerfile')
+const STANDIN_DIR = join(ROOT, 'deploy', 'standin-app')
+const README = readFileSync(join(ROOT, 'README.md'), 'utf8')
 
 const DOCKER_COMPOSE = ['/usr/bin/docker-compose', '/usr/local/bin/docker-compose'].find((p) => existsSync(p))
 const PROMTOOL = ['/usr/bin/promtool', '/usr/local/bin/promtool'].find((p) => existsSync(p))
@@ -54,7 +57,7 @@ interface ExprCheck { metrics: string[], problems: string[] }
 function checkExpr (expr: string): ExprCheck {
   const problems: string[] = []
   const used = new Map<string, MetricInfo>()
-  for (const [name] of expr.matchAll(/\bresonance_[a-z0-9_]+\b/g)) {
+  for (const [name] of expr.matchAll(/\b(?:resonance|process)_[a-z0-9_]+\b/g)) {
     const base = name.replace(/_(bucket|sum|count)$/, '')
     const info = METRICS.get(name) ?? (METRICS.get(base)?.histogram === true ? METRICS.get(base) : undefined)
     if (info === undefined) problems.push(`unknown metric ${name}`)
@@ -82,6 +85,8 @@ t.test('the expression checker itself catches unknown metrics and labels', async
   t.match(checkExpr('rate(resonance_http_requests_totl[5m])').problems, ['unknown metric resonance_http_requests_totl'])
   t.match(checkExpr('sum by (reason) (rate(resonance_rate_limit_triggered_total[5m]))').problems, [/label reason/])
   t.match(checkExpr('resonance_jwks_fetches_total{outcome="error"}').problems, [/label outcome/])
+  t.same(checkExpr('max by (instance) (resonance_connections_open) > max by (instance) (process_max_fds) / 2').problems, [])
+  t.match(checkExpr('resonance_connections_open > process_max_fd').problems, ['unknown metric process_max_fd'])
   t.ok(METRICS.size >= 14, 'metrics come from createMetrics()')
 })
 
@@ -129,7 +134,9 @@ t.test('compose services: the system, pinned images, healthchecks, start order',
   for (const name of ['gateway', 'redis', 'keycloak', 'prometheus', 'grafana']) {
     t.ok(Array.isArray(services[name].healthcheck?.test), `${name} has a healthcheck`)
   }
-  t.same(services.gateway.depends_on, { redis: { condition: 'service_healthy' }, keycloak: { condition: 'service_healthy' }, app: { condition: 'service_started' } })
+  t.ok(Array.isArray(services.app.healthcheck?.test), 'app has a healthcheck')
+  t.same(services.gateway.depends_on, { redis: { condition: 'service_healthy' }, keycloak: { condition: 'service_healthy' }, app: { condition: 'service_healthy' } },
+    'the gateway starts once Redis, Keycloak and the app answer (no 502s for its first requests)')
   t.equal(services.grafana.depends_on.prometheus.condition, 'service_healthy')
   t.same(services.keycloak.command, ['start-dev', '--import-realm'])
   t.match(services.app.image, /\$\{APP_IMAGE:-/, 'the app image is overridable')
@@ -139,6 +146,53 @@ t.test('compose services: the system, pinned images, healthchecks, start order',
   t.match(services.keycloak.ports, ['8180:8080'], 'Keycloak on the host port of the issuer URL')
   t.match(services.prometheus.ports[0], /:9090$/)
   t.match(services.grafana.ports[0], /:3000$/)
+
+  // Host ports: each default overridable by a variable the README names, none on 3000 (where an app run on the host,
+  // as in the README's own example, listens), no two alike.
+  const hostPorts = new Map<string, string>()
+  for (const [name, s] of Object.entries(services)) {
+    for (const p of (s.ports ?? []) as string[]) {
+      const host = /^"?(.*):\d+$/.exec(p)?.[1] as string
+      const m = /^\$\{([A-Z_]+):-(\d+)\}$/.exec(host)
+      const port = m?.[2] ?? host
+      t.not(port, '3000', `${name}: host port ${port} is not 3000`)
+      t.notOk(hostPorts.has(port), `${name}: host port ${port} is not used twice`)
+      hostPorts.set(port, name)
+      if (m !== null) t.ok(README.includes(`\`${m[1] as string}\``), `${name}: ${m[1] as string} is documented in the README`)
+    }
+  }
+  t.match(services.grafana.ports[0], /^\$\{GRAFANA_PORT:-3001\}:3000$/, 'Grafana on host port 3001 by default')
+  t.match(services.gateway.ports[0], /^\$\{GATEWAY_PORT:-8080\}:8080$/)
+  t.match(services.prometheus.ports[0], /^\$\{PROMETHEUS_PORT:-9091\}:9090$/)
+})
+
+t.test('compose: nothing is installed when a container starts; the stand-in app is built with its locked dependency', async (t) => {
+  for (const [name, s] of Object.entries(services)) {
+    const start = [s.command, s.entrypoint].flat().filter((x) => x !== undefined).join(' ')
+    t.notMatch(start, /\b(npm|yarn|pnpm|npx)\b/, `${name}: no package manager at start (${start || 'image default'})`)
+  }
+  t.equal(services.app.build, './deploy/standin-app', 'the stand-in app is built from deploy/standin-app')
+  t.match(services.app.image, /^\$\{APP_IMAGE:-[a-z0-9-]+:[\w.-]+\}$/, 'APP_IMAGE still swaps in the real app')
+  t.match(services.app.command, /^\$\{APP_COMMAND:-node server\.mjs\}$/)
+  t.notOk('volumes' in services.app, 'server.mjs is in the image, not mounted')
+  const dockerfile = readFileSync(join(STANDIN_DIR, 'Dockerfile'), 'utf8')
+  t.match(dockerfile, /^COPY package\.json package-lock\.json \.\/$/m, 'the lock file goes into the image')
+  t.match(dockerfile, /^RUN npm ci --omit=dev\b/m, 'dependencies installed from the lock at build time')
+  t.match(dockerfile, /^COPY server\.mjs \.\/$/m)
+  t.match(dockerfile, /^USER node$/m, 'non-root')
+  t.match(dockerfile, /^HEALTHCHECK\s/m)
+  t.match(dockerfile, /^CMD \["node", "server\.mjs"\]$/m)
+  const lock = JSON.parse(readFileSync(join(STANDIN_DIR, 'package-lock.json'), 'utf8')) as Any
+  const rootLock = JSON.parse(readFileSync(join(ROOT, 'package-lock.json'), 'utf8')) as Any
+  const pkg = JSON.parse(readFileSync(join(STANDIN_DIR, 'package.json'), 'utf8')) as Any
+  t.same(Object.keys(pkg.dependencies), ['ws'], 'its one dependency')
+  t.same(Object.keys(lock.packages).sort(), ['', 'node_modules/ws'], 'locked, nothing else')
+  t.equal(lock.packages['node_modules/ws'].version, rootLock.packages['node_modules/ws'].version, 'the ws version the gateway\'s lock pins (the demo runs server.mjs with that one)')
+  t.equal(pkg.dependencies.ws, lock.packages['node_modules/ws'].version)
+  // What the image runs parses, and imports only node: builtins and ws.
+  const server = readFileSync(join(STANDIN_DIR, 'server.mjs'), 'utf8')
+  const imports = [...server.matchAll(/^import .* from '([^']+)'$/gm)].map((m) => m[1] as string)
+  t.same(imports.filter((i) => !i.startsWith('node:')), ['ws'], `imports: ${imports.join(', ')}`)
 })
 
 /** `./host/path:/container/path[:ro]` bind mounts of every service. */
@@ -151,7 +205,7 @@ for (const [service, s] of Object.entries(services)) {
 }
 
 t.test('every bind-mounted file exists and parses', async (t) => {
-  t.ok(mounts.length >= 7, `${mounts.length} bind mounts`)
+  t.ok(mounts.length >= 6, `${mounts.length} bind mounts`)
   for (const m of mounts) {
     const file = join(ROOT, m.host)
     t.ok(existsSync(file), `${m.service}: ${m.host} exists`)
@@ -246,13 +300,15 @@ t.test('Grafana dashboard: parses; every expr uses existing metrics and labels; 
   t.equal(new Set(ids).size, ids.length, 'panel ids are unique')
   for (const m of ['resonance_http_requests_total', 'resonance_http_request_duration_seconds', 'resonance_auth_failures_total',
     'resonance_rate_limit_triggered_total', 'resonance_ws_connections', 'resonance_jwks_fetches_total', 'resonance_rate_limit_store_errors_total',
-    'resonance_upstream_errors_total']) {
+    'resonance_upstream_errors_total', 'resonance_connections_open', 'resonance_connections_refused_total']) {
     t.ok(seen.has(m), `the dashboard shows ${m}`)
   }
   const all = exprs.join('\n')
   t.match(all, /by \(le, status_class\) \(rate\(resonance_http_request_duration_seconds_bucket/, 'latency by status class')
   t.match(all, /by \(reason\) \(rate\(resonance_auth_failures_total/, 'auth failures by reason')
   t.match(all, /by \(transport\) \(rate\(resonance_rate_limit_triggered_total/, '429s by transport')
+  t.match(all, /by \(reason\) \(rate\(resonance_connections_refused_total/, 'refused connections by reason')
+  t.match(all, /by \(instance\) \(resonance_connections_open/, 'open connections per gateway')
 
   if (PROMTOOL !== undefined) {
     // promtool has no "check expression": every query becomes a recording rule, with Grafana's variables filled in.
@@ -292,6 +348,21 @@ t.test('alert rules: structure, existing metrics, the required alerts', async (t
   t.ok(byMetric.has('resonance_rate_limit_store_errors_total'), 'Redis store errors')
   t.ok(byMetric.has('resonance_jwks_fetches_total'), 'JWKS fetch failures')
   t.ok(byMetric.has('resonance_upstream_errors_total'), 'upstream errors')
+  t.ok(byMetric.has('resonance_connections_refused_total'), 'refused connections')
+  t.ok(byMetric.has('resonance_connections_open'), 'open connections')
+  const byName = new Map(rules.map((r) => [r.alert as string, r]))
+  t.match(byName.get('ResonanceGatewayAbsent')?.expr, /^absent\(up\{job="resonance-gateway"\}\)$/, 'vanished targets alert too')
+  t.match(readFileSync(ALERTS_FILE, 'utf8'), /job="resonance-gateway"[\s\S]*relabel|relabel[\s\S]*job="resonance-gateway"/, 'the job label is documented with a relabel example')
+  t.notMatch(byName.get('ResonanceNoSigningKeys')?.expr, /\bmax\s*\(/, 'no signing keys: per gateway, not the best replica')
+  for (const [, m] of (byName.get('ResonanceConnectionCapReached')?.expr ?? '').matchAll(/reason="(\w+)"/g)) t.equal(m, 'global')
+  t.match(byName.get('ResonancePerIpConnectionsRefused')?.expr, /reason="per_ip"/)
+
+  // Every alert has a promtool case that expects it to fire (exp_alerts non-empty), so every rule's expression and
+  // annotations are exercised (promtool runs them when installed).
+  const cases = (readYaml(ALERT_TESTS_FILE).tests as Any[]).flatMap((tc) => tc.alert_rule_test as Any[])
+  for (const name of byName.keys()) {
+    t.ok(cases.some((c) => c.alertname === name && (c.exp_alerts as Any[]).length > 0), `alerts.test.yml has a firing case for ${name}`)
+  }
 })
 
 t.test('Prometheus config: scrapes the gateway\'s admin port, loads the mounted rules', async (t) => {
@@ -387,7 +458,64 @@ t.test('Kubernetes manifests: kinds, sidecar, probes, scrape annotations; the Co
 // Dockerfile
 // ---------------------------------------------------------------------------------------------------------------
 
-t.test('Dockerfile: multi-stage, pinned node 20 slim, non-root, init, healthcheck on the admin port', async (t) => {
+/** Whether a version satisfies an npm `engines` range made of `||` alternatives of space-separated >=, >, <=, <, = comparators. */
+function satisfies (version: string, range: string): boolean {
+  const v = version.split('.').map(Number)
+  const cmp = (b: string): number => {
+    const w = b.split('.').map(Number)
+    for (let i = 0; i < 3; i++) if ((v[i] ?? 0) !== (w[i] ?? 0)) return (v[i] ?? 0) < (w[i] ?? 0) ? -1 : 1
+    return 0
+  }
+  return range.split('||').some((alt) => alt.trim().split(/\s+/).every((c) => {
+    const m = /^(>=|<=|>|<|=)?(\d+(?:\.\d+){0,2})$/.exec(c)
+    if (m === null) throw new Error(`unsupported comparator ${c} in ${range}`)
+    const r = cmp(m[2] as string)
+    switch (m[1]) {
+      case '>=': return r >= 0
+      case '>': return r > 0
+      case '<=': return r <= 0
+      case '<': return r < 0
+      default: return r === 0
+    }
+  }))
+}
+
+t.test('the engines check itself', async (t) => {
+  t.ok(satisfies('24.22.3', '>=22'))
+  t.notOk(satisfies('20.20.2', '>=22'))
+  t.ok(satisfies('20.19.0', '>=20.19 <25'))
+  t.notOk(satisfies('25.0.0', '>=20.19 <25'))
+  t.ok(satisfies('22.1.0', '20 || >=22'))
+})
+
+t.test('Node: every image on the same pinned Node 24 release; engines holds for it; .ci/run tests that release', async (t) => {
+  const nodeImage = (file: string): string | undefined => /^ARG NODE_IMAGE=(\S+)$/m.exec(readFileSync(file, 'utf8'))?.[1]
+  const gateway = nodeImage(DOCKERFILE) as string
+  const m = /^node:(24\.\d+\.\d+)-bookworm-slim$/.exec(gateway)
+  t.ok(m !== null, `the gateway image is node 24 (Active LTS), a pinned release on Debian bookworm slim (${gateway})`)
+  const version = m?.[1] as string
+  t.equal(nodeImage(join(STANDIN_DIR, 'Dockerfile')), gateway, 'the stand-in app uses the same base image')
+  const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as Any
+  t.ok(satisfies(version, pkg.engines.node), `engines.node ${pkg.engines.node} holds for the image's Node ${version}`)
+  // Node 20 reached end of life on 2026-04-30; the production tree (cookie, via fastify's light-my-request) needs 22.
+  t.notOk(satisfies('20.20.2', pkg.engines.node), 'engines does not claim the end-of-life Node 20')
+  const rootLock = JSON.parse(readFileSync(join(ROOT, 'package-lock.json'), 'utf8')) as Any
+  for (const [path, p] of Object.entries(rootLock.packages as Record<string, Any>)) {
+    if (path === '' || p.dev === true || typeof p.engines?.node !== 'string') continue
+    let ok: boolean
+    try { ok = satisfies(version, p.engines.node.replace(/\^(\d+)(\.\d+)*/g, '>=$1$2')) } catch { continue }
+    if (!ok) t.fail(`${path} (engines ${p.engines.node}) does not support Node ${version}`)
+  }
+  t.equal(rootLock.packages[''].engines?.node, pkg.engines.node, 'package-lock.json carries the same engines')
+  // .ci/run reads the version from the Dockerfile with this sed expression and fetches that exact release.
+  const ci = readFileSync(join(ROOT, '.ci', 'run'), 'utf8')
+  const sed = /image_node=\$\(sed -nE '([^']+)' Dockerfile/.exec(ci)?.[1]
+  t.ok(sed !== undefined, '.ci/run takes the Node version from the Dockerfile')
+  const r = spawnSync('sed', ['-nE', sed as string, DOCKERFILE], { encoding: 'utf8' })
+  t.equal(r.stdout.trim(), version, '.ci/run\'s second run uses exactly the image\'s Node')
+})
+
+t.test('Dockerfile: multi-stage, pinned node 24 slim, non-root, init, healthcheck on the admin port', async (t) => {
   const text = readFileSync(DOCKERFILE, 'utf8')
   const lines = text.split('\n').map((l) => l.trim()).filter((l) => l !== '' && !l.startsWith('#'))
   const froms = lines.filter((l) => /^FROM\s/i.test(l))
@@ -395,7 +523,7 @@ t.test('Dockerfile: multi-stage, pinned node 20 slim, non-root, init, healthchec
   const args = new Map([...text.matchAll(/^ARG\s+(\w+)=(\S+)/gm)].map((m) => [m[1] as string, m[2] as string]))
   for (const from of froms) {
     const image = (from.split(/\s+/)[1] as string).replace(/^\$\{(\w+)\}$/, (_m, name: string) => args.get(name) ?? '')
-    t.match(image, /^node:20\.\d+\.\d+-[a-z]+-slim$|^node:20\.\d+\.\d+-slim$/, `base image pinned to a node 20 slim release (${image})`)
+    t.match(image, /^node:24\.\d+\.\d+-[a-z]+-slim$|^node:24\.\d+\.\d+-slim$/, `base image pinned to a node 24 slim release (${image})`)
   }
   const user = lines.filter((l) => /^USER\s/i.test(l)).at(-1)
   t.ok(user !== undefined && !/^USER\s+(root|0)(:|$)/i.test(user), `runs as a non-root user (${String(user)})`)
