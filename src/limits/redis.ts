@@ -65,20 +65,28 @@ export function createRedis (settings: RedisSettings, log: FastifyBaseLogger): R
   }
   let down = false
   redis.on('error', (err: Error & { code?: string }) => {
+    lastErrors.set(redis, err.message)
     if (down) return
     down = true
     log.error({ component: 'redis', err: { message: err.message, code: err.code } }, 'redis unavailable')
   })
   redis.on('ready', () => {
+    lastErrors.delete(redis)
     if (down) log.info({ component: 'redis' }, 'redis available again')
     down = false
   })
   return redis
 }
 
+/** The last connection error of each client made by createRedis, until it is ready again (readiness detail). */
+const lastErrors = new WeakMap<Redis | Cluster, string>()
+
 /** Readiness: a PING answered within the command timeout. */
 export async function redisCheck (redis: Redis | Cluster): Promise<CheckResult> {
-  if (redis.status !== 'ready') return { ok: false, detail: `redis ${redis.status}` }
+  if (redis.status !== 'ready') {
+    const last = lastErrors.get(redis)
+    return { ok: false, detail: `redis ${redis.status}${last !== undefined ? ` (${last})` : ''}` }
+  }
   try {
     await redis.ping()
     return { ok: true }
