@@ -133,6 +133,7 @@ function effective (config: ReturnType<typeof loadConfig>, path: LeafPath): unkn
     'auth.jwks.fetchTimeout': config.auth.jwks.fetchTimeoutMs,
     'auth.revocationMinTtl': config.auth.revocationMinTtlMs,
     'log.level': config.log.level,
+    'audit.log': config.audit.log,
     'redis.clusterNodes': config.redis.clusterNodes,
     'redis.url': config.redis.url,
     'rateLimit.max': config.rateLimit.max,

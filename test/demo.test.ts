@@ -206,12 +206,13 @@ t.test('npm run demo: every printed command does what it says; Ctrl-C stops ever
   t.notOk(alive(appPid), 'the stand-in app process is gone')
 })
 
-t.test('`npm run demo` and Ctrl-C in a terminal: npm, its shell and the demo get SIGINT; npm exits 0', async (t) => {
+const NPM = (process.env.PATH ?? '').split(':').map((d) => join(d, 'npm')).find((f) => existsSync(f))
+
+t.test('`npm run demo` and Ctrl-C in a terminal: npm, its shell and the demo get SIGINT; npm exits 0', { skip: NPM === undefined ? 'npm is not on PATH' : false }, async (t) => {
   // A terminal's Ctrl-C signals the whole foreground process group: npm, the shell running the script and the demo
   // (npm also forwards the signal to its child). The script's `npm run build` is stubbed (dist/ was built in
   // t.before): rebuilding dist/ here would race the other test files that run it.
-  const realNpm = (process.env.PATH ?? '').split(':').map((d) => join(d, 'npm')).find((f) => existsSync(f))
-  if (realNpm === undefined) return t.skip('npm is not on PATH')
+  const realNpm = NPM as string
   const bin = mkdtempSync(join(tmpdir(), 'demo-npm-'))
   t.teardown(() => rmSync(bin, { recursive: true, force: true }))
   writeFileSync(join(bin, 'npm'), `#!/bin/sh\n[ "$1 $2" = "run build" ] && exit 0\nexec ${JSON.stringify(realNpm)} "$@"\n`, { mode: 0o755 })
