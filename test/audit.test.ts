@@ -326,4 +326,3 @@ t.test('node dist/server.js, AUDIT_LOG in a missing directory: exit 1 naming the
   t.ok(await canBind(port), 'public port free')
   t.ok(await canBind(admin), 'admin port free')
 })
-
