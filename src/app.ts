@@ -64,17 +64,19 @@ export interface Gateway {
 const REQUEST_ID_RE = /^[A-Za-z0-9._:-]{1,128}$/
 
 /**
- * New request ids: a random per-process prefix (64 bits, so replicas never
- * collide) and a counter. As unique as a UUID per request for tracing, at a
- * fraction of its cost (randomUUID showed up in the request profile).
+ * New request ids: a random prefix per gateway (64 bits, so replicas and
+ * gateways in one process never collide) and its own counter. As unique as a
+ * UUID per request for tracing, at a fraction of its cost (randomUUID showed
+ * up in the request profile). A caller-supplied X-Request-Id is kept when it
+ * is sane.
  */
-const ID_PREFIX = randomBytes(8).toString('hex')
-let idCounter = 0
-
-/** A caller-supplied X-Request-Id is kept when it is sane, otherwise a new one. */
-function requestId (req: IncomingMessage): string {
-  const h = req.headers['x-request-id']
-  return typeof h === 'string' && REQUEST_ID_RE.test(h) ? h : `${ID_PREFIX}-${(++idCounter).toString(36)}`
+function requestIds (): (req: IncomingMessage) => string {
+  const prefix = randomBytes(8).toString('hex')
+  let counter = 0
+  return (req) => {
+    const h = req.headers['x-request-id']
+    return typeof h === 'string' && REQUEST_ID_RE.test(h) ? h : `${prefix}-${(++counter).toString(36)}`
+  }
 }
 
 export async function buildGateway (config: Config, deps: GatewayDeps = {}): Promise<Gateway> {
@@ -89,7 +91,7 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
     loggerInstance: logger,
     logController: new LogController({ disableRequestLogging: true }),
     trustProxy: proxyTrust(config.server.trustProxy) as boolean, // Fastify takes a function too; its types name only some forms
-    genReqId: requestId,
+    genReqId: requestIds(),
     childLoggerFactory: (logger, bindings, opts) => new LazyRequestLogger(logger as never, bindings, opts as Record<string, unknown>) as never,
     requestIdHeader: false,
     return503OnClosing: true,
@@ -120,7 +122,8 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
   const connections = guardConnections(app, config, metrics, deadlines)
 
   // Node removes the socket's error listener before emitting 'upgrade'; a
-  // client reset while auth is pending must not crash the process (STACK-NOTES §2).
+  // client reset while auth is pending would be an unhandled 'error' event and
+  // end the process.
   app.server.prependListener('upgrade', (_req: IncomingMessage, socket) => {
     socket.on('error', () => socket.destroy())
   })

@@ -95,64 +95,12 @@ function checkConfig (args: string[]): number {
   return 0
 }
 
-/** The effective value of a leaf, read from the loaded (validated) config. */
+/**
+ * The effective value of a leaf, from the loaded (validated) config: what file
+ * and env resolved to, except that an empty JWT_ROLE_CLIENTS means the audiences.
+ */
 function effective (config: ReturnType<typeof loadConfig>, path: LeafPath): unknown {
-  const byPath: Record<LeafPath, unknown> = {
-    'server.host': config.server.host,
-    'server.port': config.server.port,
-    'server.tls.cert': config.server.tls?.cert,
-    'server.tls.key': config.server.tls?.key,
-    'server.allowInsecureHttp': config.server.allowInsecureHttp,
-    'server.trustProxy': config.server.trustProxy,
-    'server.shutdownDelay': config.server.shutdownDelayMs,
-    'server.shutdownTimeout': config.server.shutdownTimeoutMs,
-    'server.configWatch': config.server.configWatch,
-    'server.requestTimeout': config.server.requestTimeoutMs,
-    'server.headersTimeout': config.server.headersTimeoutMs,
-    'server.keepAliveTimeout': config.server.keepAliveTimeoutMs,
-    'server.maxConnections': config.server.maxConnections,
-    'server.maxUnauthenticatedPerIp': config.server.maxUnauthenticatedPerIp,
-    'admin.host': config.admin.host,
-    'admin.token': config.admin.token,
-    'admin.port': config.admin.port,
-    'upstream.url': config.upstream.url,
-    'upstream.timeout': config.upstream.timeoutMs,
-    'upstream.connectTimeout': config.upstream.connectTimeoutMs,
-    'upstream.connections': config.upstream.connections,
-    'upstream.forwardAuthorization': config.upstream.forwardAuthorization,
-    'auth.issuer': config.auth.issuer,
-    'auth.audience': config.auth.audiences,
-    'auth.acceptAzpAsAudience': config.auth.acceptAzpAsAudience,
-    'auth.jwksUrl': config.auth.jwksUrl,
-    'auth.algorithms': config.auth.algorithms,
-    'auth.clockTolerance': config.auth.clockToleranceSec,
-    'auth.roleClients': config.auth.roleClients,
-    'auth.verifyCacheSize': config.auth.verifyCacheSize,
-    'auth.jwks.cacheTtl': config.auth.jwks.cacheTtlMs,
-    'auth.jwks.minRefreshInterval': config.auth.jwks.minRefreshIntervalMs,
-    'auth.jwks.fetchTimeout': config.auth.jwks.fetchTimeoutMs,
-    'auth.revocationMinTtl': config.auth.revocationMinTtlMs,
-    'log.level': config.log.level,
-    'audit.log': config.audit.log,
-    'redis.clusterNodes': config.redis.clusterNodes,
-    'redis.url': config.redis.url,
-    'rateLimit.max': config.rateLimit.max,
-    'rateLimit.window': config.rateLimit.windowMs,
-    'rateLimit.keyPrefix': config.rateLimit.keyPrefix,
-    'rateLimit.onStoreError': config.rateLimit.onStoreError,
-    'rateLimit.fallbackMax': config.rateLimit.fallbackMax,
-    'rateLimit.authFailures.max': config.rateLimit.authFailures.max,
-    'rateLimit.authFailures.window': config.rateLimit.authFailures.windowMs,
-    'ws.maxPayload': config.ws.maxPayload,
-    'ws.maxBuffered': config.ws.maxBuffered,
-    'ws.messageLimit.max': config.ws.messageLimit.max,
-    'ws.messageLimit.window': config.ws.messageLimit.windowMs,
-    'ws.messageLimit.action': config.ws.messageLimit.action,
-    'ws.maxConnectionsPerUser': config.ws.maxConnectionsPerUser,
-    'ws.pingInterval': config.ws.pingIntervalMs,
-    'ws.idleTimeout': config.ws.idleTimeoutMs
-  }
-  return byPath[path]
+  return path === 'auth.roleClients' ? config.auth.roleClients : config.leaves[path]
 }
 
 async function revoke (args: string[]): Promise<number> {

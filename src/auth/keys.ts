@@ -4,7 +4,7 @@
  * (discovery through get-jwks). Never a location taken from a token.
  *
  * Why not get-jwks' per-kid cache: it re-converts the JWK to PEM on every call
- * (~450 µs a request, STACK-NOTES §8), has no negative cache (every made-up kid
+ * (~450 µs a request, measured with get-jwks 11 and @fastify/jwt 10), has no negative cache (every made-up kid
  * is a JWKS fetch), and drops keys one ttl after the endpoint goes down. This
  * store keeps the whole key set, prepared once per kid, and:
  *   - answers known kids synchronously (the hot path is a Map lookup);

@@ -1,6 +1,8 @@
 /**
- * The shared Redis connection (rate limits, later revocations). Configured to
- * fail fast instead of hanging requests (STACK-NOTES §4): no offline queue (a
+ * The shared Redis connection (rate limits, WebSocket connection slots,
+ * revocations, readiness). Configured to
+ * fail fast instead of hanging requests (with ioredis' defaults, an offline queue
+ * and 20 retries per command, requests hang while Redis is down): no offline queue (a
  * command while disconnected errors at once, and nothing replays into the
  * wrong window after a reconnect), one retry per command, bounded connect and
  * command timeouts. No auto-pipelining: rate-limit checks are already batched

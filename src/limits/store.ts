@@ -29,7 +29,7 @@
  *
  * child() returns the same store: keys are fully built by the caller, so GET
  * and POST of one user share one budget (the plugin's child() would prefix
- * `${method}${url}` and split them, STACK-NOTES §4).
+ * `${method}${url}` and split them).
  */
 import type { FastifyBaseLogger } from 'fastify'
 import type { Cluster, Redis } from 'ioredis'

@@ -213,7 +213,7 @@ export function upstreamWsHeaders (headers: IncomingHttpHeaders, ctx: ForwardCon
   for (const name in all) {
     if (WS_OWN_HEADERS.has(name)) continue
     const v = all[name]
-    if (v === undefined) continue // an undefined value would throw after the 101 (STACK-NOTES §2)
+    if (v === undefined) continue // ws throws ERR_HTTP_INVALID_HEADER_VALUE on an undefined value
     out[name] = Array.isArray(v) ? v.join(', ') : v
   }
   return out
