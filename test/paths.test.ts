@@ -2,7 +2,7 @@
 // rule of the policy README "What the app receives" states. The end-to-end table (what the app really receives,
 // through sockets) is test/path-forwarding.test.ts.
 import t from 'tap'
-import { canonicalTarget, rulePath } from '../src/auth/target.js'
+import { canonicalTarget, rulePath } from '../src/http/target.js'
 import { compileExactPattern, compilePattern, ruleAppliesTo } from '../src/config/patterns.js'
 
 t.test('canonicalTarget', async (t) => {

@@ -2,8 +2,9 @@
  * Readiness = every registered check passes (oauth2-proxy's Verifiable idea).
  * /healthz never calls these: liveness must not depend on Keycloak or Redis.
  */
-export interface CheckResult { ok: boolean, detail?: string | undefined }
-export type Check = () => CheckResult | Promise<CheckResult>
+import type { Check, CheckResult } from '../observability/health.js'
+
+export type { Check, CheckResult }
 
 export class Readiness {
   private readonly checks = new Map<string, Check>()

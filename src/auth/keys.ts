@@ -26,7 +26,7 @@ import { createPublicKey } from 'node:crypto'
 import { Agent, request } from 'undici'
 import buildGetJwks from 'get-jwks'
 import type { FastifyBaseLogger } from 'fastify'
-import type { CheckResult } from '../admin/readiness.js'
+import type { CheckResult } from '../observability/health.js'
 import type { Metrics } from '../observability/metrics.js'
 import { DiscoveryFailedError, JwksUnavailableError } from '../errors.js'
 

@@ -17,11 +17,21 @@ import { authChallenge, FORBIDDEN, type Challenge } from './challenge.js'
 import { checkClaims, type Claims, type Identity } from './identity.js'
 import type { KeyResult, KeyStore } from './keys.js'
 import { extractToken, tokenHeader } from './token.js'
-import { canonicalTarget, rulePath, targetPath } from './target.js'
+import { canonicalTarget, rulePath, targetPath } from '../http/target.js'
 import { VerifiedTokens, type VerifiedToken } from './verified.js'
 import { isWebSocketHandshake, transportAllowsToken } from './transport.js'
-import type { AuthFailureLimiter } from '../limits/auth-failures.js'
 import type { Revocations } from './revocation.js'
+
+/**
+ * The per-IP limit on failed tokens as auth uses it; limits/auth-failures.ts
+ * implements it over the shared store.
+ */
+export interface FailedTokenLimit {
+  /** Seconds until the IP may try again, or 0 when it is not blocked (a local lookup, no I/O). */
+  blockedFor (ip: string): number
+  /** Counts one failed token of the IP (in the background: a denial never waits for it). */
+  record (ip: string): void
+}
 
 export interface AuthOptions {
   /** The configuration in force: public paths and role rules are read per request (reloadable). */
@@ -30,7 +40,7 @@ export interface AuthOptions {
   keys: KeyStore
   audit: Audit
   /** Per-IP limit on failed authentications (checked before any token work). */
-  failures: AuthFailureLimiter
+  failures: FailedTokenLimit
   revocations: Revocations
 }
 

@@ -24,7 +24,7 @@
  */
 import type { Cluster, Redis } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
-import type { CheckResult } from '../admin/readiness.js'
+import type { CheckResult } from '../observability/health.js'
 import type { Identity } from './identity.js'
 
 export const RESYNC_MS = 30_000

@@ -15,7 +15,7 @@
  *     trailing slash, as Express routes by default, so `/API/Admin/` cannot
  *     slip past a rule written for `/api/admin`.
  */
-import { canonicalPath } from '../auth/target.js'
+import { canonicalPath } from '../http/target.js'
 
 /** Tests a path: the canonical path for public paths, its rulePath() for deny rules. */
 export type PathMatcher = (path: string) => boolean

@@ -18,6 +18,7 @@
  * failures are not counted again (the block lasts until its window ends).
  */
 import { createRequire } from 'node:module'
+import type { FailedTokenLimit } from '../auth/plugin.js'
 import type { LimitStore } from './store.js'
 
 const require = createRequire(import.meta.url)
@@ -28,7 +29,7 @@ export const IPV6_SUBNET = 64
 /** Blocked IPs remembered locally; the oldest are dropped beyond this. */
 export const MAX_BLOCKED = 100_000
 
-export class AuthFailureLimiter {
+export class AuthFailureLimiter implements FailedTokenLimit {
   private readonly blocked = new Map<string, number>()
 
   constructor (

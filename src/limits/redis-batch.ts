@@ -18,7 +18,11 @@
 import type { Cluster, Redis } from 'ioredis'
 import { createHash } from 'node:crypto'
 import { createRequire } from 'node:module'
-import type { IncrCallback } from './store.js'
+
+/** A counted hit: the count in the window so far (this one included) and the ms left of the window. */
+export interface Hits { current: number, ttl: number }
+/** How every store answers an increment (LimitStore, the in-process fallback, BatchedRedisStore). */
+export type IncrCallback = (err: Error | null, res?: Hits) => void
 
 const require = createRequire(import.meta.url)
 /* ioredis' own slot function: package.json pins the exact version ioredis depends on, so batches split as ioredis routes. */

@@ -13,7 +13,7 @@
  */
 import { Cluster, Redis, type RedisOptions } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
-import type { CheckResult } from '../admin/readiness.js'
+import type { CheckResult } from '../observability/health.js'
 
 export const REDIS_CONNECT_TIMEOUT_MS = 1_000
 export const REDIS_COMMAND_TIMEOUT_MS = 500

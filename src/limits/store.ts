@@ -36,16 +36,15 @@ import type { Cluster, Redis } from 'ioredis'
 import { createRequire } from 'node:module'
 import type { Metrics } from '../observability/metrics.js'
 import type { StoreErrorPolicy } from '../config/settings.js'
-import type { CheckResult } from '../admin/readiness.js'
-import { BatchedRedisStore } from './redis-batch.js'
+import type { CheckResult } from '../observability/health.js'
+import { BatchedRedisStore, type IncrCallback } from './redis-batch.js'
 import { redisCheck } from './redis.js'
 
 const require = createRequire(import.meta.url)
 /* The plugin exports its stores only as files; they are its public store API (README "Custom Store"). */
 const LocalStore = require('@fastify/rate-limit/store/LocalStore') as new (continueExceeding: boolean, exponentialBackoff: boolean, cache: number) => StoreLike
 
-export interface Hits { current: number, ttl: number }
-export type IncrCallback = (err: Error | null, res?: Hits) => void
+export type { Hits, IncrCallback } from './redis-batch.js'
 interface StoreLike { incr (key: string, cb: IncrCallback, windowMs: number, max: number): void }
 
 /** Entries kept by in-process counters (LRU): bounds memory under key floods. */
