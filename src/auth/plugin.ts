@@ -84,8 +84,11 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
 
   app.decorateRequest('identity', null)
   app.decorateRequest('transport', 'http')
-  app.decorateRequest('bearerToken', null)
-  app.decorateRequest('keyPem', null)
+  // What @fastify/jwt's callbacks need per verification (its extractToken and
+  // key callbacks receive only the request): the token to verify, and the key
+  // it resolved (a resolved key tells a bad signature from a malformed token,
+  // and the verified-token cache keeps it). Private to this plugin.
+  const inFlight = new WeakMap<FastifyRequest, { token: string, pem: string | null }>()
 
   await app.register(fastifyJwt, {
     secret: (request: FastifyRequest, token: DecodedToken, cb: (err: Error | null, key?: string) => void) => {
@@ -94,7 +97,11 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
       const kid = token.header.kid
       if (kid !== undefined && typeof kid !== 'string') return cb(KEY_ERRORS.malformed as KeyError)
       const answer = (r: KeyResult): void => {
-        if ('key' in r) { request.keyPem = r.key.pem; cb(null, r.key.pem) } else cb(KEY_ERRORS[r.error] as KeyError)
+        if ('key' in r) {
+          const v = inFlight.get(request)
+          if (v !== undefined) v.pem = r.key.pem
+          cb(null, r.key.pem)
+        } else cb(KEY_ERRORS[r.error] as KeyError)
       }
       const found = keys.lookup(kid, alg)
       if ('then' in found) found.then(answer, cb)
@@ -106,7 +113,7 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
       clockTolerance: clockToleranceMs, // fast-jwt takes ms
       cache: false, // VerifiedTokens (verified.ts) answers repeated tokens before fast-jwt is called
       complete: true,
-      extractToken: (request: FastifyRequest) => request.bearerToken ?? undefined
+      extractToken: (request: FastifyRequest) => inFlight.get(request)?.token
     }
   } as never)
 
@@ -207,21 +214,22 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
 
   /** Signature, alg, exp/nbf (fast-jwt) and then our claim checks; never rejects for a bad token. */
   async function verify (request: FastifyRequest, token: string): Promise<VerifiedToken | AuthFailureReason | { problem: AuthFailureReason, sub: string | undefined }> {
-    request.bearerToken = token
+    const v = { token, pem: null as string | null }
+    inFlight.set(request, v)
     let decoded: DecodedToken
     try {
       decoded = await request.jwtVerify<DecodedToken>()
     } catch (err) {
-      return classify(err as Error & { code?: string }, request.keyPem !== null)
+      return classify(err as Error & { code?: string }, v.pem !== null)
     } finally {
-      request.bearerToken = null
+      inFlight.delete(request)
     }
     const identity = checkClaims(live.current.auth, decoded.header, decoded.payload)
     if (typeof identity === 'string') {
       return { problem: identity, sub: typeof decoded.payload.sub === 'string' ? decoded.payload.sub : undefined }
     }
     const kid = decoded.header.kid as string | undefined
-    return { identity, kid, alg: decoded.header.alg as string, pem: request.keyPem ?? '', deadAt: identity.exp * 1000 + clockToleranceMs }
+    return { identity, kid, alg: decoded.header.alg as string, pem: v.pem ?? '', deadAt: identity.exp * 1000 + clockToleranceMs }
   }
 
   /** A verified identity: revocation, then role rules. */
