@@ -23,35 +23,25 @@
 // counted from the gateway's own metrics instead (one counter increment per
 // audit line). BENCH_FLOOD_LOGS=1 pipes it to the runner instead, to see why a
 // gateway does not start.
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs'
-import { createPublicKey, randomBytes, randomUUID, verify as cryptoVerify } from 'node:crypto'
-import { execFileSync } from 'node:child_process'
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { createPublicKey, randomBytes, verify as cryptoVerify } from 'node:crypto'
 import os from 'node:os'
 import path from 'node:path'
-import { fileURLToPath, pathToFileURL } from 'node:url'
+import { pathToFileURL } from 'node:url'
 import autocannon from 'autocannon'
-import { SignJWT, calculateJwkThumbprint, exportJWK, generateKeyPair } from 'jose'
 import {
   busySeconds, cpuSeconds, describeTail, freePorts, hasCommand, installCleanup, setupPinning, spawnNode, spawnProcess,
-  stopAll, stopChild, waitHello, waitHttpOk
+  stopAll, stopChild, waitHttpOk
 } from './lib/children.mjs'
 import { redisCommandStats, redisServerVersion, startRedis } from './lib/redis.mjs'
+// The copy of dist/ every gateway starts from, the children's env, the tokens,
+// the issuer and the app, the gateway env: as bench/run.mjs.
+import {
+  BENCH_DIR, DIST, GATEWAY_ENTRY, REQUEST_PATH, ROOT, childEnv, gatewayEnv, makeKey, profileArgv, signTokens, snapshotDist,
+  startIssuerAndApp
+} from './lib/setup.mjs'
 
-const BENCH_DIR = path.dirname(fileURLToPath(import.meta.url))
-const ROOT = path.resolve(BENCH_DIR, '..')
-const DIST = process.env.BENCH_DIST ? path.resolve(process.env.BENCH_DIST) : path.join(ROOT, 'dist')
-// A copy of dist/ taken at the start (same prefix as bench/run.mjs, which removes stale ones):
-// a rebuild by other work mid-run cannot mix two builds into one table.
-const SNAPSHOT_PREFIX = '.dist-snapshot-'
-const SNAPSHOT = path.join(BENCH_DIR, `${SNAPSHOT_PREFIX}${process.pid}`)
-const GATEWAY_ENTRY = path.join(SNAPSHOT, 'server.js')
 const GUARD = pathToFileURL(path.join(BENCH_DIR, 'lib/orphan-guard.mjs')).href
-const APP_SCRIPT = path.join(BENCH_DIR, 'subjects/app.mjs')
-const ISSUER_SCRIPT = path.join(BENCH_DIR, 'subjects/issuer.mjs')
-const REALM = 'bench'
-const AUDIENCE = 'resonance-gateway'
-const CLIENT_ID = 'resonance-web'
-const REQUEST_PATH = '/api/resonance/items/'
 /** Longer than any run: the blocked gateway's IP stays blocked from its first phase to its last. */
 const BLOCK_WINDOW = '1h'
 
@@ -134,38 +124,6 @@ const S = {
 }
 
 // --------------------------------------------------------------- tokens --
-
-async function makeKey () {
-  const { publicKey, privateKey } = await generateKeyPair('RS256', { modulusLength: 2048 })
-  const jwk = await exportJWK(publicKey)
-  jwk.kid = await calculateJwkThumbprint(jwk)
-  jwk.alg = 'RS256'
-  jwk.use = 'sig'
-  return { privateKey, jwk }
-}
-
-/** N distinct Keycloak-like access tokens (distinct subs), valid for an hour: the claims of bench/run.mjs. */
-async function signTokens (key, issuer, n) {
-  const now = Math.floor(Date.now() / 1000)
-  return Promise.all(Array.from({ length: n }, (_x, i) => new SignJWT({
-    azp: CLIENT_ID,
-    typ: 'Bearer',
-    scope: 'openid profile email',
-    sid: randomUUID(),
-    preferred_username: `bench-user-${i}`,
-    email_verified: true,
-    realm_access: { roles: ['default-roles-bench', 'offline_access', 'user'] },
-    resource_access: { account: { roles: ['view-profile'] } }
-  })
-    .setProtectedHeader({ alg: 'RS256', typ: 'JWT', kid: key.jwk.kid })
-    .setIssuer(issuer)
-    .setAudience(AUDIENCE)
-    .setSubject(randomUUID())
-    .setIssuedAt(now)
-    .setExpirationTime(now + 3600)
-    .setJti(randomUUID())
-    .sign(key.privateKey)))
-}
 
 const b64url = (bytes) => randomBytes(bytes).toString('base64url')
 
@@ -292,49 +250,13 @@ function denials (m0, m1) {
 
 // ------------------------------------------------------------ processes --
 
-function snapshotDist () {
-  for (const name of readdirSync(BENCH_DIR)) {
-    if (!name.startsWith(SNAPSHOT_PREFIX)) continue
-    const pid = Number(name.slice(SNAPSHOT_PREFIX.length))
-    let alive = false
-    try { process.kill(pid, 0); alive = true } catch (err) { alive = err.code === 'EPERM' }
-    if (!alive) rmSync(path.join(BENCH_DIR, name), { recursive: true, force: true })
-  }
-  const at = statSync(path.join(DIST, 'server.js')).mtime.toISOString()
-  cpSync(DIST, SNAPSHOT, { recursive: true, filter: (src) => !src.endsWith('.map') })
-  process.on('exit', () => rmSync(SNAPSHOT, { recursive: true, force: true }))
-  return at
-}
-
-function gitDescribe () {
-  try {
-    const head = execFileSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: ROOT, encoding: 'utf8' }).trim()
-    const dirty = execFileSync('git', ['status', '--porcelain', '--', 'src'], { cwd: ROOT, encoding: 'utf8' }).trim()
-    return dirty ? `${head} + uncommitted changes in src/ (${dirty.split('\n').length} files)` : head
-  } catch {
-    return 'unknown'
-  }
-}
-
 /** A gateway as bench/run.mjs starts its `gateway` subject, plus the auth-failure limit of `kind`. */
 async function startGateway (ctx, kind, redis) {
   const [port, adminPort] = await freePorts(2)
   const name = `gateway-${kind}${redis ? '-redis' : ''}`
   const countFile = path.join(ctx.tmp, `${name}.verify-count.json`)
   const env = {
-    ...ctx.cleanEnv,
-    JWT_ISSUER: ctx.issuer.issuer,
-    JWT_AUDIENCE: AUDIENCE,
-    ALLOW_INSECURE_HTTP: 'true',
-    LOG_LEVEL: 'warn',
-    CONFIG_FILE: ctx.emptyConfig,
-    HOST: '127.0.0.1',
-    PORT: String(port),
-    ADMIN_HOST: '127.0.0.1',
-    ADMIN_PORT: String(adminPort),
-    UPSTREAM_URL: ctx.app.url,
-    RATE_LIMIT_MAX: '1000000000',
-    SHUTDOWN_DELAY: '0',
+    ...gatewayEnv(ctx, { port, adminPort }, ctx.app.url),
     AUTH_FAILURE_LIMIT_MAX: kind === 'open' ? '1000000000' : String(S.blockMax),
     AUTH_FAILURE_LIMIT_WINDOW: BLOCK_WINDOW,
     ...(redis ? { REDIS_URL: redis.url, RATE_LIMIT_KEY_PREFIX: `flood-${kind}:` } : {}),
@@ -343,9 +265,7 @@ async function startGateway (ctx, kind, redis) {
     MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP: '0',
     BENCH_VERIFY_COUNT_FILE: countFile
   }
-  if (S.profileDir) mkdirSync(S.profileDir, { recursive: true })
-  const execArgv = ['--import', pathToFileURL(ctx.verifyCounter).href,
-    ...(S.profileDir ? ['--cpu-prof', `--cpu-prof-dir=${S.profileDir}`, `--cpu-prof-name=${name}.cpuprofile`] : [])]
+  const execArgv = ['--import', pathToFileURL(ctx.verifyCounter).href, ...profileArgv(S.profileDir, name)]
   // sh execs node with stdout on /dev/null (taskset and sh exec, so child.pid is node's).
   const child = S.logs
     ? spawnNode(name, GATEWAY_ENTRY, { cwd: ROOT, env, pin: ctx.pin, execArgv })
@@ -594,7 +514,7 @@ async function main () {
   const phasesFor = (store) => PHASES.filter((p) => (S.phases ? S.phases.includes(p.id) : store === 'memory' || p.redis))
   const planned = stores.reduce((n, s) => n + S.rounds * phasesFor(s).length * (S.warmup + S.duration + 0.7) + 2 * S.prime + 6, 10)
 
-  const builtAt = snapshotDist()
+  const build = snapshotDist()
   const started = Date.now()
   const tmp = mkdtempSync(path.join(os.tmpdir(), 'resonance-auth-flood-'))
   process.on('exit', () => rmSync(tmp, { recursive: true, force: true }))
@@ -610,22 +530,14 @@ async function main () {
   console.log(`plan: stores ${stores.join(', ')}; phases ${stores.map((s) => `${s}: ${phasesFor(s).map((p) => p.id).join(' ')}`).join('; ')}; ` +
     `${S.rounds} rounds × (${S.warmup} s warm-up + ${S.duration} s measured) per phase, ${S.connections} connections from 127.0.0.1; about ${Math.round(planned)} s`)
 
-  const { LEAVES } = await import(pathToFileURL(path.join(SNAPSHOT, 'config/settings.js')).href)
-  const cleanEnv = { ...process.env }
-  for (const leaf of Object.values(LEAVES)) delete cleanEnv[leaf.env]
-  delete cleanEnv.CONFIG_FILE
-  delete cleanEnv.NODE_OPTIONS
-  const emptyConfig = path.join(tmp, 'empty.yaml')
-  writeFileSync(emptyConfig, '# intentionally empty: every setting comes from the environment\n')
+  const { cleanEnv, emptyConfig } = await childEnv(tmp)
   const redisDir = path.join(tmp, 'redis')
   mkdirSync(redisDir)
   const verifyCounter = path.join(tmp, 'verify-counter.mjs')
   writeFileSync(verifyCounter, VERIFY_COUNTER)
 
   const key = await makeKey()
-  const issuerChild = spawnNode('issuer', ISSUER_SCRIPT, { cwd: ROOT, pin, env: { ...cleanEnv, BENCH_REALM: REALM, BENCH_JWKS: JSON.stringify({ keys: [key.jwk] }) } })
-  const appChild = spawnNode('app', APP_SCRIPT, { cwd: ROOT, pin, env: cleanEnv })
-  const [issuerHello, appHello] = await Promise.all([waitHello(issuerChild), waitHello(appChild)])
+  const { issuerChild, appChild, issuer, app } = await startIssuerAndApp(key, { cleanEnv, pin })
   const ctx = {
     pin,
     cleanEnv,
@@ -633,13 +545,13 @@ async function main () {
     tmp,
     verifyCounter,
     died: undefined,
-    issuer: { issuer: issuerHello.issuer, url: `http://127.0.0.1:${issuerHello.port}`, pid: issuerChild.pid },
-    app: { url: `http://127.0.0.1:${appHello.port}`, pid: appChild.pid }
+    issuer,
+    app
   }
   for (const c of [issuerChild, appChild]) c.onUnexpectedExit = (x) => { ctx.died ??= `${x.benchName} exited (${x.exitInfo}) during the run\n${describeTail(x)}`; current?.stop() }
 
   const t0 = Date.now()
-  const jwts = await signTokens(key, ctx.issuer.issuer, S.tokens)
+  const jwts = (await signTokens(key, ctx.issuer.issuer, S.tokens)).map((t) => t.jwt)
   ctx.pools = makePools(jwts)
   const rsaUs = rsaVerifyMicros(key.jwk, jwts[0])
   console.log(`signed ${jwts.length} RS256 tokens in ${Date.now() - t0} ms; one RS256 signature check here: ${fmt.us(rsaUs)} µs; issuer ${ctx.issuer.issuer}`)
@@ -727,7 +639,7 @@ ${failures.length ? `\n> **FAILED:** ${failures.join('\n> **FAILED:** ')}\n` : '
 - CPU: ${os.cpus()[0]?.model ?? 'unknown'}; load average at the end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}
 - node ${process.version}${stores.includes('redis') ? `; ${redisServerVersion()?.replace(/ sha=.*$/, '')}` : ''}
 - pinning: ${pinText}
-- gateway: dist/ built from ${process.env.BENCH_DIST ? `BENCH_DIST=${DIST}` : gitDescribe()}, dist/server.js from ${builtAt}; env as \`npm run bench\`'s \`gateway\` subject plus AUTH_FAILURE_LIMIT_MAX, AUTH_FAILURE_LIMIT_WINDOW=${BLOCK_WINDOW}; stdout (audit lines) to ${S.logs ? 'the runner' : '/dev/null'}
+- gateway: dist/ built from ${build.git}, dist/server.js from ${build.at}; env as \`npm run bench\`'s \`gateway\` subject plus AUTH_FAILURE_LIMIT_MAX, AUTH_FAILURE_LIMIT_WINDOW=${BLOCK_WINDOW}; stdout (audit lines) to ${S.logs ? 'the runner' : '/dev/null'}
 - pools: ${S.tokens} valid tokens; ${S.tokens} bad-signature tokens (token i's header.payload with token i+1's signature); ${S.madeUpKids} made-up kids; ${Math.min(S.tokens, 1000)} garbage values of each kind; dealt out to the connections and cycled
 - one RS256 signature check in the runner (node:crypto, RSA-2048): ${fmt.us(rsaUs)} µs
 - issuer fetches during the whole run: ${JSON.stringify(issuerStats ?? 'n/a')}
