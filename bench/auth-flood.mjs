@@ -502,6 +502,95 @@ function summary (pass, rsaUs) {
   return out.map((l) => `- ${l}`).join('\n')
 }
 
+/**
+ * One pass: both gateways on `store` (and a private redis-server for `redis`), every phase of `phases` per round,
+ * then the block checked again and everything of the pass stopped. Failed checks go to `failures`.
+ */
+async function runPass (ctx, store, phases, failures) {
+  const pass = { store, results: [], notes: [] }
+  if (store === 'redis') pass.redis = await startRedis('redis', { pin: ctx.pin, env: ctx.cleanEnv, dir: ctx.redisDir })
+  const open = await startGateway(ctx, 'open', pass.redis)
+  const blocked = await startGateway(ctx, 'blocked', pass.redis)
+  pass.gateways = [open, blocked]
+  for (const gw of pass.gateways) {
+    const s = await status(gw, ctx.pools.valid[0])
+    if (s !== 200) throw new Error(`${gw.name}: a valid token got ${s}, expected 200`)
+  }
+  console.log(`${store}: gateways up (open pid ${open.pid}, blocked pid ${blocked.pid}${pass.redis ? `, redis-server pid ${pass.redis.pid}` : ''})`)
+  // Each gateway gets S.prime s of valid tokens right before its first phase (JIT, verified-token cache, a heap
+  // grown to the load): a gateway left idle while the other one ran its phases started its first bad-token
+  // phase at up to twice its later CPU per request.
+  const primed = new Set()
+  let isBlocked = false
+  for (let round = 1; round <= S.rounds; round++) {
+    // The open gateway's phases, then the blocked one's; within each group the order rotates by one each round,
+    // so that no phase is always the first after its gateway sat idle.
+    const order = ['open', 'blocked'].flatMap((kind) => {
+      const group = phases.filter((p) => p.gw === kind)
+      return group.map((_p, i) => group[(i + round - 1) % group.length])
+    })
+    for (const phase of order) {
+      const gw = phase.gw === 'open' ? open : blocked
+      if (!primed.has(gw)) {
+        primed.add(gw)
+        if (S.prime > 0) await runLoad(gw.url, ctx.pools.valid, S.prime)
+      }
+      if (gw === blocked && !isBlocked) {
+        const n = await block(blocked, ctx.pools.badSig)
+        isBlocked = true
+        pass.notes.push(`the blocked gateway answered 429 after ${n} bad tokens (AUTH_FAILURE_LIMIT_MAX=${S.blockMax}) and stayed blocked to the end`)
+        console.log(`${store}: ${blocked.name} blocks 127.0.0.1 after ${n} bad tokens`)
+        // The blocked path under load before its first measurement: without this, that first phase
+        // cost up to 1.3× its later rounds (its 1 s warm-up was not enough).
+        if (S.prime > 0) await runLoad(blocked.url, ctx.pools.badSig, S.prime)
+      }
+      const r = await measurePhase(ctx, pass, phase, gw, round)
+      pass.results.push(r)
+      for (const p of r.problems) failures.push(`${store} phase ${phase.id} round ${round}: ${p}`)
+      console.log(`${store} round ${round}/${S.rounds} phase ${phase.id.padEnd(2)} ${gw.kind.padEnd(7)} ${fmt.int(r.rps).padStart(7)} req/s  ${fmt.us(r.cpuUs).padStart(4)} µs/req gateway (${fmt.pct(r.cpuPct)} CPU)` +
+        `  ${fmt.n2(r.checksPerReq)} sig checks/req  JWKS ${r.jwks}${pass.redis ? `  redis ${fmt.us(r.redisUs)} µs/req, ${fmt.n2(r.redisCallsPerReq)} cmds/req` : ''}  ${answers(r)}  ` +
+        `load generator ${fmt.pct(r.loadgenPct)}  other load ${fmt.pct(r.otherLoadPct)}${r.problems.length ? `  FAILED: ${r.problems.join('; ')}` : ''}`)
+    }
+  }
+  pass.rows = aggregate(pass.results)
+  if (isBlocked) {
+    const s = await status(blocked, ctx.pools.badSig[1])
+    if (s !== 429) failures.push(`${store}: after its phases the blocked gateway answered a bad token with ${s}, expected 429 (block lost)`)
+  }
+  await Promise.all([...pass.gateways.map((g) => stopChild(g.child)), ...(pass.redis ? [stopChild(pass.redis.child)] : [])])
+  return pass
+}
+
+/** results/auth-flood.md (BENCH_FLOOD_OUT). */
+function resultsFile ({ passes, failures, sections, stores, elapsed, pinText, build, rsaUs, issuerStats }) {
+  return `# Bad-token flood from one IP: latest run
+
+Gateway CPU per request for each kind of request from one IP (127.0.0.1): ${S.connections} connections, closed loop (autocannon).
+${S.rounds} rounds; per round and phase ${S.warmup} s warm-up (discarded), ${S.duration} s measured; medians over the rounds.
+"IP": \`not blocked\` = a gateway with AUTH_FAILURE_LIMIT_MAX=1000000000, \`blocked\` = one with AUTH_FAILURE_LIMIT_MAX=${S.blockMax}
+(and AUTH_FAILURE_LIMIT_WINDOW=${BLOCK_WINDOW}), blocked before its first phase. "vs phase 1": CPU/req against valid tokens in the
+same round, median over rounds. "signature checks/req": calls of crypto's verify in the gateway (a counter preloaded into
+it) per response. "JWKS fetches": the issuer's count during the phase, warm-ups included, all rounds. "other load": busy
+time of the subject core not spent by the bench's processes (other users of the machine), in % of the core.
+
+Phases:
+${PHASES.filter((p) => passes.some((x) => x.rows.some((r) => r.phase === p.id))).map((p) => `- **${p.id}**: ${p.what}`).join('\n')}
+
+${sections.join('\n\n')}
+${failures.length ? `\n> **FAILED:** ${failures.join('\n> **FAILED:** ')}\n` : ''}
+## Machine and settings
+
+- date: ${new Date().toISOString()}; run time ${elapsed.toFixed(0)} s
+- CPU: ${os.cpus()[0]?.model ?? 'unknown'}; load average at the end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}
+- node ${process.version}${stores.includes('redis') ? `; ${redisServerVersion()?.replace(/ sha=.*$/, '')}` : ''}
+- pinning: ${pinText}
+- gateway: dist/ built from ${build.git}, dist/server.js from ${build.at}; env as \`npm run bench\`'s \`gateway\` subject plus AUTH_FAILURE_LIMIT_MAX, AUTH_FAILURE_LIMIT_WINDOW=${BLOCK_WINDOW}; stdout (audit lines) to ${S.logs ? 'the runner' : '/dev/null'}
+- pools: ${S.tokens} valid tokens; ${S.tokens} bad-signature tokens (token i's header.payload with token i+1's signature); ${S.madeUpKids} made-up kids; ${Math.min(S.tokens, 1000)} garbage values of each kind; dealt out to the connections and cycled
+- one RS256 signature check in the runner (node:crypto, RSA-2048): ${fmt.us(rsaUs)} µs
+- issuer fetches during the whole run: ${JSON.stringify(issuerStats ?? 'n/a')}
+`
+}
+
 // ------------------------------------------------------------------ main --
 
 async function main () {
@@ -543,6 +632,7 @@ async function main () {
     cleanEnv,
     emptyConfig,
     tmp,
+    redisDir,
     verifyCounter,
     died: undefined,
     issuer,
@@ -558,92 +648,14 @@ async function main () {
 
   const passes = []
   const failures = []
-  for (const store of stores) {
-    const pass = { store, results: [], notes: [] }
-    passes.push(pass)
-    if (store === 'redis') pass.redis = await startRedis('redis', { pin, env: cleanEnv, dir: redisDir })
-    const open = await startGateway(ctx, 'open', pass.redis)
-    const blocked = await startGateway(ctx, 'blocked', pass.redis)
-    pass.gateways = [open, blocked]
-    for (const gw of pass.gateways) {
-      const s = await status(gw, ctx.pools.valid[0])
-      if (s !== 200) throw new Error(`${gw.name}: a valid token got ${s}, expected 200`)
-    }
-    console.log(`${store}: gateways up (open pid ${open.pid}, blocked pid ${blocked.pid}${pass.redis ? `, redis-server pid ${pass.redis.pid}` : ''})`)
-    // Each gateway gets S.prime s of valid tokens right before its first phase (JIT, verified-token cache, a heap
-    // grown to the load): a gateway left idle while the other one ran its phases started its first bad-token
-    // phase at up to twice its later CPU per request.
-    const primed = new Set()
-    let isBlocked = false
-    for (let round = 1; round <= S.rounds; round++) {
-      // The open gateway's phases, then the blocked one's; within each group the order rotates by one each round,
-      // so that no phase is always the first after its gateway sat idle.
-      const order = ['open', 'blocked'].flatMap((kind) => {
-        const group = phasesFor(store).filter((p) => p.gw === kind)
-        return group.map((_p, i) => group[(i + round - 1) % group.length])
-      })
-      for (const phase of order) {
-        const gw = phase.gw === 'open' ? open : blocked
-        if (!primed.has(gw)) {
-          primed.add(gw)
-          if (S.prime > 0) await runLoad(gw.url, ctx.pools.valid, S.prime)
-        }
-        if (gw === blocked && !isBlocked) {
-          const n = await block(blocked, ctx.pools.badSig)
-          isBlocked = true
-          pass.notes.push(`the blocked gateway answered 429 after ${n} bad tokens (AUTH_FAILURE_LIMIT_MAX=${S.blockMax}) and stayed blocked to the end`)
-          console.log(`${store}: ${blocked.name} blocks 127.0.0.1 after ${n} bad tokens`)
-          // The blocked path under load before its first measurement: without this, that first phase
-          // cost up to 1.3× its later rounds (its 1 s warm-up was not enough).
-          if (S.prime > 0) await runLoad(blocked.url, ctx.pools.badSig, S.prime)
-        }
-        const r = await measurePhase(ctx, pass, phase, gw, round)
-        pass.results.push(r)
-        for (const p of r.problems) failures.push(`${store} phase ${phase.id} round ${round}: ${p}`)
-        console.log(`${store} round ${round}/${S.rounds} phase ${phase.id.padEnd(2)} ${gw.kind.padEnd(7)} ${fmt.int(r.rps).padStart(7)} req/s  ${fmt.us(r.cpuUs).padStart(4)} µs/req gateway (${fmt.pct(r.cpuPct)} CPU)` +
-          `  ${fmt.n2(r.checksPerReq)} sig checks/req  JWKS ${r.jwks}${pass.redis ? `  redis ${fmt.us(r.redisUs)} µs/req, ${fmt.n2(r.redisCallsPerReq)} cmds/req` : ''}  ${answers(r)}  ` +
-          `load generator ${fmt.pct(r.loadgenPct)}  other load ${fmt.pct(r.otherLoadPct)}${r.problems.length ? `  FAILED: ${r.problems.join('; ')}` : ''}`)
-      }
-    }
-    pass.rows = aggregate(pass.results)
-    if (isBlocked) {
-      const s = await status(blocked, ctx.pools.badSig[1])
-      if (s !== 429) failures.push(`${store}: after its phases the blocked gateway answered a bad token with ${s}, expected 429 (block lost)`)
-    }
-    await Promise.all([...pass.gateways.map((g) => stopChild(g.child)), ...(pass.redis ? [stopChild(pass.redis.child)] : [])])
-  }
+  for (const store of stores) passes.push(await runPass(ctx, store, phasesFor(store), failures))
   const issuerStats = await getJson(`${ctx.issuer.url}/stats`).catch(() => undefined)
   const elapsed = (Date.now() - started) / 1000
 
   // ---- report
   const sections = passes.map((pass) => `### ${pass.store === 'redis' ? 'Redis store (REDIS_URL: a private redis-server on the subject core)' : 'In-process store (no REDIS_URL)'}\n\n` +
     `${table(pass)}\n\n${summary(pass, rsaUs)}${pass.notes.map((n) => `\n- ${n}`).join('')}`)
-  const md = `# Bad-token flood from one IP: latest run
-
-Gateway CPU per request for each kind of request from one IP (127.0.0.1): ${S.connections} connections, closed loop (autocannon).
-${S.rounds} rounds; per round and phase ${S.warmup} s warm-up (discarded), ${S.duration} s measured; medians over the rounds.
-"IP": \`not blocked\` = a gateway with AUTH_FAILURE_LIMIT_MAX=1000000000, \`blocked\` = one with AUTH_FAILURE_LIMIT_MAX=${S.blockMax}
-(and AUTH_FAILURE_LIMIT_WINDOW=${BLOCK_WINDOW}), blocked before its first phase. "vs phase 1": CPU/req against valid tokens in the
-same round, median over rounds. "signature checks/req": calls of crypto's verify in the gateway (a counter preloaded into
-it) per response. "JWKS fetches": the issuer's count during the phase, warm-ups included, all rounds. "other load": busy
-time of the subject core not spent by the bench's processes (other users of the machine), in % of the core.
-
-Phases:
-${PHASES.filter((p) => passes.some((x) => x.rows.some((r) => r.phase === p.id))).map((p) => `- **${p.id}**: ${p.what}`).join('\n')}
-
-${sections.join('\n\n')}
-${failures.length ? `\n> **FAILED:** ${failures.join('\n> **FAILED:** ')}\n` : ''}
-## Machine and settings
-
-- date: ${new Date().toISOString()}; run time ${elapsed.toFixed(0)} s
-- CPU: ${os.cpus()[0]?.model ?? 'unknown'}; load average at the end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}
-- node ${process.version}${stores.includes('redis') ? `; ${redisServerVersion()?.replace(/ sha=.*$/, '')}` : ''}
-- pinning: ${pinText}
-- gateway: dist/ built from ${build.git}, dist/server.js from ${build.at}; env as \`npm run bench\`'s \`gateway\` subject plus AUTH_FAILURE_LIMIT_MAX, AUTH_FAILURE_LIMIT_WINDOW=${BLOCK_WINDOW}; stdout (audit lines) to ${S.logs ? 'the runner' : '/dev/null'}
-- pools: ${S.tokens} valid tokens; ${S.tokens} bad-signature tokens (token i's header.payload with token i+1's signature); ${S.madeUpKids} made-up kids; ${Math.min(S.tokens, 1000)} garbage values of each kind; dealt out to the connections and cycled
-- one RS256 signature check in the runner (node:crypto, RSA-2048): ${fmt.us(rsaUs)} µs
-- issuer fetches during the whole run: ${JSON.stringify(issuerStats ?? 'n/a')}
-`
+  const md = resultsFile({ passes, failures, sections, stores, elapsed, pinText, build, rsaUs, issuerStats })
   console.log(`\n${sections.join('\n\n')}\n`)
   for (const f of failures) console.log(`FAILED: ${f}`)
   mkdirSync(path.dirname(S.out), { recursive: true })
