@@ -8,7 +8,8 @@
  *    refreshing and its slots expire after LEASE_MS.
  * Without Redis both are per process. When Redis fails, the store's policy
  * applies to messages; connection slots fall back to per-process counting
- * (open) or refuse (closed).
+ * (open) or refuse (closed). What a session does with them (admission,
+ * message order, the close/drop policy) is in ./ws-gate.ts.
  */
 import { randomUUID } from 'node:crypto'
 import type { Cluster, Redis } from 'ioredis'

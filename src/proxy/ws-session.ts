@@ -1,10 +1,10 @@
 /**
  * One bridged WebSocket session: the client's socket and the app's, joined
  * both ways with bounded buffers (a side whose peer has more than
- * WS_MAX_BUFFERED queued is paused), closes relayed with their codes, and the
- * liveness checks (ping, idle) the gateway's timers run on it. Client messages
- * pass the session's message gate first, when it has one (not for exempt
- * callers).
+ * WS_MAX_BUFFERED queued is paused), closes relayed with their codes, and
+ * what the gateway's liveness timers check (the ping round, the time of the
+ * last message). Client messages pass the session's message gate first, when
+ * it has one (not for exempt callers).
  */
 import type { FastifyRequest } from 'fastify'
 import WebSocket from 'ws'
@@ -37,9 +37,9 @@ function relayClose (to: WebSocket, code: number, reason: Buffer, abnormal: numb
 }
 
 export class WsSession {
-  ended: WsCloseReason | undefined = undefined
-  lastActivity = Date.now()
-  awaitingPong = false
+  private endedBy: WsCloseReason | undefined = undefined
+  private lastMessageAt = Date.now()
+  private awaitingPong = false
   /** Client messages waiting for their verdict, and their bytes. */
   private waiting = 0
   private waitingBytes = 0
@@ -53,8 +53,14 @@ export class WsSession {
     private readonly hooks: SessionHooks
   ) {}
 
+  /** Why the session ended (the first reason); undefined while it is live. */
+  get ended (): WsCloseReason | undefined { return this.endedBy }
+
+  /** When the last message went either way (Date.now() ms); the session's start before any. */
+  get lastActivity (): number { return this.lastMessageAt }
+
   /** The session is live and the app side is open. */
-  get accepting (): boolean { return this.ended === undefined && this.target.readyState === WebSocket.OPEN }
+  get accepting (): boolean { return this.endedBy === undefined && this.target.readyState === WebSocket.OPEN }
 
   /**
    * Starts the bridge: what the app sent early goes first, then both
@@ -76,8 +82,8 @@ export class WsSession {
 
   /** Marks the session over (first reason wins) and frees what it held. */
   end (reason: WsCloseReason): void {
-    if (this.ended !== undefined) return
-    this.ended = reason
+    if (this.endedBy !== undefined) return
+    this.endedBy = reason
     this.hooks.onEnd(this)
     this.slot.release()
     this.hooks.metrics.wsConnections.dec()
@@ -111,7 +117,7 @@ export class WsSession {
   private fromClient (gate: MessageGate, data: Buffer, isBinary: boolean): void {
     const { client, target } = this
     const size = data.length
-    this.lastActivity = Date.now()
+    this.lastMessageAt = Date.now()
     this.waiting++
     this.waitingBytes += size
     if ((this.waiting >= MAX_PENDING_MESSAGES || this.waitingBytes + target.bufferedAmount > this.hooks.maxBuffered) && !client.isPaused) client.pause()
@@ -141,7 +147,7 @@ export class WsSession {
       if (src.isPaused && dst.bufferedAmount < max / 2) src.resume()
     }
     src.on('message', (data, isBinary) => {
-      this.lastActivity = Date.now()
+      this.lastMessageAt = Date.now()
       if (dst.readyState !== WebSocket.OPEN) return
       counter.inc()
       dst.send(data as Buffer, { binary: isBinary }, drained)
@@ -163,7 +169,7 @@ export class WsSession {
     })
     target.on('error', (err) => {
       request.log.debug({ err: { message: err.message } }, 'upstream websocket error')
-      if (this.ended === undefined) metrics.upstreamErrors.labels('reset', 'ws').inc()
+      if (this.endedBy === undefined) metrics.upstreamErrors.labels('reset', 'ws').inc()
       this.end('upstream_error')
       if (client.readyState === WebSocket.OPEN) client.close(CLOSE.badGateway, 'upstream error')
     })
