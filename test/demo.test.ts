@@ -12,6 +12,7 @@ import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import t, { type Test } from 'tap'
 import { canBind, freePort } from './helpers/ports.js'
+import { until } from './helpers/wait.js'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const DEMO = join(ROOT, 'scripts', 'demo.mjs')
@@ -67,16 +68,16 @@ function startDemo (t: Test, env: Record<string, string>): Demo {
     }
   })
   const waitFor = async (re: RegExp, ms: number): Promise<RegExpMatchArray> => {
-    const deadline = Date.now() + ms
-    for (;;) {
-      const m = out.match(re)
-      if (m !== null) return m
+    let m: RegExpMatchArray | null = null
+    await until(() => {
+      m = out.match(re)
+      if (m !== null) return true
       if (child.exitCode !== null || child.signalCode !== null) {
         throw new Error(`demo exited (${String(child.exitCode ?? child.signalCode)}) before ${String(re)}\nstdout:\n${out}\nstderr:\n${err}`)
       }
-      if (Date.now() > deadline) throw new Error(`no ${String(re)} within ${ms} ms\nstdout:\n${out}\nstderr:\n${err}`)
-      await new Promise((resolve) => setTimeout(resolve, 100))
-    }
+      return false
+    }, ms, () => `${String(re)}\nstdout:\n${out}\nstderr:\n${err}`, 100)
+    return m as unknown as RegExpMatchArray
   }
   return { child, out: () => out, err: () => err, exited, waitFor }
 }
@@ -229,11 +230,11 @@ t.test('`npm run demo` and Ctrl-C in a terminal: npm, its shell and the demo get
   child.stderr.setEncoding('utf8').on('data', (c: string) => { out += c })
   const exited = new Promise<Exit>((resolve) => child.on('exit', (code, signal) => resolve({ code, signal, at: Date.now() })))
   t.teardown(() => { try { process.kill(-(child.pid as number), 'SIGKILL') } catch {} })
-  const deadline = Date.now() + 60_000
-  while (!/^Press Ctrl-C to stop/m.test(out)) {
-    if (child.exitCode !== null || Date.now() > deadline) throw new Error(`npm run demo did not get ready:\n${out}`)
-    await new Promise((resolve) => setTimeout(resolve, 100))
-  }
+  await until(() => {
+    if (/^Press Ctrl-C to stop/m.test(out)) return true
+    if (child.exitCode !== null) throw new Error(`npm run demo exited before it got ready:\n${out}`)
+    return false
+  }, 60_000, () => `npm run demo did not get ready:\n${out}`, 100)
   const pids = out.match(/^Processes: gateway pid=(\d+) app pid=(\d+) demo pid=(\d+)/m)
   process.kill(-(child.pid as number), 'SIGINT')
   const exit = await exited
@@ -267,8 +268,8 @@ t.test('the demo killed without cleanup (SIGKILL): its children stop by themselv
   const pids = [Number(m[1]), Number(m[2])]
   demo.child.kill('SIGKILL')
   await demo.exited
-  const deadline = Date.now() + 8000
-  while (pids.some(alive) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100))
+  // bounded wait; the assertion below reports whoever is still alive
+  await until(() => !pids.some(alive), 8000, 'gateway and app exited', 100).catch(() => {})
   t.same(pids.filter(alive), [], 'gateway and app exited (orphan guard)')
   t.ok(await canBind(port), 'gateway port free')
   t.ok(await canBind(adminPort), 'admin port free')

@@ -2,7 +2,6 @@
 // recording HTTP + WebSocket upstream.
 import { createHmac } from 'node:crypto'
 import { once } from 'node:events'
-import { setTimeout as sleep } from 'node:timers/promises'
 import t from 'tap'
 import {
   createRemoteJWKSet,
@@ -18,6 +17,7 @@ import {
 import WebSocket from 'ws'
 import { startIssuer, type TestIssuer } from './helpers/issuer.js'
 import { claims, foreignRsaKey, forgeToken } from './helpers/forge.js'
+import { until } from './helpers/wait.js'
 import { startUpstream } from './helpers/upstream.js'
 
 async function getJson<T> (url: string): Promise<T> {
@@ -160,7 +160,7 @@ t.test('issuer: close() works while a request hangs', async (t) => {
   const issuer = await startIssuer()
   issuer.setJwksMode('hang')
   const pending = fetch(issuer.jwksUrl).then(() => 'answered', () => 'failed')
-  while (issuer.stats.jwks === 0) await sleep(10)
+  await until(() => issuer.stats.jwks > 0, 3000, 'the issuer received the JWKS request')
   await issuer.close()
   t.equal(await pending, 'failed', 'the hung request fails once the issuer closes')
 })
@@ -281,7 +281,7 @@ t.test('upstream: records and echoes WebSocket traffic', async (t) => {
 
   ws.send('hello')
   ws.send(Buffer.from('bin'), { binary: true })
-  while (received.length < 2) await sleep(5)
+  await until(() => received.length >= 2, 3000, 'both echoes back', 5)
   t.same(received, [{ data: 'hello', binary: false }, { data: 'bin', binary: true }])
 
   const closed = once(ws, 'close')
@@ -305,13 +305,13 @@ t.test('upstream: records and echoes WebSocket traffic', async (t) => {
   t.equal(plain.protocol, '', 'no subprotocol offered, none chosen')
   plain.close(4002, 'client done')
   await once(plain, 'close')
-  while (upstream.wsConnections[1]?.closed === undefined) await sleep(5)
+  await until(() => upstream.wsConnections[1]?.closed !== undefined, 3000, 'the upstream recorded the client close', 5)
   t.same(upstream.wsConnections[1]?.closed, { code: 4002, reason: 'client done' }, 'records the client close')
 
   const lingering = new WebSocket(`${wsUrl}/open`)
   await once(lingering, 'open')
   const lingeringClosed = once(lingering, 'close')
   await upstream.close()
-  await lingeringClosed
-  t.pass('close() terminates open clients')
+  const [lingeringCode] = await lingeringClosed as [number, Buffer]
+  t.equal(lingeringCode, 1006, 'close() terminates open clients (no close frame: 1006)')
 })

@@ -9,6 +9,7 @@ import { startIssuer, type TestIssuer } from './helpers/issuer.js'
 import { claims, foreignRsaKey, forgeToken } from './helpers/forge.js'
 import { startUpstream, type TestUpstream } from './helpers/upstream.js'
 import { startGateway, type TestGateway } from './helpers/gateway.js'
+import { scrapeMetric, until } from './helpers/wait.js'
 
 // --- helpers -------------------------------------------------------------------------------------------------------------
 
@@ -34,36 +35,14 @@ async function call (g: TestGateway, token: string, reqId = randomUUID()): Promi
   return { status: res.status, ms: performance.now() - started, reqId }
 }
 
-async function metric (g: TestGateway, name: string, labels: Record<string, string>): Promise<number> {
-  const text = await (await fetch(`${g.adminUrl}/metrics`)).text()
-  const want = Object.entries(labels).map(([k, v]) => `${k}="${v}"`).sort().join(',')
-  for (const line of text.split('\n')) {
-    const m = /^(\w+)\{([^}]*)\}\s+(\S+)$/.exec(line)
-    if (m === null || m[1] !== name) continue
-    if ((m[2] ?? '').split(',').sort().join(',') === want) return Number(m[3])
-  }
-  throw new Error(`metric ${name}{${want}} not found`)
-}
-
 const fetches = async (g: TestGateway): Promise<{ ok: number, error: number }> => ({
-  ok: await metric(g, 'resonance_jwks_fetches_total', { result: 'ok' }),
-  error: await metric(g, 'resonance_jwks_fetches_total', { result: 'error' })
+  ok: await scrapeMetric(g.adminUrl, 'resonance_jwks_fetches_total', { result: 'ok' }),
+  error: await scrapeMetric(g.adminUrl, 'resonance_jwks_fetches_total', { result: 'error' })
 })
 
 async function readyz (g: TestGateway): Promise<{ status: number, body: { status: string, checks: Record<string, { ok: boolean, detail?: string }> } }> {
   const res = await fetch(`${g.adminUrl}/readyz`)
   return { status: res.status, body: await res.json() as never }
-}
-
-/** Polls until `check` holds; fails the test (and returns false) after `ms`. */
-async function until (tt: Test, what: string, ms: number, check: () => Promise<boolean>): Promise<boolean> {
-  const deadline = Date.now() + ms
-  while (Date.now() < deadline) {
-    if (await check()) return true
-    await sleep(50)
-  }
-  tt.fail(`timed out after ${ms} ms waiting for: ${what}`)
-  return false
 }
 
 function reasonsOf (g: TestGateway, reqIds: Set<string>): string[] {
@@ -111,9 +90,9 @@ t.test('unknown-kid flood: single flight, at most one fetch per JWKS_MIN_REFRESH
     forgeToken({ alg: 'RS256', key: foreign.privateKey, header: { kid }, payload: claims(issuer) })
   const flood = await Promise.all(Array.from({ length: 50 }, (_, i) => forged(`made-up-${i}-${randomUUID()}`)))
   const [late1, late2] = await Promise.all(['after-interval-1', 'after-interval-2'].map(forged))
-  const unknownBefore = await metric(g, 'resonance_auth_failures_total', { reason: 'unknown_kid', transport: 'http' })
+  const unknownBefore = await scrapeMetric(g.adminUrl, 'resonance_auth_failures_total', { reason: 'unknown_kid', transport: 'http' })
 
-  // let the interval since the start-up fetch pass, so the flood is allowed its one refetch
+  // let the interval since the start-up fetch pass, so the flood is allowed its one refetch (time-based by nature)
   while (Date.now() - startedAt < 1_100) await sleep(20)
 
   const jwksBefore = issuer.stats.jwks
@@ -126,7 +105,7 @@ t.test('unknown-kid flood: single flight, at most one fetch per JWKS_MIN_REFRESH
   t.ok(extra <= 1, `50 made-up kids cost at most 1 JWKS fetch (cost ${extra}; the interval had passed, so 1 is expected)`)
   t.same(results.map((r) => r.status), results.map(() => 401), 'all 50 answered 401')
   t.same(reasonsOf(g, new Set(results.map((r) => r.reqId))), results.map(() => 'unknown_kid'), 'all audited unknown_kid')
-  t.equal(await metric(g, 'resonance_auth_failures_total', { reason: 'unknown_kid', transport: 'http' }) - unknownBefore, 50)
+  t.equal(await scrapeMetric(g.adminUrl, 'resonance_auth_failures_total', { reason: 'unknown_kid', transport: 'http' }) - unknownBefore, 50)
   t.ok(floodMs < 3_000, `fast: ${floodMs} ms for 50 concurrent requests`)
   t.equal((await fetches(g)).ok - okBefore, extra, 'resonance_jwks_fetches_total{result="ok"} counts the same fetches')
 
@@ -134,7 +113,7 @@ t.test('unknown-kid flood: single flight, at most one fetch per JWKS_MIN_REFRESH
   const lastFetch = Date.now()
   const jwksAfterFlood = issuer.stats.jwks
 
-  // after the interval: one more unknown kid triggers exactly one fetch, the next one none
+  // after the interval (time-based by nature): one more unknown kid triggers exactly one fetch, the next one none
   while (Date.now() - lastFetch < 1_100) await sleep(20)
   const r1 = await call(g, late1 ?? '')
   t.equal(r1.status, 401)
@@ -173,6 +152,7 @@ t.test('rotation: a new kid works without restart (one fetch), old-kid tokens ke
   t.equal((await call(g, old1)).status, 200)
 
   await issuer.rotate()
+  // time-based by nature: past the 200 ms JWKS_MIN_REFRESH_INTERVAL since the start-up fetch
   while (Date.now() - startedAt < 300) await sleep(20)
   const jwksBefore = issuer.stats.jwks
   const fresh = await issuer.token({ sub: 'after-rotation' })
@@ -216,7 +196,7 @@ t.test('JWKS down: known kids keep working, readiness holds', async (t) => {
           break
         }
         rounds++
-        await sleep(100)
+        await sleep(100) // time-based by nature: rounds spread over the outage
       }
       tt.ok(allOk, `${rounds} fresh tokens over ~2.6 s all answered 200 promptly, /readyz stayed 200`)
       tt.ok(rounds >= 5, 'enough rounds to span several cache TTLs and refresh attempts')
@@ -225,14 +205,14 @@ t.test('JWKS down: known kids keep working, readiness holds', async (t) => {
         tt.ok((await fetches(g)).error > errorsBefore, 'resonance_jwks_fetches_total{result="error"} moved')
       } else {
         // a hung fetch counts once its timeout fires
-        await until(tt, 'a timed-out refresh is counted', 2_000, async () => (await fetches(g)).error > errorsBefore)
+        await until(async () => (await fetches(g)).error > errorsBefore, 2_000, 'a timed-out refresh is counted', 50)
       }
       issuer.setJwksMode('ok')
     })
   }
 
   const okBefore = (await fetches(g)).ok
-  await until(t, 'a refresh succeeds after the outage', 3_000, async () => (await fetches(g)).ok > okBefore)
+  await until(async () => (await fetches(g)).ok > okBefore, 3_000, 'a refresh succeeds after the outage', 50)
   t.equal((await readyz(g)).body.checks.jwks?.ok, true)
 })
 
@@ -281,7 +261,7 @@ t.test('JWKS hangs from the start: timeouts fire, 401 jwks_unavailable, /readyz 
       t.equal(upstream.requests.length, 0, 'nothing reached the app')
 
       issuer.setJwksMode('ok')
-      await until(t, '/readyz turns 200 after the issuer recovers', 5_000, async () => (await readyz(g)).status === 200)
+      await until(async () => (await readyz(g)).status === 200, 5_000, '/readyz turns 200 after the issuer recovers', 50)
       t.ok((await fetches(g)).ok >= 1, 'resonance_jwks_fetches_total{result="ok"} moved')
       t.equal((await call(g, token)).status, 200, 'the same token now passes')
       t.equal(upstream.requests[0]?.headers['x-user-sub'], 'early-bird')

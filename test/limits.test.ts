@@ -15,7 +15,7 @@ import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
 import { startUpstream, type TestUpstream } from './helpers/upstream.js'
 import { startGateway, type LogLine, type TestGateway } from './helpers/gateway.js'
 import { deleteKeys, redisUrl, scanKeys } from './helpers/redis.js'
-import { until } from './helpers/wait.js'
+import { scrapeMetric, until } from './helpers/wait.js'
 
 interface Answer { status: number, headers: Record<string, string>, body: string }
 
@@ -91,14 +91,8 @@ function upgrade (tt: Test, g: TestGateway, path: string, token: string, headers
   })
 }
 
-async function metric (g: TestGateway, name: string, labels = ''): Promise<number> {
-  const text = await (await fetch(`${g.adminUrl}/metrics`, { signal: AbortSignal.timeout(5000) })).text()
-  const line = text.split('\n').find((l) => l.startsWith(`${name}${labels === '' ? '' : `{${labels}}`} `))
-  if (line === undefined) throw new Error(`metric ${name}{${labels}} not found`)
-  return Number(line.split(' ').pop())
-}
 const triggered = (g: TestGateway, transport: 'http' | 'ws'): Promise<number> =>
-  metric(g, 'resonance_rate_limit_triggered_total', `transport="${transport}"`)
+  scrapeMetric(g.adminUrl, 'resonance_rate_limit_triggered_total', { transport })
 
 const rateLimitAudits = (g: TestGateway, sub?: string): LogLine[] =>
   g.audits().filter((l) => l.event === 'rate_limited' && (sub === undefined || l.sub === sub))

@@ -2,11 +2,14 @@
 // the token entry removed, close propagation, upstream refusal before any 101, and the upgrade-socket crash guard.
 import { createServer, type IncomingMessage } from 'node:http'
 import { connect, type AddressInfo, type Socket } from 'node:net'
+import { setTimeout as sleep } from 'node:timers/promises'
 import t from 'tap'
 import WebSocket from 'ws'
 import { startIssuer } from './helpers/issuer.js'
 import { startUpstream } from './helpers/upstream.js'
 import { startGateway } from './helpers/gateway.js'
+import { freePort } from './helpers/ports.js'
+import { until } from './helpers/wait.js'
 
 function opened (ws: WebSocket): Promise<void> {
   return new Promise((resolve, reject) => {
@@ -32,14 +35,6 @@ function closed (ws: WebSocket): Promise<{ code: number, reason: string }> {
   return new Promise((resolve) => ws.once('close', (code, reason) => resolve({ code, reason: reason.toString() })))
 }
 
-async function until (cond: () => boolean, ms = 3000): Promise<void> {
-  const end = Date.now() + ms
-  while (!cond()) {
-    if (Date.now() > end) throw new Error('condition not reached in time')
-    await new Promise((resolve) => setTimeout(resolve, 10))
-  }
-}
-
 t.test('WebSocket proxying', async (t) => {
   const issuer = await startIssuer()
   t.teardown(() => issuer.close())
@@ -56,7 +51,7 @@ t.test('WebSocket proxying', async (t) => {
     const replies: string[] = []
     ws.on('message', (d) => replies.push(d.toString()))
     for (let i = 0; i < 50; i++) ws.send(`m${i}`)
-    await until(() => replies.length === 50)
+    await until(() => replies.length === 50, 3000, 'all 50 echoes back')
     t.same(replies, Array.from({ length: 50 }, (_, i) => `m${i}`), 'echoes come back in order')
     ws.removeAllListeners('message')
     ws.send(Buffer.from([0, 1, 2, 255]), { binary: true })
@@ -71,14 +66,14 @@ t.test('WebSocket proxying', async (t) => {
     t.equal(rec?.headers.authorization, undefined, 'token not forwarded')
     t.equal(rec?.messages.length, 51)
     ws.close(1000, 'bye')
-    await until(() => rec?.closed !== undefined)
+    await until(() => rec?.closed !== undefined, 3000, 'the app saw the close')
     t.same(rec?.closed, { code: 1000, reason: 'bye' }, 'client close code reaches the app')
   })
 
   t.test('token in the query: stripped before the app', async (t) => {
     const ws = new WebSocket(`${g.wsUrl}/ws/resonance?a=1&access_token=${token}`)
     await opened(ws)
-    await until(() => upstream.wsConnections.length === 1)
+    await until(() => upstream.wsConnections.length === 1, 3000, 'the app has one connection')
     t.equal(upstream.wsConnections[0]?.url, '/ws/resonance?a=1')
     ws.close()
   })
@@ -87,7 +82,7 @@ t.test('WebSocket proxying', async (t) => {
     const ws = new WebSocket(`${g.wsUrl}/ws/resonance`, ['bearer', token, 'resonance.v1'])
     await opened(ws)
     t.equal(ws.protocol, 'resonance.v1', 'the client gets the app\'s choice')
-    await until(() => upstream.wsConnections.length === 1)
+    await until(() => upstream.wsConnections.length === 1, 3000, 'the app has one connection')
     const rec = upstream.wsConnections[0]
     t.equal(rec?.headers['sec-websocket-protocol'], 'resonance.v1', 'the app never sees the token or the marker')
     t.equal(rec?.protocol, 'resonance.v1')
@@ -96,7 +91,7 @@ t.test('WebSocket proxying', async (t) => {
     const only = new WebSocket(`${g.wsUrl}/ws/resonance`, ['bearer', token])
     await opened(only)
     t.equal(only.protocol, 'bearer', 'with no app protocol the gateway answers "bearer" so browsers accept the 101')
-    await until(() => upstream.wsConnections.length === 2)
+    await until(() => upstream.wsConnections.length === 2, 3000, 'the app has two connections')
     t.equal(upstream.wsConnections[1]?.headers['sec-websocket-protocol'], undefined)
     only.close()
   })
@@ -128,7 +123,7 @@ t.test('WebSocket proxying', async (t) => {
     t.match(text, /resonance_ws_messages_total\{direction="client_to_app"\} [1-9]/)
     t.match(text, /resonance_ws_messages_total\{direction="app_to_client"\} [1-9]/)
     ws.close()
-    await until(() => g.gw.ws.open === 0)
+    await until(() => g.gw.ws.open === 0, 3000, 'the gateway tracks no open WebSocket')
     text = await (await fetch(`${g.adminUrl}/metrics`)).text()
     t.match(text, /resonance_ws_connections 0\b/)
     t.match(text, /resonance_ws_closes_total\{reason="client_closed"\} [1-9]/)
@@ -159,10 +154,7 @@ t.test('upstream WebSocket failures surface before the 101', async (t) => {
   t.teardown(() => new Promise((resolve) => refusing.close(resolve)))
   const refusingUrl = `http://127.0.0.1:${(refusing.address() as AddressInfo).port}`
 
-  const probe = createServer()
-  await new Promise<void>((resolve) => probe.listen(0, '127.0.0.1', resolve))
-  const deadPort = (probe.address() as AddressInfo).port
-  await new Promise((resolve) => probe.close(resolve))
+  const deadPort = await freePort()
 
   const token = await issuer.token()
   const headers = { authorization: `Bearer ${token}` }
@@ -190,7 +182,8 @@ t.test('a client that resets its upgrade during pending auth does not crash the 
     const socket = connect(port, '127.0.0.1')
     await new Promise<void>((resolve) => socket.once('connect', () => resolve()))
     socket.write(`GET /ws/resonance HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer ${bogus}\r\n\r\n`)
-    await new Promise((resolve) => setTimeout(resolve, 5))
+    // time-based by nature: give the request a moment to reach the gateway, then reset mid-authentication
+    await sleep(5)
     socket.resetAndDestroy()
   }
   t.equal(g.gw.keys.ready, true)
@@ -218,7 +211,7 @@ t.test('messages the app sends right after the upgrade are not lost', async (t) 
     const got: string[] = []
     ws.on('message', (d) => got.push(String(d)))
     await opened(ws)
-    await until(() => got.length === 5)
+    await until(() => got.length === 5, 3000, 'all 5 messages received')
     t.same(got, ['greeting 0', 'greeting 1', 'greeting 2', 'greeting 3', 'greeting 4'], `round ${round}: all greetings, in order`)
     ws.close()
   }

@@ -10,11 +10,13 @@
 //       time, and the store works again once Redis is back.
 // The shared Redis is used with DB 11 and a per-test key prefix; only those keys are deleted.
 import { randomUUID } from 'node:crypto'
+import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import { Redis } from 'ioredis'
 import { BatchedRedisStore, MAX_BATCH } from '../src/limits/redis-batch.js'
 import type { Hits } from '../src/limits/store.js'
-import { deleteKeys, freePort, redisUrl, startRedisServer, type RedisServer } from './helpers/redis.js'
+import { freePort } from './helpers/ports.js'
+import { deleteKeys, redisUrl, startRedisServer, type RedisServer } from './helpers/redis.js'
 import { within } from './helpers/wait.js'
 
 const WINDOW_MS = 60_000
@@ -164,7 +166,8 @@ t.test('windows: TTL on the first hit, ttls within the window, TTL repair, a new
   const pttl1 = await c.pttl(`${prefix}w`)
   t.ok(pttl1 > 0 && pttl1 <= window, `first hit set a TTL in (0, ${window}] (${pttl1})`)
 
-  await new Promise((resolve) => setTimeout(resolve, 50))
+  // time-based by nature: the remaining TTL must have visibly shrunk
+  await sleep(50)
   const [second] = hitsOf(t, [await incr(store, 'w', window)])
   t.equal(second?.current, 2)
   t.ok(second !== undefined && second.ttl > 0 && second.ttl <= window, `second returned ttl in (0, ${window}] (${second?.ttl})`)
@@ -182,7 +185,8 @@ t.test('windows: TTL on the first hit, ttls within the window, TTL repair, a new
   // a short window elapses: the count starts again from 1
   const short = 200
   hitsOf(t, [await incr(store, 'short', short), await incr(store, 'short', short)])
-  await new Promise((resolve) => setTimeout(resolve, short + 100))
+  // time-based by nature: the window elapses
+  await sleep(short + 100)
   const [fresh] = hitsOf(t, [await incr(store, 'short', short)])
   t.equal(fresh?.current, 1, 'after the window the count restarts')
   t.ok(fresh !== undefined && fresh.ttl > 0 && fresh.ttl <= short)

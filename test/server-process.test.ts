@@ -12,6 +12,7 @@ import { fileURLToPath } from 'node:url'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import { canBind, freePort } from './helpers/ports.js'
+import { within } from './helpers/wait.js'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const ENTRY = join(ROOT, 'dist', 'server.js')
@@ -95,18 +96,6 @@ function startGateway (t: Test, env: Record<string, string>): Proc {
   }
 }
 
-async function withDeadline<T> (p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined
-  const deadline = new Promise<never>((_resolve, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what}: not within ${ms} ms`)), ms)
-  })
-  try {
-    return await Promise.race([p, deadline])
-  } finally {
-    clearTimeout(timer)
-  }
-}
-
 interface Res { status: number, headers: http.IncomingHttpHeaders, body: string }
 
 /** One request on a fresh connection (no keep-alive pool to outlive the server). */
@@ -130,7 +119,7 @@ t.test('invalid configuration: exit 1 before binding, every problem on stderr, n
   const admin = await freePort()
   const started = Date.now()
   const p = startGateway(t, { PORT: 'abc', ADMIN_PORT: String(admin), HOST: LOOPBACK, ADMIN_HOST: LOOPBACK, JWT_AUDIENCE: 'gw' })
-  const { code, signal, at } = await withDeadline(p.exited, 5_000, 'exit')
+  const { code, signal, at } = await within(p.exited, 5_000, 'exit')
   t.equal(code, 1, 'exit code 1')
   t.equal(signal, null)
   t.ok(at - started < 5_000, `exited in ${at - started} ms`)
@@ -149,7 +138,7 @@ t.test('invalid configuration with both ports valid: neither port is bound', asy
   const admin = await freePort()
   const started = Date.now()
   const p = startGateway(t, { PORT: String(port), ADMIN_PORT: String(admin), HOST: LOOPBACK, ADMIN_HOST: LOOPBACK, JWT_AUDIENCE: 'gw' })
-  const { code, at } = await withDeadline(p.exited, 5_000, 'exit')
+  const { code, at } = await within(p.exited, 5_000, 'exit')
   t.equal(code, 1)
   t.ok(at - started < 5_000, `exited in ${at - started} ms`)
   t.match(p.stderr(), 'auth.issuer (JWT_ISSUER)')
@@ -163,7 +152,7 @@ t.test('invalid configuration never attempts to listen, even on ports someone el
   const pub = await holdPort(t)
   const adm = await holdPort(t)
   const p = startGateway(t, { PORT: String(pub.port), ADMIN_PORT: String(adm.port), HOST: LOOPBACK, ADMIN_HOST: LOOPBACK, JWT_ISSUER: 'https://id.example.com/realms/r' })
-  const { code } = await withDeadline(p.exited, 5_000, 'exit')
+  const { code } = await within(p.exited, 5_000, 'exit')
   t.equal(code, 1)
   t.match(p.stderr(), 'auth.audience (JWT_AUDIENCE)')
   t.notMatch(p.stderr(), /EADDRINUSE/)
@@ -233,7 +222,7 @@ t.test('a valid config: admin endpoints, public port guarded, graceful SIGTERM',
     }
     t.ok(sawDraining, '/readyz answered 503 with the draining check failed')
     t.equal(publicDuringDelay, 401, 'the public port still answers during the delay')
-    const { code, signal, at } = await withDeadline(p.exited, 6_000, 'exit after SIGTERM')
+    const { code, signal, at } = await within(p.exited, 6_000, 'exit after SIGTERM')
     t.equal(code, 0, 'exit code 0')
     t.equal(signal, null)
     const took = at - signalled

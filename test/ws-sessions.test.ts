@@ -27,8 +27,9 @@ import { Redis } from 'ioredis'
 import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
 import { startUpstream, type RecordedWs, type TestUpstream } from './helpers/upstream.js'
 import { startGateway, type TestGateway } from './helpers/gateway.js'
-import { deleteKeys, freePort, redisUrl } from './helpers/redis.js'
-import { audits, claims, metric, until, within } from './helpers/wait.js'
+import { freePort } from './helpers/ports.js'
+import { deleteKeys, redisUrl } from './helpers/redis.js'
+import { audits, claims, metric, pingPong, until, within } from './helpers/wait.js'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const KiB = 1024
@@ -171,9 +172,10 @@ t.test('message limit (close): exactly the allowed messages reach the app, in or
   const closed = await within(c.closed, 5000, 'close after the 6th message')
   t.equal(closed.code, 1008, 'closed with 1008')
   t.match(closed.reason, /rate limit/, `with a reason (${closed.reason})`)
-  await sleep(300) // anything still in flight would have reached the app by now
-  t.strictSame(appMessages(c.path), ['m0', 'm1', 'm2', 'm3', 'm4'], 'the app received exactly m0..m4, in order, and never m5..m7')
+  // the gateway closes the app's connection after the last message it forwarded on it: once the app saw that close,
+  // nothing is left in flight towards the app
   await until(() => appSide(c.path)?.closed !== undefined, 2000, 'the app connection closed too')
+  t.strictSame(appMessages(c.path), ['m0', 'm1', 'm2', 'm3', 'm4'], 'the app received exactly m0..m4, in order, and never m5..m7')
   const rec = appSide(c.path)
   t.notOk(JSON.stringify(rec).includes(token), 'the token never reached the app (URL, headers, protocol, messages)')
 
@@ -190,7 +192,8 @@ t.test('message limit (close): exactly the allowed messages reach the app, in or
     const again = await connect(g, token)
     again.ws.send('late')
     t.equal((await within(again.closed, 5000, 'close')).code, 1008)
-    await sleep(100)
+    // the app's side closes after anything forwarded on it
+    await until(() => appSide(again.path)?.closed !== undefined, 2000, 'the app connection closed too')
     t.strictSame(appMessages(again.path), [], 'the app got nothing')
   })
 
@@ -222,7 +225,8 @@ t.test('message limit (drop): a rate_limited notice per dropped message, the con
   const c = await connect(g, await issuer.token({ sub }))
   for (let i = 0; i < 6; i++) c.ws.send(`m${i}`)
   await until(() => c.texts.length >= 6, 5000, '3 echoes and 3 notices')
-  await sleep(200)
+  // every message sent has had its answer; the pong orders after anything else the gateway sent meanwhile
+  await pingPong(c.ws)
   const notices = c.texts.filter((x) => x.startsWith('{')).map((x) => JSON.parse(x) as { error: string, retry_after: number })
   t.equal(notices.length, 3, 'one notice per dropped message')
   for (const n of notices) {
@@ -242,7 +246,7 @@ t.test('message limit (drop): a rate_limited notice per dropped message, the con
   c.texts.length = 0
   for (let i = 0; i < 4; i++) c.ws.send(`n${i}`)
   await until(() => c.texts.length >= 4, 5000, '3 echoes and 1 notice')
-  await sleep(100)
+  await pingPong(c.ws)
   t.strictSame(c.texts.filter((x) => !x.startsWith('{')), ['n0', 'n1', 'n2'], 'after the window, messages pass again')
   t.equal(c.texts.filter((x) => x.startsWith('{')).length, 1, 'and the 4th of the new window is dropped')
   t.strictSame(appMessages(c.path), ['m0', 'm1', 'm2', 'n0', 'n1', 'n2'])
@@ -267,7 +271,8 @@ t.test('the message budget is shared by all of a user\'s connections and by two 
   t.equal((await within(b1.closed, 5000, 'b1 closed')).code, 1008, 'the 7th message (replica B) closes its connection')
   a1.ws.send('eighth')
   t.equal((await within(a1.closed, 5000, 'a1 closed')).code, 1008, 'and replica A sees the same spent budget')
-  await sleep(200)
+  // the app's side of each closes after anything forwarded on it
+  await until(() => [a1, b1].every((c) => appSide(c.path)?.closed !== undefined), 2000, 'the app connections closed too')
   const total = [a1, a2, b1].flatMap((c) => appMessages(c.path))
   t.equal(total.length, 6, 'the app received exactly 6 messages over the three connections')
   t.notOk(total.includes('seventh') || total.includes('eighth'))
@@ -321,13 +326,13 @@ t.test('WS_MAX_CONNECTIONS_PER_USER across two replicas: 429 before any 101, aud
   const vTok = await issuer.token({ sub: randomSub('free2') })
   const v2 = await connect(a, vTok)
   const v3 = await connect(b, vTok)
-  t.pass('other users are not capped by this user')
+  t.ok([v1, v2, v3].every((v) => v.ws.readyState === WebSocket.OPEN && appSide(v.path) !== undefined), 'other users are not capped by this user: their three connections are open through to the app')
   for (const v of [v1, v2, v3]) v.ws.close()
 
   c1.ws.close()
   await until(async () => (await rc.zcard(key)) === 1, 3000, 'lease released on close')
   const c3 = await connect(b, token)
-  t.pass('after one closed, a new connection succeeds')
+  t.ok(c3.ws.readyState === WebSocket.OPEN && appSide(c3.path) !== undefined, 'after one closed, a new connection succeeds: open through to the app')
   t.equal((await refusal(a, token)).status, 429, 'and the cap holds again')
 
   t.test('a stale lease (a dead replica stopped refreshing) does not count; a live one does', async (t) => {
@@ -338,7 +343,7 @@ t.test('WS_MAX_CONNECTIONS_PER_USER across two replicas: 429 before any 101, aud
     await rc.zadd(wKey, now - 1000, 'dead-replica-lease-1', now - 30_000, 'dead-replica-lease-2')
     const w1 = await connect(a, wTok)
     const w2 = await connect(b, wTok)
-    t.pass('two connections despite two leases already in the set: both were past their expiry')
+    t.ok([w1, w2].every((w) => w.ws.readyState === WebSocket.OPEN && appSide(w.path) !== undefined), 'two connections despite two leases already in the set: both were past their expiry')
     t.equal(await rc.zscore(wKey, 'dead-replica-lease-1'), null, 'stale leases were swept')
     t.equal(await rc.zcard(wKey), 2)
     t.equal((await refusal(a, wTok)).status, 429, 'the cap still applies to live leases')
@@ -402,7 +407,8 @@ t.test('WS_MAX_PAYLOAD: a larger client message closes with 1009 and never reach
   c.ws.send(Buffer.alloc(2 * KiB, 'b'))
   const closed = await within(c.closed, 5000, 'close')
   t.equal(closed.code, 1009, '1009 message too big')
-  await sleep(100)
+  // the app's side closes after anything forwarded on it
+  await until(() => appSide(c.path)?.closed !== undefined, 2000, 'the app connection closed too')
   t.strictSame(appMessages(c.path), ['a'.repeat(1024)], 'only the message at the limit reached the app')
   t.equal(await metric(g, M.closes('message_too_big')) - before, 1, 'close reason message_too_big')
   await until(() => g.gw.ws.open === 0, 2000, 'session gone')
@@ -413,6 +419,7 @@ t.test('WS_IDLE_TIMEOUT: traffic keeps a connection, silence closes it with 1000
   const before = await metric(g, M.closes('idle_timeout'))
   const c = await connect(g, await issuer.token({ sub: randomSub('idle') }))
   for (let i = 0; i < 7; i++) {
+    // time-based by nature: gaps shorter than the 1 s idle timeout, ~2 s in all
     await sleep(300)
     await echo(c, `keepalive ${i}`)
   }
@@ -442,6 +449,7 @@ t.test('WS_PING_INTERVAL: a client that never answers pings is disconnected, one
   t.equal(closed.code, 1001)
   t.equal(closed.reason, 'ping timeout')
   t.equal(await metric(g, M.closes('ping_timeout')) - before, 1)
+  // time-based by nature ("nothing happens within 3.5 s"): several 1 s ping rounds, each of which a mute client fails
   await sleep(Math.max(0, start + 3500 - Date.now()))
   t.equal(polite.ws.readyState, WebSocket.OPEN, 'a client answering pings is still connected after 3.5 s')
   await echo(polite, 'alive')
@@ -495,7 +503,7 @@ function pump (ws: WebSocket, total: number, chunk: number, window: number): Pum
   return { acked: () => acked, sent: () => sent, start: go }
 }
 
-/** Resolves once `progress` has not moved for `quietMs`. */
+/** Resolves once `progress` has not moved for `quietMs` (time-based by nature: a stall is the absence of progress). */
 async function stalled (progress: () => number, quietMs: number, ms: number): Promise<number> {
   const end = Date.now() + ms
   let last = progress()
@@ -645,7 +653,7 @@ t.test('SIGTERM on the real entrypoint: /readyz 503 first, WebSockets keep worki
   t.ok(notReadyAt !== undefined)
   t.equal(c.ws.readyState, WebSocket.OPEN, 'the WebSocket is still open while readiness fails')
   await echo(c, 'during the delay')
-  t.pass('and still carries messages during SHUTDOWN_DELAY')
+  t.ok(appMessages(c.path).includes('during the delay'), 'and still carries messages during SHUTDOWN_DELAY: the app received the message the client got back')
   const closed = await within(c.closed, 5000, '1001 after the delay')
   t.equal(closed.code, 1001, 'closed with 1001 going away')
   t.ok(closed.at > (notReadyAt ?? Infinity), `1001 came ${closed.at - (notReadyAt ?? 0)} ms after /readyz failed`)

@@ -4,11 +4,10 @@
 import { spawn, type ChildProcess } from 'node:child_process'
 import { mkdtempSync } from 'node:fs'
 import { connect } from 'node:net'
-import { freePort } from './ports.js'
-
-export { freePort }
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { freePort } from './ports.js'
 import type { Redis } from 'ioredis'
 
 export const TEST_DB = 11
@@ -51,7 +50,7 @@ export async function startRedisServer (port?: number, extraArgs: string[] = [])
       process.removeListener('exit', onExit)
       throw new Error(`redis-server did not answer on port ${p}`)
     }
-    await new Promise((resolve) => setTimeout(resolve, 20))
+    await sleep(20)
   }
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()))
   return {
@@ -149,7 +148,7 @@ export async function startRedisCluster (n = 3): Promise<RedisCluster> {
     for (const node of nodes) {
       while (!(await redisCli(['-p', String(node.port), 'cluster', 'info'])).includes('cluster_state:ok')) {
         if (Date.now() > deadline) throw new Error(`redis cluster node ${node.port} did not reach cluster_state:ok`)
-        await new Promise((resolve) => setTimeout(resolve, 50))
+        await sleep(50)
       }
     }
     return {
