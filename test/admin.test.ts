@@ -4,6 +4,7 @@ import t from 'tap'
 import { startIssuer } from './helpers/issuer.js'
 import { startUpstream } from './helpers/upstream.js'
 import { startGateway } from './helpers/gateway.js'
+import { until } from './helpers/wait.js'
 
 const REQUIRED_METRICS = [
   'resonance_auth_failures_total',
@@ -73,7 +74,7 @@ t.test('close lets in-flight requests finish and refuses new ones', async (t) =>
   const auth = { authorization: `Bearer ${await issuer.token()}` }
 
   const inflight = fetch(`${g.url}/slow?ms=600`, { headers: auth })
-  await new Promise((resolve) => setTimeout(resolve, 100))
+  await until(() => upstream.requests.some((r) => r.url.startsWith('/slow')), 2000, 'the request reached the app')
   const closing = g.close()
   t.equal(g.gw.readiness.draining, true, 'readiness fails first')
   const res = await inflight

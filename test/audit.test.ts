@@ -15,14 +15,13 @@ import type { IncomingMessage } from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import WebSocket from 'ws'
 import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
 import { startUpstream, type TestUpstream } from './helpers/upstream.js'
 import { startGateway, type TestGateway } from './helpers/gateway.js'
 import { canBind, freePort } from './helpers/ports.js'
-import { until, within } from './helpers/wait.js'
+import { pingPong, until, within } from './helpers/wait.js'
 import { AUTH_FAILURE_REASONS } from '../src/observability/metrics.js'
 import { FORBIDDEN_REASONS, RATE_LIMITED_REASONS } from '../src/observability/audit.js'
 
@@ -125,10 +124,11 @@ t.test('README, Operations > Logs: every field, event and reason value of the au
   for (const n of names) t.ok(logs.includes(`\`${n}\``) || logs.includes(n.startsWith('"') ? n : `"${n}"`), n)
 })
 
-interface Conn { ws: WebSocket, texts: string[] }
+interface Conn { ws: WebSocket, path: string, texts: string[] }
 
 async function connect (g: TestGateway, token: string): Promise<Conn> {
-  const ws = new WebSocket(`${g.wsUrl}/ws/${randomUUID()}`, { headers: { authorization: `Bearer ${token}` } })
+  const path = `/ws/${randomUUID()}`
+  const ws = new WebSocket(`${g.wsUrl}${path}`, { headers: { authorization: `Bearer ${token}` } })
   const texts: string[] = []
   ws.on('message', (d) => texts.push((d as Buffer).toString()))
   await within(new Promise<void>((resolve, reject) => {
@@ -137,7 +137,7 @@ async function connect (g: TestGateway, token: string): Promise<Conn> {
     ws.once('unexpected-response', (_req, res: IncomingMessage) => { res.resume(); reject(new Error(`upgrade refused with ${res.statusCode}`)) })
   }), 5000, 'open')
   ws.on('error', () => {})
-  return { ws, texts }
+  return { ws, path, texts }
 }
 
 const WS_LIMITED = 'resonance_rate_limit_triggered_total'
@@ -152,7 +152,8 @@ t.test('WebSocket message limit, drop: one audit line per dropped message (actio
   const N = 7
   for (let i = 0; i < 2 + N; i++) c.ws.send(`m${i}`)
   await until(() => c.texts.filter((x) => x.startsWith('{')).length >= N, 5000, `${N} drop notices`)
-  await sleep(200)
+  // every dropped message has had its notice; the pong orders after anything else the gateway sent meanwhile (a close)
+  await pingPong(c.ws)
   t.equal(c.ws.readyState, WebSocket.OPEN, 'the connection stays open')
   const delta = (await total(g, WS_LIMITED)) - before
   t.equal(delta, N, 'metric: every dropped message')
@@ -175,7 +176,8 @@ t.test('WebSocket message limit, close: one audit line (action close, 1008)', as
   c.ws.send('a')
   c.ws.send('b')
   t.equal(await within(closed, 5000, 'close'), 1008)
-  await sleep(100)
+  // the app's side closes once the gateway has finished with the session
+  await until(() => upstream.wsConnections.some((r) => r.url === c.path && r.closed !== undefined), 2000, 'the app connection closed too')
   const lines = g.audits().filter((l) => l.reason === 'ws_message_limit' && l.sub === sub)
   t.equal(lines.length, 1)
   t.match(lines[0], { event: 'rate_limited', transport: 'ws', action: 'close', status: 1008 })

@@ -19,7 +19,7 @@ import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
 import { startUpstream, type TestUpstream } from './helpers/upstream.js'
 import { startGateway, type TestGateway } from './helpers/gateway.js'
 import { deleteKeys, redisUrl, scanKeys } from './helpers/redis.js'
-import { audits, claims, metric, until, within } from './helpers/wait.js'
+import { audits, claims, metric, pingPong, until, within } from './helpers/wait.js'
 
 const ADMIN_TOKEN = `admin-${randomUUID()}`
 
@@ -208,6 +208,7 @@ t.test('revocation across two replicas sharing Redis', async (t) => {
   })
 
   await t.test('a token issued more than 1 s after the revocation works', async (t) => {
+    // time-based by nature: iat has a 1 s resolution, so the clock must pass the next second
     await sleep(Math.max(0, (issuedBefore + 1) * 1000 + 100 - Date.now()))
     const fresh = await issuer.token({ sub })
     t.ok(claims(fresh).iat > issuedBefore)
@@ -215,6 +216,7 @@ t.test('revocation across two replicas sharing Redis', async (t) => {
     t.equal((await get(b, fresh)).status, 200, 'B accepts it')
     const c = await connect(b, fresh)
     await echo(c, 'welcome back')
+    // time-based by nature ("no close within 300 ms"): the gateway answers a connection it keeps with no event
     await sleep(300)
     t.equal(c.ws.readyState, WebSocket.OPEN, 'and its WebSocket stays open')
     c.ws.close()
@@ -240,7 +242,8 @@ t.test('revocation across two replicas sharing Redis', async (t) => {
     t.match(closed, { code: 1008, reason: 'token revoked' })
     t.equal((await within(c1a.closed, 1500, 'on A')).code, 1008)
     t.match(audits(b, { event: 'auth_failure', reason: 'revoked', transport: 'ws', sub: jUser }), [{ path: c1.path }])
-    await sleep(300)
+    // both replicas acted on the revocation (c1 and c1a closed); a pong orders after any close frame sent before it
+    for (const c of [c2, c2a]) await pingPong(c.ws)
     for (const c of [c2, c2a]) {
       t.equal(c.ws.readyState, WebSocket.OPEN, 'the other token\'s connection stays open')
       await echo(c, `still here ${c.path}`)
@@ -267,7 +270,8 @@ t.test('revocation across two replicas sharing Redis', async (t) => {
 // --- a revocation racing an upgrade --------------------------------------------------------------------------------------
 
 /** An app that answers WebSocket upgrades only after `delayMs` (a slow app, or a slow network to it). */
-async function startSlowApp (delayMs: number): Promise<{ url: string, close: () => Promise<void> }> {
+async function startSlowApp (delayMs: number): Promise<{ url: string, upgrades: () => number, close: () => Promise<void> }> {
+  let upgrades = 0
   const server = http.createServer((_req, res) => res.end())
   const wss = new WebSocketServer({ noServer: true })
   wss.on('connection', (ws) => {
@@ -275,11 +279,13 @@ async function startSlowApp (delayMs: number): Promise<{ url: string, close: () 
     ws.on('error', () => {})
   })
   server.on('upgrade', (req, socket: Socket, head) => {
+    upgrades++
     setTimeout(() => { if (!socket.destroyed) wss.handleUpgrade(req, socket, head, (ws) => wss.emit('connection', ws, req)) }, delayMs)
   })
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
   return {
     url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+    upgrades: () => upgrades,
     close: async () => {
       for (const ws of wss.clients) ws.terminate()
       server.closeAllConnections()
@@ -303,7 +309,8 @@ t.test('a revocation that lands while the upgrade waits for the app still ends t
     ws.once('unexpected-response', (_req, res: IncomingMessage) => { res.resume(); resolve({ kind: 'refused', status: res.statusCode ?? 0 }) })
   })
   const closed = new Promise<Closed>((resolve) => ws.once('close', (code, reason) => resolve({ code, reason: reason.toString(), at: Date.now() })))
-  await sleep(300) // authenticated, slot taken, waiting for the app's 101
+  // authenticated, slot taken, waiting for the app's 101
+  await until(() => app.upgrades() === 1, 3000, 'the upgrade reached the app')
   const revokedAt = Date.now()
   t.equal((await revoke(g, { sub })).status, 201)
   const o = await within(outcome, 3000, 'the upgrade finished')
