@@ -4,7 +4,6 @@
 // "Bearer ". The app never receives a token either.
 import http from 'node:http'
 import { once } from 'node:events'
-import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import WebSocket from 'ws'
 import { decodeJwt, generateKeyPair } from 'jose'
@@ -12,6 +11,7 @@ import { startIssuer } from './helpers/issuer.js'
 import { claims, foreignRsaKey, forgeToken } from './helpers/forge.js'
 import { startUpstream } from './helpers/upstream.js'
 import { startGateway } from './helpers/gateway.js'
+import { until } from './helpers/wait.js'
 
 const YAML = `
 auth:
@@ -172,9 +172,8 @@ t.test('no token, token part or Authorization value ever reaches a log line (LOG
   statuses['ws forged in protocol'] = await ws(t, `${g.wsUrl}/ws/chat`, ['bearer', invalid[5] ?? ''], HTTPS) as number
   statuses['ws no token'] = await ws(t, `${g.wsUrl}/ws/chat`, [], HTTPS) as number
 
-  // let the closes settle (upstream records them) so their log lines are in
-  const deadline = Date.now() + 3_000
-  while (Date.now() < deadline && upstream.wsConnections.some((c) => c.closed === undefined)) await sleep(20)
+  // let the closes settle (upstream records them) so their log lines are in; the test fails if one never arrives
+  await until(() => upstream.wsConnections.every((c) => c.closed !== undefined), 3_000, 'the app recorded the close of every WebSocket', 20)
 
   t.match(statuses, {
     'valid header': 200,
