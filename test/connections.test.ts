@@ -12,6 +12,7 @@ import tls from 'node:tls'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import WebSocket from 'ws'
 import pino from 'pino'
@@ -677,7 +678,7 @@ t.test('a gateway with 300 file descriptors keeps serving valid users while one 
   t.teardown(stopAttack)
   for (let i = 0; i < 275; i++) slot(i)
   await until(() => stats.attempts >= 275, 5000, 'the attack is under way')
-  await new Promise((resolve) => setTimeout(resolve, 1500)) // let the attacker reach its steady state
+  await sleep(1500) // let the attacker reach its steady state (time-based by nature: slots reopen 500 ms after a close)
 
   // Valid traffic from 127.0.0.1 during the attack: 6 keep-alive clients, GETs and POSTs, for 8 s.
   const agent = new http.Agent({ keepAlive: true, maxSockets: 6, localAddress: LOOPBACK })

@@ -110,7 +110,7 @@ for (const c of CASES) {
     let endOutage!: () => void
     const outageOver = new Promise<void>((resolve) => { endOutage = resolve })
     const running = load(g, tokens, outageOver)
-    await sleep(OUTAGE_MS)
+    await sleep(OUTAGE_MS) // time-based by nature: the outage lasts OUTAGE_MS under load
     const during = await readyz(g)
     endOutage()
     const r = await running
@@ -163,7 +163,7 @@ t.test('issuer down from the start under load: discovery is backed off too, then
   let endOutage!: () => void
   const outageOver = new Promise<void>((resolve) => { endOutage = resolve })
   const running = load(g, tokens, outageOver)
-  await sleep(OUTAGE_MS - (Date.now() - startedAt))
+  await sleep(OUTAGE_MS - (Date.now() - startedAt)) // time-based by nature: the outage lasts OUTAGE_MS under load
   const during = await readyz(g)
   endOutage()
   const r = await running

@@ -13,12 +13,14 @@ import { existsSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync }
 import { tmpdir } from 'node:os'
 import { join, relative } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import { Redis } from 'ioredis'
 import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
 import { startUpstream, type TestUpstream } from './helpers/upstream.js'
 import { baseEnv, startGateway, type TestGateway } from './helpers/gateway.js'
 import { deleteKeys, redisCli, redisUrl, scanKeys, startRedisServer, type RedisServer } from './helpers/redis.js'
+import { scrapeMetric, until } from './helpers/wait.js'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const ENTRY = join(ROOT, 'dist', 'server.js')
@@ -64,21 +66,6 @@ async function request (base: string, path: string, token: string, timeoutMs = 1
   return { status: res.status, headers: Object.fromEntries(res.headers), body, ms: performance.now() - started }
 }
 
-async function until (cond: () => boolean | Promise<boolean>, ms: number, what: string): Promise<void> {
-  const end = Date.now() + ms
-  while (!(await cond())) {
-    if (Date.now() > end) throw new Error(`not within ${ms} ms: ${what}`)
-    await new Promise((resolve) => setTimeout(resolve, 50))
-  }
-}
-
-async function metric (adminUrl: string, name: string): Promise<number> {
-  const text = await (await fetch(`${adminUrl}/metrics`, { signal: AbortSignal.timeout(5000) })).text()
-  const line = text.split('\n').find((l) => l.startsWith(`${name} `))
-  if (line === undefined) throw new Error(`metric ${name} not found`)
-  return Number(line.split(' ').pop())
-}
-
 async function readyz (adminUrl: string): Promise<{ status: number, checks: Record<string, { ok: boolean, detail?: string }> }> {
   const res = await fetch(`${adminUrl}/readyz`, { signal: AbortSignal.timeout(ANSWER_WITHIN_MS) })
   const body = await res.json() as { checks: Record<string, { ok: boolean, detail?: string }> }
@@ -110,7 +97,7 @@ async function ownRedis (tt: Test, port?: number, args: string[] = []): Promise<
 /** An in-process gateway on `redis` with a fresh prefix; asserts it is ready (JWKS + Redis) before returning. */
 async function gateway (tt: Test, redisEnv: Record<string, string>, env: Record<string, string>, prefix = `test:${randomUUID()}:`): Promise<TestGateway & { prefix: string }> {
   const g = await startGateway(tt, issuer, upstream, { env: { RATE_LIMIT_KEY_PREFIX: prefix, ...redisEnv, ...env } })
-  await until(async () => (await readyz(g.adminUrl)).status === 200, 5000, 'gateway ready')
+  await until(async () => (await readyz(g.adminUrl)).status === 200, 5000, 'gateway ready', 50)
   return Object.assign(g, { prefix })
 }
 
@@ -123,7 +110,7 @@ async function recoveredUnderTraffic (send: () => Promise<unknown>, done: () => 
   while (Date.now() < end) {
     await send()
     if (await done()) return true
-    await new Promise((resolve) => setTimeout(resolve, 50))
+    await sleep(50)
   }
   return false
 }
@@ -131,7 +118,8 @@ async function recoveredUnderTraffic (send: () => Promise<unknown>, done: () => 
 /** Recovery when requests come less often than the 1 s breaker interval. */
 async function recoveredAfterQuiet (send: () => Promise<unknown>, done: () => boolean | Promise<boolean>, tries = 5): Promise<boolean> {
   for (let i = 0; i < tries; i++) {
-    await new Promise((resolve) => setTimeout(resolve, 1100))
+    // time-based by nature: longer than the 1 s breaker interval
+    await sleep(1100)
     await send()
     if (await done()) return true
   }
@@ -192,7 +180,7 @@ async function spawnGateway (tt: Test, env: Record<string, string>): Promise<Pro
       return true
     }
     return false
-  }, 15_000, `'gateway listening' from node dist/server.js; stderr: ${err}`)
+  }, 15_000, `'gateway listening' from node dist/server.js; stderr: ${err}`, 50)
   const pub = listening?.public[0] as Addr
   const adm = listening?.admin[0] as Addr
   return { url: `http://127.0.0.1:${pub.port}`, adminUrl: `http://127.0.0.1:${adm.port}`, stdout: () => out }
@@ -208,7 +196,7 @@ t.test('two gateway processes on one Redis enforce exactly one budget', async (t
   const MAX = 20
   const env = { REDIS_URL: url, RATE_LIMIT_KEY_PREFIX: prefix, RATE_LIMIT_MAX: String(MAX), RATE_LIMIT_WINDOW: '60s', LOG_LEVEL: 'info' }
   const [a, b] = await Promise.all([spawnGateway(t, env), spawnGateway(t, env)])
-  await until(async () => (await readyz(a.adminUrl)).status === 200 && (await readyz(b.adminUrl)).status === 200, 10_000, 'both processes ready (JWKS + Redis)')
+  await until(async () => (await readyz(a.adminUrl)).status === 200 && (await readyz(b.adminUrl)).status === 200, 10_000, 'both processes ready (JWKS + Redis)', 50)
 
   const sub = randomSub('two-procs')
   const [token, warm] = await Promise.all([issuer.token({ sub }), issuer.token({ sub: randomSub('warm-up') })])
@@ -229,7 +217,7 @@ t.test('two gateway processes on one Redis enforce exactly one budget', async (t
   const userKey = keys.find((k) => k.includes(sub))
   t.ok(userKey?.startsWith(prefix), `one shared counter under the prefix: ${String(userKey)}`)
   t.equal(await admin.get(userKey as string), String(PER_PROCESS * 2), 'which counted every request of both processes')
-  const storeErrors = await metric(a.adminUrl, 'resonance_rate_limit_store_errors_total') + await metric(b.adminUrl, 'resonance_rate_limit_store_errors_total')
+  const storeErrors = await scrapeMetric(a.adminUrl, 'resonance_rate_limit_store_errors_total') + await scrapeMetric(b.adminUrl, 'resonance_rate_limit_store_errors_total')
   t.equal(storeErrors, 0, 'no store errors on the way (otherwise a process used its fallback budget: see the counts above)')
   t.notOk(a.stdout().includes(STORE_UNAVAILABLE) || b.stdout().includes(STORE_UNAVAILABLE), 'no store-unavailable log line')
 })
@@ -283,7 +271,7 @@ t.test('Redis killed and restarted (policy open + RATE_LIMIT_FALLBACK_MAX)', asy
   // Redis up: the normal, shared budget
   const before = await statuses(g.url, tok(0), MAX + 1)
   t.same(before.map((a) => a.status), [...Array(MAX).fill(200), 429], 'Redis up: normal budget')
-  const storeErrorsBefore = await metric(g.adminUrl, 'resonance_rate_limit_store_errors_total')
+  const storeErrorsBefore = await scrapeMetric(g.adminUrl, 'resonance_rate_limit_store_errors_total')
   t.equal(storeErrorsBefore, 0, 'no store errors while Redis is up')
 
   // --- kill -9 ----------------------------------------------------------------------------------------------------------
@@ -304,7 +292,7 @@ t.test('Redis killed and restarted (policy open + RATE_LIMIT_FALLBACK_MAX)', asy
     const a = await request(g.url, '/api/outage', tok(4 + i))
     t.equal(a.status, 200, `user ${i + 4} served from the fallback`)
     latencies.push(a.ms)
-    if (i === 9) await new Promise((resolve) => setTimeout(resolve, 1200)) // past the 1 s breaker: Redis is retried
+    if (i === 9) await sleep(1200) // past the 1 s breaker: Redis is retried
   }
   const med = median(latencies)
   t.comment(`latency while Redis is down: median ${med.toFixed(1)} ms, max ${Math.max(...latencies).toFixed(1)} ms over ${latencies.length} requests`)
@@ -314,8 +302,8 @@ t.test('Redis killed and restarted (policy open + RATE_LIMIT_FALLBACK_MAX)', asy
   t.equal(r.status, 200, '/readyz stays 200 while Redis is down (policy open: the site keeps serving)')
   t.equal(r.checks.redis?.ok, true, 'with a passing redis check')
   t.match(r.checks.redis?.detail, /^degraded: .*(redis|connect|ECONNREFUSED|closed)/i, `that reports the outage: ${String(r.checks.redis?.detail)}`)
-  t.ok(await metric(g.adminUrl, 'resonance_rate_limit_store_errors_total') > 0, 'resonance_rate_limit_store_errors_total > 0')
-  t.equal(await metric(g.adminUrl, 'resonance_rate_limit_store_degraded'), 1, 'resonance_rate_limit_store_degraded 1')
+  t.ok(await scrapeMetric(g.adminUrl, 'resonance_rate_limit_store_errors_total') > 0, 'resonance_rate_limit_store_errors_total > 0')
+  t.equal(await scrapeMetric(g.adminUrl, 'resonance_rate_limit_store_degraded'), 1, 'resonance_rate_limit_store_degraded 1')
   t.equal(msgs(g, STORE_UNAVAILABLE), 1, `exactly one '${STORE_UNAVAILABLE}' line for the outage (${latencies.length + during.length} requests)`)
   t.match(g.logs().find((l) => typeof l.msg === 'string' && l.msg.startsWith(STORE_UNAVAILABLE)), { level: 50, component: 'rate-limit', policy: 'open' })
   t.ok(Date.now() - killedAt > 1200, 'the outage spanned more than one breaker interval')
@@ -331,13 +319,13 @@ t.test('Redis killed and restarted (policy open + RATE_LIMIT_FALLBACK_MAX)', asy
   await assertRecovers(t, 'after kill + restart', () => request(g.url, '/api/outage', probeToken),
     async () => (await scanKeys(fresh, g.prefix)).some((k) => k.includes(probe)))
   t.comment(`a counter appeared in the restarted Redis ${Date.now() - back} ms after the restart`)
-  await until(async () => { const c = (await readyz(g.adminUrl)).checks.redis; return c?.ok === true && !String(c.detail).startsWith('degraded') }, 5000, 'redis check clean again')
+  await until(async () => { const c = (await readyz(g.adminUrl)).checks.redis; return c?.ok === true && !String(c.detail).startsWith('degraded') }, 5000, 'redis check clean again', 50)
   t.equal(msgs(g, STORE_BACK), 1, `one '${STORE_BACK}' line`)
-  t.equal(await metric(g.adminUrl, 'resonance_rate_limit_store_degraded'), 0, 'degraded gauge back to 0')
+  t.equal(await scrapeMetric(g.adminUrl, 'resonance_rate_limit_store_degraded'), 0, 'degraded gauge back to 0')
   t.equal(msgs(g, STORE_UNAVAILABLE), 1, 'still exactly one outage line')
 
   // both replicas back on the shared budget: the sum over both is exactly MAX again
-  await until(async () => { const c = (await readyz(g2.adminUrl)).checks.redis; return c?.ok === true && !String(c.detail).startsWith('degraded') }, 5000, 'replica 2 on Redis again')
+  await until(async () => { const c = (await readyz(g2.adminUrl)).checks.redis; return c?.ok === true && !String(c.detail).startsWith('degraded') }, 5000, 'replica 2 on Redis again', 50)
   const shared = randomSub('shared')
   const sharedToken = await issuer.token({ sub: shared })
   let okCount = 0
@@ -359,7 +347,7 @@ t.test('a frozen Redis (SIGSTOP: slow, not down) never hangs requests', async (t
   t.teardown(() => { server.process.kill('SIGCONT') })
   const answers: Answer[] = []
   for (let i = 0; i < 4; i++) answers.push(await request(g.url, '/api/f', token))
-  await new Promise((resolve) => setTimeout(resolve, 1100)) // the breaker expires: Redis is tried (and times out) again
+  await sleep(1100) // the breaker expires: Redis is tried (and times out) again
   answers.push(await request(g.url, '/api/f', token))
   t.comment(`latency with a frozen Redis: ${answers.map((a) => a.ms.toFixed(0)).join(', ')} ms`)
   for (const [i, a] of answers.entries()) t.ok(a.ms < ANSWER_WITHIN_MS, `request ${i + 1} answered in ${a.ms.toFixed(0)} ms (command timeout, no hang)`)
@@ -370,7 +358,7 @@ t.test('a frozen Redis (SIGSTOP: slow, not down) never hangs requests', async (t
   t.equal(msgs(g, STORE_UNAVAILABLE), 1, 'logged once')
 
   server.process.kill('SIGCONT')
-  await until(async () => { const c = (await readyz(g.adminUrl)).checks.redis; return c?.ok === true && !String(c.detail).startsWith('degraded') }, 5000, 'redis check clean again after SIGCONT')
+  await until(async () => { const c = (await readyz(g.adminUrl)).checks.redis; return c?.ok === true && !String(c.detail).startsWith('degraded') }, 5000, 'redis check clean again after SIGCONT', 50)
   const other = await issuer.token({ sub: randomSub('thawed') })
   await assertRecovers(t, 'after SIGCONT', () => request(g.url, '/api/f', other), () => msgs(g, STORE_BACK) === 1)
   t.equal(msgs(g, STORE_BACK), 1, 'recovery logged once')
@@ -400,7 +388,7 @@ t.test('policy closed: 503 + Retry-After while Redis is down, served again when 
   t.equal(r.checks.redis?.ok, false, 'redis check failing')
   t.equal(msgs(g, STORE_UNAVAILABLE), 1, 'the outage logged once')
   t.match(g.logs().find((l) => typeof l.msg === 'string' && l.msg.startsWith(STORE_UNAVAILABLE)), { policy: 'closed' })
-  t.ok(await metric(g.adminUrl, 'resonance_rate_limit_store_errors_total') >= 5, 'store errors counted')
+  t.ok(await scrapeMetric(g.adminUrl, 'resonance_rate_limit_store_errors_total') >= 5, 'store errors counted')
 
   await ownRedis(t, port)
   let last = 0

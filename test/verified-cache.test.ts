@@ -133,6 +133,7 @@ async function swapKeyMaterial (tt: Test, g: TestGateway, relay: JwksRelay, kid:
   assertRefused(tt, g, await call(g, fresh), 'bad_signature', 'a fresh (uncached) token after the swap')
 }
 
+// time-based by nature: expiry is a moment on the clock
 async function sleepUntil (epochMs: number): Promise<void> {
   const wait = epochMs - Date.now()
   if (wait > 0) await sleep(wait)
