@@ -8,7 +8,7 @@ import t, { type Test } from 'tap'
 import WebSocket from 'ws'
 import { decodeJwt, generateKeyPair } from 'jose'
 import { startIssuer, type TestIssuer } from './helpers/issuer.js'
-import { claims, foreignRsaKey, forgeToken } from './helpers/forge.js'
+import { claims, flipSignatureChar, foreignRsaKey, forgeToken } from './helpers/forge.js'
 import { startUpstream, type TestUpstream } from './helpers/upstream.js'
 import { startGateway, type LogLine, type TestGateway } from './helpers/gateway.js'
 import { AUTH_FAILURE_REASONS, type AuthFailureReason } from '../src/observability/metrics.js'
@@ -194,14 +194,6 @@ async function realClaims (sub = 'carol'): Promise<Record<string, unknown>> {
 }
 
 const nowSec = (): number => Math.floor(Date.now() / 1000)
-
-function flipSignatureChar (token: string): string {
-  const [h, p, s = ''] = token.split('.')
-  // the middle of the signature: every bit there is significant (the last char carries padding bits)
-  const i = Math.floor(s.length / 2)
-  const c = s[i] === 'A' ? 'B' : 'A'
-  return `${h}.${p}.${s.slice(0, i)}${c}${s.slice(i + 1)}`
-}
 
 // --- the rejection table ------------------------------------------------------------------------------------------------
 

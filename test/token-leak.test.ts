@@ -8,7 +8,7 @@ import t, { type Test } from 'tap'
 import WebSocket from 'ws'
 import { decodeJwt, generateKeyPair } from 'jose'
 import { startIssuer } from './helpers/issuer.js'
-import { claims, foreignRsaKey, forgeToken } from './helpers/forge.js'
+import { claims, flipSignatureChar, foreignRsaKey, forgeToken } from './helpers/forge.js'
 import { startUpstream } from './helpers/upstream.js'
 import { startGateway } from './helpers/gateway.js'
 import { until } from './helpers/wait.js'
@@ -34,12 +34,6 @@ function raw (base: string, method: string, path: string, headers: Record<string
     req.on('error', reject)
     req.end()
   })
-}
-
-function flipSignatureChar (token: string): string {
-  const [h, p, s = ''] = token.split('.')
-  const i = Math.floor(s.length / 2)
-  return `${h}.${p}.${s.slice(0, i)}${s[i] === 'A' ? 'B' : 'A'}${s.slice(i + 1)}`
 }
 
 /** Opens a WebSocket; resolves with it, or with the refusal status. */

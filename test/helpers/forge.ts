@@ -86,3 +86,12 @@ export function claims (issuer: TestIssuer, over: Record<string, unknown> = {}):
   }
   return base
 }
+
+/** `token` with one character of its signature changed: same header and payload, a signature that no longer fits. */
+export function flipSignatureChar (token: string): string {
+  const [h, p, s = ''] = token.split('.')
+  // the middle of the signature: every bit there is significant (the last char carries padding bits)
+  const i = Math.floor(s.length / 2)
+  const c = s[i] === 'A' ? 'B' : 'A'
+  return `${h}.${p}.${s.slice(0, i)}${c}${s.slice(i + 1)}`
+}
