@@ -102,7 +102,10 @@ t.test('unknown-kid flood: single flight, at most one fetch per JWKS_MIN_REFRESH
   const floodMs = Date.now() - floodStarted
   const extra = issuer.stats.jwks - jwksBefore
 
-  t.ok(extra <= 1, `50 made-up kids cost at most 1 JWKS fetch (cost ${extra}; the interval had passed, so 1 is expected)`)
+  // One refetch per JWKS_MIN_REFRESH_INTERVAL (1 s): a flood that a loaded machine stretches past the interval may
+  // legitimately cost one more.
+  const allowed = 1 + Math.floor(floodMs / 1000)
+  t.ok(extra <= allowed, `50 made-up kids cost at most ${allowed} JWKS fetch(es) in ${floodMs} ms (cost ${extra}; 1 expected on a quiet machine)`)
   t.same(results.map((r) => r.status), results.map(() => 401), 'all 50 answered 401')
   t.same(reasonsOf(g, new Set(results.map((r) => r.reqId))), results.map(() => 'unknown_kid'), 'all audited unknown_kid')
   t.equal(await scrapeMetric(g.adminUrl, 'resonance_auth_failures_total', { reason: 'unknown_kid', transport: 'http' }) - unknownBefore, 50)
