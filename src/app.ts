@@ -20,7 +20,7 @@ import { auditDestination, createAudit, type Audit } from './observability/audit
 import { KeyStore } from './auth/keys.js'
 import authPlugin, { send } from './auth/plugin.js'
 import { authChallenge } from './auth/challenge.js'
-import { proxyTrust } from './auth/transport.js'
+import { isWebSocketHandshake, proxyTrust } from './auth/transport.js'
 import { registerHttpProxy } from './proxy/http.js'
 import { registerWsProxy, type WsBridge } from './proxy/ws.js'
 import { buildAdmin } from './admin/plugin.js'
@@ -101,7 +101,7 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
       // These replies skip the onSend hooks: the 400's Connection: close is set here.
       (reply as FastifyReply).header('connection', 'close')
       if (err.code === 'FST_ERR_BAD_URL') {
-        const transport = request.headers.upgrade?.toLowerCase() === 'websocket' ? 'ws' : 'http'
+        const transport = isWebSocketHandshake(request.raw) ? 'ws' : 'http'
         const c = authChallenge('invalid_path')
         audit.denied(request as FastifyRequest, { event: 'auth_failure', reason: 'invalid_path', transport, status: c.status })
         return send(reply as FastifyReply, c)
