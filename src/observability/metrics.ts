@@ -71,10 +71,29 @@ export function statusClassIndex (code: number): number {
 
 export type Metrics = ReturnType<typeof createMetrics>
 
+/**
+ * Every family of the gateway on a fresh Registry. The builders below register
+ * in this order, which is the order of the families on /metrics.
+ */
 export function createMetrics () {
   const registry = new Registry()
   collectDefaultMetrics({ register: registry })
+  return {
+    registry,
+    ...requestMetrics(registry),
+    ...denialMetrics(registry),
+    ...jwksMetrics(registry),
+    ...storeMetrics(registry),
+    ...wsMetrics(registry),
+    ...connectionMetrics(registry)
+  }
+}
 
+// Children are resolved once in each builder: no label hashing on the hot path,
+// and every series of a closed set exists from the start (dashboards and alerts see zeros).
+
+/** Request duration and count by status class, kept in plain arrays (StatusHistogram). */
+function requestMetrics (registry: Registry) {
   // Per-request metrics are kept in plain arrays (a few writes per request) and
   // handed to prom-client when it is scraped: prom-client's own inc()/observe()
   // hash their labels on every call (~5-8 µs per request in the profile).
@@ -97,6 +116,16 @@ export function createMetrics () {
       }
     }
   })
+  for (const c of STATUS_CLASSES) requests.labels(c).inc(0)
+  return {
+    observeRequest (status: number, seconds: number): void {
+      duration.observe(statusClassIndex(status), seconds)
+    }
+  }
+}
+
+/** Requests, upgrades and messages refused (auth, roles, limits) or failed upstream, by transport. */
+function denialMetrics (registry: Registry) {
   const authFailures = new Counter({
     name: 'resonance_auth_failures_total',
     help: 'Requests and WebSocket upgrades refused because authentication failed, by reason.',
@@ -121,6 +150,17 @@ export function createMetrics () {
     labelNames: ['kind', 'transport'] as const,
     registers: [registry]
   })
+  for (const t of TRANSPORTS) {
+    for (const r of AUTH_FAILURE_REASONS) authFailures.labels(r, t).inc(0)
+    forbidden.labels(t).inc(0)
+    rateLimited.labels(t).inc(0)
+    for (const k of UPSTREAM_ERROR_KINDS) upstreamErrors.labels(k, t).inc(0)
+  }
+  return { authFailures, forbidden, rateLimited, upstreamErrors }
+}
+
+/** The issuer's key set: fetches, keys known, last success. */
+function jwksMetrics (registry: Registry) {
   const jwksFetches = new Counter({
     name: 'resonance_jwks_fetches_total',
     help: 'JWKS (and discovery) fetches from the issuer, by result.',
@@ -137,7 +177,12 @@ export function createMetrics () {
     help: 'Unix time of the last successful JWKS fetch.',
     registers: [registry]
   })
+  for (const r of JWKS_FETCH_RESULTS) jwksFetches.labels(r).inc(0)
+  return { jwksFetches, jwksKeys, jwksLastSuccess }
+}
 
+/** The Redis rate-limit store: failed checks and the outage gauge. */
+function storeMetrics (registry: Registry) {
   const storeErrors = new Counter({
     name: 'resonance_rate_limit_store_errors_total',
     help: 'Rate-limit checks that could not use Redis (command failed or timed out, or Redis unavailable) and applied RATE_LIMIT_ON_STORE_ERROR instead.',
@@ -148,6 +193,11 @@ export function createMetrics () {
     help: '1 while the Redis rate-limit store is unavailable and the fallback policy applies.',
     registers: [registry]
   })
+  return { storeErrors, storeDegraded }
+}
+
+/** Proxied WebSockets: open now, messages by direction (plain counts, LocalCount), closes by reason. */
+function wsMetrics (registry: Registry) {
   const wsConnections = new Gauge({
     name: 'resonance_ws_connections',
     help: 'WebSocket connections currently proxied.',
@@ -167,7 +217,13 @@ export function createMetrics () {
     labelNames: ['reason'] as const,
     registers: [registry]
   })
+  for (const d of WS_DIRECTIONS) wsMessages.labels(d).inc(0)
+  for (const r of WS_CLOSE_REASONS) wsCloses.labels(r).inc(0)
+  return { wsConnections, wsMessages: wsMessagesBy, wsCloses }
+}
 
+/** The public listener's connections: refused at once, open now. */
+function connectionMetrics (registry: Registry) {
   const connectionsRefused = new Counter({
     name: 'resonance_connections_refused_total',
     help: 'Client connections closed at once by the public listener: over MAX_CONNECTIONS (global) or over MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP (per_ip).',
@@ -182,38 +238,8 @@ export function createMetrics () {
     registers: [registry],
     collect () { this.set(openConnections()) }
   })
-
-  // Children resolved once: no label hashing on the hot path, and every series
-  // of a closed set exists from the start (dashboards and alerts see zeros).
-  for (const c of STATUS_CLASSES) requests.labels(c).inc(0)
-  for (const t of TRANSPORTS) {
-    for (const r of AUTH_FAILURE_REASONS) authFailures.labels(r, t).inc(0)
-    forbidden.labels(t).inc(0)
-    rateLimited.labels(t).inc(0)
-    for (const k of UPSTREAM_ERROR_KINDS) upstreamErrors.labels(k, t).inc(0)
-  }
-  for (const r of JWKS_FETCH_RESULTS) jwksFetches.labels(r).inc(0)
-  for (const d of WS_DIRECTIONS) wsMessages.labels(d).inc(0)
-  for (const r of WS_CLOSE_REASONS) wsCloses.labels(r).inc(0)
   for (const r of CONNECTION_REFUSAL_REASONS) connectionsRefused.labels(r).inc(0)
-
   return {
-    registry,
-    observeRequest (status: number, seconds: number): void {
-      duration.observe(statusClassIndex(status), seconds)
-    },
-    authFailures,
-    forbidden,
-    rateLimited,
-    upstreamErrors,
-    jwksFetches,
-    jwksKeys,
-    jwksLastSuccess,
-    storeErrors,
-    storeDegraded,
-    wsConnections,
-    wsMessages: wsMessagesBy,
-    wsCloses,
     connectionsRefused,
     connectionsOpen,
     /** Where resonance_connections_open reads its value. */
