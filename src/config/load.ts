@@ -10,7 +10,7 @@ import { parse as parseYaml } from 'yaml'
 import { ConfigInvalidError } from '../errors.js'
 import { LEAVES, type LeafPath, type LeafValues } from './settings.js'
 import { duration, int, type JwtAlgorithm, type LogLevel, type TrustProxy } from './parsers.js'
-import { DEFAULT_RATE_LIMIT_WINDOW_MS, type StoreErrorPolicy, type WsLimitAction } from './settings.js'
+import type { StoreErrorPolicy, WsLimitAction } from './settings.js'
 import { compileExactPattern, compilePattern, patternError, type PathMatcher } from './patterns.js'
 
 export const DEFAULT_CONFIG_FILE = 'config/gateway.yaml'
@@ -363,7 +363,7 @@ function parseRoleRules (raw: unknown, errors: string[]): RoleRule[] {
 
 function parseLimitFields (item: Record<string, unknown>, at: string, errors: string[]): { max: number, windowMs: number } | undefined {
   const max = int(1)(item.max)
-  const window = duration(1000)(item.window ?? DEFAULT_RATE_LIMIT_WINDOW_MS)
+  const window = duration(1000)(item.window ?? LEAVES['rateLimit.window'].default)
   if (!max.ok) errors.push(`${at}.max: ${max.error}`)
   if (!window.ok) errors.push(`${at}.window: ${window.error}`)
   return max.ok && window.ok ? { max: max.value, windowMs: window.value } : undefined

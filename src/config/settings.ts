@@ -37,101 +37,69 @@ function leaf<T> (def: Leaf<T> & ({ default: T } | { required: true })): Leaf<T>
 /** A leaf that may stay unset. */
 function optional<T> (def: Leaf<T>): Leaf<T | undefined> { return def }
 
-export const DEFAULT_PORT = 8080
-export const DEFAULT_ADMIN_PORT = 9090
-export const DEFAULT_UPSTREAM_URL = 'http://127.0.0.1:3000'
-export const DEFAULT_UPSTREAM_TIMEOUT_MS = 30_000
-export const DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS = 5_000
-export const DEFAULT_UPSTREAM_CONNECTIONS = 128
-export const DEFAULT_CLOCK_TOLERANCE_S = 5
-export const DEFAULT_JWKS_CACHE_TTL_MS = 10 * 60_000
-export const DEFAULT_JWKS_MIN_REFRESH_MS = 10_000
-export const DEFAULT_JWKS_FETCH_TIMEOUT_MS = 5_000
-export const DEFAULT_JWT_CACHE_SIZE = 10_000
-export const DEFAULT_RATE_LIMIT_MAX = 100
-export const DEFAULT_RATE_LIMIT_WINDOW_MS = 60_000
-export const DEFAULT_RATE_LIMIT_PREFIX = 'resonance:rl:'
-export const DEFAULT_AUTH_FAILURE_MAX = 300
-export const DEFAULT_AUTH_FAILURE_WINDOW_MS = 60_000
 export const STORE_ERROR_POLICIES = ['open', 'closed'] as const
 export type StoreErrorPolicy = typeof STORE_ERROR_POLICIES[number]
 export const WS_LIMIT_ACTIONS = ['close', 'drop'] as const
 export type WsLimitAction = typeof WS_LIMIT_ACTIONS[number]
-export const DEFAULT_WS_MAX_PAYLOAD = 1024 * 1024
-export const DEFAULT_WS_MAX_BUFFERED = 1024 * 1024
-export const DEFAULT_WS_MESSAGE_LIMIT_MAX = 600
-export const DEFAULT_WS_MESSAGE_LIMIT_WINDOW_MS = 60_000
-export const DEFAULT_WS_MAX_CONNECTIONS = 10
-export const DEFAULT_WS_PING_INTERVAL_MS = 30_000
-export const DEFAULT_WS_IDLE_TIMEOUT_MS = 10 * 60_000
-export const DEFAULT_REVOCATION_MIN_TTL_MS = 60 * 60_000
-export const DEFAULT_SHUTDOWN_DELAY_MS = 5_000
-export const DEFAULT_SHUTDOWN_TIMEOUT_MS = 30_000
-export const DEFAULT_REQUEST_TIMEOUT_MS = 60_000
-export const DEFAULT_HEADERS_TIMEOUT_MS = 10_000
-/** Fastify's own default: above the 60 s idle timeout of common load balancers, so they close first. */
-export const DEFAULT_KEEP_ALIVE_TIMEOUT_MS = 72_000
-/** 0 = derived from the process's file-descriptor limit (limits/connections.ts). */
-export const DEFAULT_MAX_CONNECTIONS = 0
-export const DEFAULT_MAX_UNAUTHENTICATED_PER_IP = 64
 
 /**
  * The table. Keys are YAML paths (dot-separated). Order = README order.
  */
 export const LEAVES = {
   'server.host': leaf({ env: 'HOST', reload: 'restart', parse: str, default: '0.0.0.0', doc: 'Interface the public listener binds.' }),
-  'server.port': leaf({ env: 'PORT', reload: 'restart', parse: port, default: DEFAULT_PORT, doc: 'Public listener port (HTTP and WebSocket).' }),
+  'server.port': leaf({ env: 'PORT', reload: 'restart', parse: port, default: 8080, doc: 'Public listener port (HTTP and WebSocket).' }),
   'server.tls.cert': optional({ env: 'TLS_CERT', reload: 'restart', parse: str, doc: 'Path to a PEM certificate chain; with `TLS_KEY` the public listener serves HTTPS.' }),
   'server.tls.key': optional({ env: 'TLS_KEY', reload: 'restart', parse: str, secret: true, doc: 'Path to the PEM private key for `TLS_CERT`.' }),
   'server.allowInsecureHttp': leaf({ env: 'ALLOW_INSECURE_HTTP', reload: 'restart', parse: bool, default: false, doc: 'Accept bearer tokens over plain HTTP (development only). Otherwise a token over plaintext is refused with 401, unless it came through a trusted proxy with `X-Forwarded-Proto: https`.' }),
   'server.trustProxy': leaf({ env: 'TRUST_PROXY', reload: 'restart', parse: trustProxy, default: false as TrustProxy, doc: 'Which proxies in front of the gateway to trust for `X-Forwarded-For`/`-Proto`/`-Host`: `false`, a comma list of IPs/CIDRs (recommended), a hop count N (the client is the N-th address from the right of `X-Forwarded-For`, the peer counting as the first), or `true` (every hop). A hop count or `true` lets any client that reaches the gateway directly choose its own address and `X-Forwarded-Proto` (warned at start).' }),
   'server.configWatch': leaf({ env: 'CONFIG_WATCH', reload: 'restart', parse: bool, default: false, doc: 'Reload the YAML file when it changes (SIGHUP always reloads). The Reload column says which settings apply to new requests at once (`live`, and the YAML-only rule lists) and which keep their start value until a restart.' }),
-  'server.shutdownDelay': leaf({ env: 'SHUTDOWN_DELAY', reload: 'restart', parse: duration(), default: DEFAULT_SHUTDOWN_DELAY_MS, doc: 'On SIGTERM, how long `/readyz` reports 503 before the listener stops accepting (lets load balancers drain).' }),
-  'server.shutdownTimeout': leaf({ env: 'SHUTDOWN_TIMEOUT', reload: 'restart', parse: duration(1000), default: DEFAULT_SHUTDOWN_TIMEOUT_MS, doc: 'Upper bound for the whole shutdown; the process exits after it even if requests are still open.' }),
-  'server.requestTimeout': leaf({ env: 'REQUEST_TIMEOUT', reload: 'restart', parse: duration(100), default: DEFAULT_REQUEST_TIMEOUT_MS, doc: 'Time a client has to send a whole request, headers and body; after it the connection is closed (408 when nothing was answered yet). Raise it for slow uploads.' }),
-  'server.headersTimeout': leaf({ env: 'HEADERS_TIMEOUT', reload: 'restart', parse: duration(100), default: DEFAULT_HEADERS_TIMEOUT_MS, doc: 'Time a client has to send the request line and headers, counted from the connection or from the end of the previous request; at most `REQUEST_TIMEOUT`.' }),
-  'server.keepAliveTimeout': leaf({ env: 'KEEP_ALIVE_TIMEOUT', reload: 'restart', parse: duration(100), default: DEFAULT_KEEP_ALIVE_TIMEOUT_MS, doc: 'An idle keep-alive connection is closed after this long. Keep it above the idle timeout of a load balancer in front (60 s for AWS ALB and nginx) so that it closes first.' }),
-  'server.maxConnections': leaf({ env: 'MAX_CONNECTIONS', reload: 'restart', parse: int(0, 1_000_000), default: DEFAULT_MAX_CONNECTIONS, doc: 'Open client connections (HTTP and WebSocket) the public listener holds; beyond it a new connection is closed at once. 0: derived from the file-descriptor limit, leaving room for the connections to the app, Redis and the JWKS and for one app-side socket per WebSocket (logged at start).' }),
-  'server.maxUnauthenticatedPerIp': leaf({ env: 'MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP', reload: 'restart', parse: int(0, 1_000_000), default: DEFAULT_MAX_UNAUTHENTICATED_PER_IP, doc: 'Open connections per client address (the TCP peer; IPv6 by /64) that have not yet carried an authenticated request; beyond it a new connection from that address is closed at once. Authenticated connections do not count, so many users behind one NAT or load balancer are not limited by it. 0 disables.' }),
+  'server.shutdownDelay': leaf({ env: 'SHUTDOWN_DELAY', reload: 'restart', parse: duration(), default: 5_000, doc: 'On SIGTERM, how long `/readyz` reports 503 before the listener stops accepting (lets load balancers drain).' }),
+  'server.shutdownTimeout': leaf({ env: 'SHUTDOWN_TIMEOUT', reload: 'restart', parse: duration(1000), default: 30_000, doc: 'Upper bound for the whole shutdown; the process exits after it even if requests are still open.' }),
+  'server.requestTimeout': leaf({ env: 'REQUEST_TIMEOUT', reload: 'restart', parse: duration(100), default: 60_000, doc: 'Time a client has to send a whole request, headers and body; after it the connection is closed (408 when nothing was answered yet). Raise it for slow uploads.' }),
+  'server.headersTimeout': leaf({ env: 'HEADERS_TIMEOUT', reload: 'restart', parse: duration(100), default: 10_000, doc: 'Time a client has to send the request line and headers, counted from the connection or from the end of the previous request; at most `REQUEST_TIMEOUT`.' }),
+  // 72 s is Fastify's own default.
+  'server.keepAliveTimeout': leaf({ env: 'KEEP_ALIVE_TIMEOUT', reload: 'restart', parse: duration(100), default: 72_000, doc: 'An idle keep-alive connection is closed after this long. Keep it above the idle timeout of a load balancer in front (60 s for AWS ALB and nginx) so that it closes first.' }),
+  'server.maxConnections': leaf({ env: 'MAX_CONNECTIONS', reload: 'restart', parse: int(0, 1_000_000), default: 0, doc: 'Open client connections (HTTP and WebSocket) the public listener holds; beyond it a new connection is closed at once. 0: derived from the file-descriptor limit, leaving room for the connections to the app, Redis and the JWKS and for one app-side socket per WebSocket (logged at start).' }),
+  'server.maxUnauthenticatedPerIp': leaf({ env: 'MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP', reload: 'restart', parse: int(0, 1_000_000), default: 64, doc: 'Open connections per client address (the TCP peer; IPv6 by /64) that have not yet carried an authenticated request; beyond it a new connection from that address is closed at once. Authenticated connections do not count, so many users behind one NAT or load balancer are not limited by it. 0 disables.' }),
   'admin.host': leaf({ env: 'ADMIN_HOST', reload: 'restart', parse: str, default: '127.0.0.1', doc: 'Interface of the admin listener (`/metrics`, `/healthz`, `/readyz`). Keep it private; the container image sets `0.0.0.0`.' }),
   'admin.token': optional({ env: 'ADMIN_TOKEN', reload: 'restart', parse: secretToken, secret: true, doc: 'Bearer secret for the admin API (`POST /revocations`), at least 16 characters. Unset: the admin API answers 404. Metrics and health need no token.' }),
-  'admin.port': leaf({ env: 'ADMIN_PORT', reload: 'restart', parse: port, default: DEFAULT_ADMIN_PORT, doc: 'Admin listener port. Never served on the public port.' }),
-  'upstream.url': leaf({ env: 'UPSTREAM_URL', reload: 'restart', parse: url(['http', 'https']), default: DEFAULT_UPSTREAM_URL, doc: 'Base URL of the app every allowed request is forwarded to (HTTP and WebSocket).' }),
-  'upstream.timeout': leaf({ env: 'UPSTREAM_TIMEOUT', reload: 'restart', parse: duration(100), default: DEFAULT_UPSTREAM_TIMEOUT_MS, doc: 'Time to wait for the app\'s response headers (and between body chunks) before answering 504.' }),
-  'upstream.connectTimeout': leaf({ env: 'UPSTREAM_CONNECT_TIMEOUT', reload: 'restart', parse: duration(100), default: DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS, doc: 'TCP/TLS connect timeout to the app; on expiry the client gets 502.' }),
-  'upstream.connections': leaf({ env: 'UPSTREAM_CONNECTIONS', reload: 'restart', parse: int(1, 10_000), default: DEFAULT_UPSTREAM_CONNECTIONS, doc: 'Maximum pooled keep-alive connections to the app.' }),
+  'admin.port': leaf({ env: 'ADMIN_PORT', reload: 'restart', parse: port, default: 9090, doc: 'Admin listener port. Never served on the public port.' }),
+  'upstream.url': leaf({ env: 'UPSTREAM_URL', reload: 'restart', parse: url(['http', 'https']), default: 'http://127.0.0.1:3000', doc: 'Base URL of the app every allowed request is forwarded to (HTTP and WebSocket).' }),
+  'upstream.timeout': leaf({ env: 'UPSTREAM_TIMEOUT', reload: 'restart', parse: duration(100), default: 30_000, doc: 'Time to wait for the app\'s response headers (and between body chunks) before answering 504.' }),
+  'upstream.connectTimeout': leaf({ env: 'UPSTREAM_CONNECT_TIMEOUT', reload: 'restart', parse: duration(100), default: 5_000, doc: 'TCP/TLS connect timeout to the app; on expiry the client gets 502.' }),
+  'upstream.connections': leaf({ env: 'UPSTREAM_CONNECTIONS', reload: 'restart', parse: int(1, 10_000), default: 128, doc: 'Maximum pooled keep-alive connections to the app.' }),
   'upstream.forwardAuthorization': leaf({ env: 'FORWARD_AUTHORIZATION', reload: 'restart', parse: bool, default: false, doc: 'Forward the client\'s `Authorization` header to the app. Off by default: the app gets the verified identity in `X-User-*` headers instead.' }),
   'auth.issuer': leaf({ env: 'JWT_ISSUER', reload: 'restart', parse: url(['http', 'https']), required: true, doc: 'Expected `iss`, e.g. `https://keycloak.example.com/realms/myrealm`. OIDC discovery runs at `<JWT_ISSUER>/.well-known/openid-configuration` unless `JWKS_URL` is set.' }),
   'auth.audience': leaf({ env: 'JWT_AUDIENCE', reload: 'restart', parse: list(str, { nonEmpty: true }), required: true, doc: 'Accepted audiences (comma list); a token must name at least one in `aud` (or in `azp` when `JWT_ACCEPT_AZP` is on).' }),
   'auth.acceptAzpAsAudience': leaf({ env: 'JWT_ACCEPT_AZP', reload: 'restart', parse: bool, default: false, doc: 'Also accept a token whose `azp` (Keycloak\'s client id) is one of the audiences. For Keycloak realms without an audience mapper (`aud: "account"`).' }),
   'auth.jwksUrl': optional({ env: 'JWKS_URL', reload: 'restart', parse: url(['http', 'https']), doc: 'Pin the JWKS location instead of discovering it. The JWKS location is never taken from a token.' }),
   'auth.algorithms': leaf({ env: 'JWT_ALGORITHMS', reload: 'restart', parse: list(oneOf(JWT_ALGORITHMS), { nonEmpty: true }), default: ['RS256'] as JwtAlgorithm[], doc: `Allowed signature algorithms (comma list of ${JWT_ALGORITHMS.join(', ')}). \`none\` and HMAC are never accepted.` }),
-  'auth.clockTolerance': leaf({ env: 'JWT_CLOCK_TOLERANCE', reload: 'restart', parse: seconds, default: DEFAULT_CLOCK_TOLERANCE_S, doc: 'Seconds of clock skew allowed on `exp` and `nbf`.' }),
+  'auth.clockTolerance': leaf({ env: 'JWT_CLOCK_TOLERANCE', reload: 'restart', parse: seconds, default: 5, doc: 'Seconds of clock skew allowed on `exp` and `nbf`.' }),
   'auth.roleClients': leaf({ env: 'JWT_ROLE_CLIENTS', reload: 'restart', parse: list(str), default: [] as string[], doc: 'Clients whose `resource_access.<client>.roles` count as roles, named `<client>:<role>` (realm roles keep their plain name). Empty: the audiences.' }),
-  'auth.verifyCacheSize': leaf({ env: 'JWT_CACHE_SIZE', reload: 'restart', parse: int(0, 1_000_000), default: DEFAULT_JWT_CACHE_SIZE, doc: 'Verified tokens kept (oldest evicted first, never past their `exp`, re-checked against the key set and revocations) so a repeated token skips parsing and the signature check. 0 disables.' }),
-  'auth.jwks.cacheTtl': leaf({ env: 'JWKS_CACHE_TTL', reload: 'restart', parse: duration(1000), default: DEFAULT_JWKS_CACHE_TTL_MS, doc: 'How long a fetched JWKS is fresh; after it the keys are refreshed in the background. Known keys keep working while the JWKS endpoint is down. Also the longest pause between failed fetches (at most 5 min).' }),
-  'auth.jwks.minRefreshInterval': leaf({ env: 'JWKS_MIN_REFRESH_INTERVAL', reload: 'restart', parse: duration(), default: DEFAULT_JWKS_MIN_REFRESH_MS, doc: 'An unknown `kid` triggers at most one JWKS refetch per interval (single flight); other unknown kids are refused from a negative cache meanwhile. After a failed discovery or JWKS fetch the next attempt waits this long (1 s when 0), doubling per further failure up to `JWKS_CACHE_TTL` (and 5 min), whatever the request rate.' }),
-  'auth.jwks.fetchTimeout': leaf({ env: 'JWKS_FETCH_TIMEOUT', reload: 'restart', parse: duration(100), default: DEFAULT_JWKS_FETCH_TIMEOUT_MS, doc: 'Connect, header and body timeout for discovery and JWKS fetches.' }),
-  'auth.revocationMinTtl': leaf({ env: 'REVOCATION_MIN_TTL', reload: 'restart', parse: duration(1000), default: DEFAULT_REVOCATION_MIN_TTL_MS, doc: 'A revocation is kept for the longest remaining lifetime of any token the gateways have seen, and at least this long (covers tokens issued but not yet presented).' }),
+  'auth.verifyCacheSize': leaf({ env: 'JWT_CACHE_SIZE', reload: 'restart', parse: int(0, 1_000_000), default: 10_000, doc: 'Verified tokens kept (oldest evicted first, never past their `exp`, re-checked against the key set and revocations) so a repeated token skips parsing and the signature check. 0 disables.' }),
+  'auth.jwks.cacheTtl': leaf({ env: 'JWKS_CACHE_TTL', reload: 'restart', parse: duration(1000), default: 10 * 60_000, doc: 'How long a fetched JWKS is fresh; after it the keys are refreshed in the background. Known keys keep working while the JWKS endpoint is down. Also the longest pause between failed fetches (at most 5 min).' }),
+  'auth.jwks.minRefreshInterval': leaf({ env: 'JWKS_MIN_REFRESH_INTERVAL', reload: 'restart', parse: duration(), default: 10_000, doc: 'An unknown `kid` triggers at most one JWKS refetch per interval (single flight); other unknown kids are refused from a negative cache meanwhile. After a failed discovery or JWKS fetch the next attempt waits this long (1 s when 0), doubling per further failure up to `JWKS_CACHE_TTL` (and 5 min), whatever the request rate.' }),
+  'auth.jwks.fetchTimeout': leaf({ env: 'JWKS_FETCH_TIMEOUT', reload: 'restart', parse: duration(100), default: 5_000, doc: 'Connect, header and body timeout for discovery and JWKS fetches.' }),
+  'auth.revocationMinTtl': leaf({ env: 'REVOCATION_MIN_TTL', reload: 'restart', parse: duration(1000), default: 60 * 60_000, doc: 'A revocation is kept for the longest remaining lifetime of any token the gateways have seen, and at least this long (covers tokens issued but not yet presented).' }),
   'log.level': leaf({ env: 'LOG_LEVEL', reload: 'live', parse: oneOf(LOG_LEVELS), default: 'info' as LogLevel, doc: `Log level: ${LOG_LEVELS.join(', ')}.` }),
   'audit.log': leaf({ env: 'AUDIT_LOG', reload: 'restart', parse: str, default: 'stdout', doc: 'Where the audit trail goes: `stdout`, `stderr` or a file path (appended to, created if missing; its directory must exist and be writable). One JSON line per denial, marked `"log":"audit"`, written synchronously and never filtered by `LOG_LEVEL`. SIGHUP reopens the file (log rotation).' }),
   'redis.clusterNodes': leaf({ env: 'REDIS_CLUSTER_NODES', reload: 'restart', parse: list(hostPort), default: [] as string[], doc: 'Redis Cluster seed nodes (comma list of `host:port`); takes precedence over `REDIS_URL`, whose password/TLS/db settings still apply when it is also set.' }),
   'redis.url': optional({ env: 'REDIS_URL', reload: 'restart', parse: url(['redis', 'rediss']), secret: true, doc: 'Redis for shared rate limits (`redis://[:password@]host:6379/db`, `rediss://` for TLS). Unset: in-process limits, per replica.' }),
-  'rateLimit.max': leaf({ env: 'RATE_LIMIT_MAX', reload: 'live', parse: int(1), default: DEFAULT_RATE_LIMIT_MAX, doc: 'Requests (HTTP and WebSocket upgrades) per user (`sub`) per window.' }),
-  'rateLimit.window': leaf({ env: 'RATE_LIMIT_WINDOW', reload: 'live', parse: duration(1000), default: DEFAULT_RATE_LIMIT_WINDOW_MS, doc: 'Rate-limit window: milliseconds or a duration (`60s`, `1m`). Fixed windows: the budget resets when the window ends.' }),
-  'rateLimit.keyPrefix': leaf({ env: 'RATE_LIMIT_KEY_PREFIX', reload: 'restart', parse: str, default: DEFAULT_RATE_LIMIT_PREFIX, doc: 'Prefix of every rate-limit key in Redis, so several gateways (or environments) can share one Redis.' }),
+  'rateLimit.max': leaf({ env: 'RATE_LIMIT_MAX', reload: 'live', parse: int(1), default: 100, doc: 'Requests (HTTP and WebSocket upgrades) per user (`sub`) per window.' }),
+  'rateLimit.window': leaf({ env: 'RATE_LIMIT_WINDOW', reload: 'live', parse: duration(1000), default: 60_000, doc: 'Rate-limit window: milliseconds or a duration (`60s`, `1m`). Fixed windows: the budget resets when the window ends.' }),
+  'rateLimit.keyPrefix': leaf({ env: 'RATE_LIMIT_KEY_PREFIX', reload: 'restart', parse: str, default: 'resonance:rl:', doc: 'Prefix of every rate-limit key in Redis, so several gateways (or environments) can share one Redis.' }),
   'rateLimit.onStoreError': leaf({ env: 'RATE_LIMIT_ON_STORE_ERROR', reload: 'restart', parse: oneOf(STORE_ERROR_POLICIES), default: 'open' as StoreErrorPolicy, doc: 'When Redis is down or slow: `open` serves requests but counts them in a per-process fallback limit; `closed` answers 503 with `Retry-After`.' }),
   'rateLimit.fallbackMax': optional({ env: 'RATE_LIMIT_FALLBACK_MAX', reload: 'restart', parse: int(1), doc: 'Per-process budget per user and window while Redis is unavailable (policy `open`). Unset: the normal budget, per replica; set it to the budget divided by the number of replicas to keep the total exact.' }),
-  'rateLimit.authFailures.max': leaf({ env: 'AUTH_FAILURE_LIMIT_MAX', reload: 'live', parse: int(1), default: DEFAULT_AUTH_FAILURE_MAX, doc: 'Presented tokens that fail verification, per client IP per window (requests without a token never count). Beyond it the IP\'s failing tokens get 429, tokens with an unknown `kid` are refused without a JWKS fetch, and valid tokens are still served. Generous on purpose: many users behind one NAT with expired tokens are normal.' }),
-  'ws.maxPayload': leaf({ env: 'WS_MAX_PAYLOAD', reload: 'restart', parse: int(1, 64 * 1024 * 1024), default: DEFAULT_WS_MAX_PAYLOAD, doc: 'Largest WebSocket message (bytes) accepted from a client or the app; larger ones close the connection with 1009.' }),
-  'ws.maxBuffered': leaf({ env: 'WS_MAX_BUFFERED', reload: 'restart', parse: int(1024, 256 * 1024 * 1024), default: DEFAULT_WS_MAX_BUFFERED, doc: 'Bytes queued towards one side of a WebSocket before the other side is paused (backpressure): a slow reader cannot grow memory without limit.' }),
-  'ws.messageLimit.max': leaf({ env: 'WS_MESSAGE_LIMIT_MAX', reload: 'live', parse: int(1), default: DEFAULT_WS_MESSAGE_LIMIT_MAX, doc: 'Client-to-app WebSocket messages per user per window, shared by all of the user\'s connections and all replicas.' }),
-  'ws.messageLimit.window': leaf({ env: 'WS_MESSAGE_LIMIT_WINDOW', reload: 'live', parse: duration(1000), default: DEFAULT_WS_MESSAGE_LIMIT_WINDOW_MS, doc: 'Window of the WebSocket message limit.' }),
+  'rateLimit.authFailures.max': leaf({ env: 'AUTH_FAILURE_LIMIT_MAX', reload: 'live', parse: int(1), default: 300, doc: 'Presented tokens that fail verification, per client IP per window (requests without a token never count). Beyond it the IP\'s failing tokens get 429, tokens with an unknown `kid` are refused without a JWKS fetch, and valid tokens are still served. Generous on purpose: many users behind one NAT with expired tokens are normal.' }),
+  'ws.maxPayload': leaf({ env: 'WS_MAX_PAYLOAD', reload: 'restart', parse: int(1, 64 * 1024 * 1024), default: 1024 * 1024, doc: 'Largest WebSocket message (bytes) accepted from a client or the app; larger ones close the connection with 1009.' }),
+  'ws.maxBuffered': leaf({ env: 'WS_MAX_BUFFERED', reload: 'restart', parse: int(1024, 256 * 1024 * 1024), default: 1024 * 1024, doc: 'Bytes queued towards one side of a WebSocket before the other side is paused (backpressure): a slow reader cannot grow memory without limit.' }),
+  'ws.messageLimit.max': leaf({ env: 'WS_MESSAGE_LIMIT_MAX', reload: 'live', parse: int(1), default: 600, doc: 'Client-to-app WebSocket messages per user per window, shared by all of the user\'s connections and all replicas.' }),
+  'ws.messageLimit.window': leaf({ env: 'WS_MESSAGE_LIMIT_WINDOW', reload: 'live', parse: duration(1000), default: 60_000, doc: 'Window of the WebSocket message limit.' }),
   'ws.messageLimit.action': leaf({ env: 'WS_MESSAGE_LIMIT_ACTION', reload: 'live', parse: oneOf(WS_LIMIT_ACTIONS), default: 'close' as WsLimitAction, doc: 'Over the message limit: `close` closes the connection with 1008; `drop` drops the message and sends the client a `{"error":"rate_limited"}` text message.' }),
-  'ws.maxConnectionsPerUser': leaf({ env: 'WS_MAX_CONNECTIONS_PER_USER', reload: 'live', parse: int(1), default: DEFAULT_WS_MAX_CONNECTIONS, doc: 'Concurrent WebSocket connections per user across replicas; the next upgrade gets 429. Slots of a dead replica expire within a minute.' }),
-  'ws.pingInterval': leaf({ env: 'WS_PING_INTERVAL', reload: 'restart', parse: duration(1000), default: DEFAULT_WS_PING_INTERVAL_MS, doc: 'The gateway pings each client this often; a client that has not answered the previous ping is disconnected.' }),
-  'ws.idleTimeout': leaf({ env: 'WS_IDLE_TIMEOUT', reload: 'restart', parse: duration(), default: DEFAULT_WS_IDLE_TIMEOUT_MS, doc: 'Close a WebSocket (1000 "idle timeout") after this long without a message in either direction; 0 disables.' }),
-  'rateLimit.authFailures.window': leaf({ env: 'AUTH_FAILURE_LIMIT_WINDOW', reload: 'live', parse: duration(1000), default: DEFAULT_AUTH_FAILURE_WINDOW_MS, doc: 'Window of the auth-failure limit.' })
+  'ws.maxConnectionsPerUser': leaf({ env: 'WS_MAX_CONNECTIONS_PER_USER', reload: 'live', parse: int(1), default: 10, doc: 'Concurrent WebSocket connections per user across replicas; the next upgrade gets 429. Slots of a dead replica expire within a minute.' }),
+  'ws.pingInterval': leaf({ env: 'WS_PING_INTERVAL', reload: 'restart', parse: duration(1000), default: 30_000, doc: 'The gateway pings each client this often; a client that has not answered the previous ping is disconnected.' }),
+  'ws.idleTimeout': leaf({ env: 'WS_IDLE_TIMEOUT', reload: 'restart', parse: duration(), default: 10 * 60_000, doc: 'Close a WebSocket (1000 "idle timeout") after this long without a message in either direction; 0 disables.' }),
+  'rateLimit.authFailures.window': leaf({ env: 'AUTH_FAILURE_LIMIT_WINDOW', reload: 'live', parse: duration(1000), default: 60_000, doc: 'Window of the auth-failure limit.' })
 } as const
 
 export type LeafPath = keyof typeof LEAVES
