@@ -8,12 +8,9 @@ import { dirname, resolve } from 'node:path'
 import { isIP } from 'node:net'
 import { parse as parseYaml } from 'yaml'
 import { ConfigInvalidError } from '../errors.js'
-import { LEAVES, type LeafPath, type LeafValues } from './settings.js'
-import { duration, int, type JwtAlgorithm, type LogLevel, type TrustProxy } from './parsers.js'
-import type { StoreErrorPolicy, WsLimitAction } from './settings.js'
+import { CONFIG_FILE, LEAVES, settingsTree, type Leaf, type LeafPath, type LeafValues, type Settings } from './settings.js'
+import { duration, int } from './parsers.js'
 import { compileExactPattern, compilePattern, patternError, type PathMatcher } from './patterns.js'
-
-export const DEFAULT_CONFIG_FILE = 'config/gateway.yaml'
 
 const HTTP_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'] as const
 export type HttpMethod = typeof HTTP_METHODS[number]
@@ -39,72 +36,27 @@ export interface RouteLimit {
 
 export interface RoleLimit { role: string, max: number, windowMs: number }
 
-export interface Config {
+/**
+ * The loaded configuration. Every scalar setting sits at its field path with
+ * its parser's type (Settings, derived from the LEAVES table in settings.ts);
+ * declared here is only what the table cannot say: the TLS pair, the YAML-only
+ * rule lists and what is computed from them.
+ */
+export interface Config extends Settings {
   /** Where the YAML came from (undefined: defaults and env only). */
   source: string | undefined
   /** Every scalar setting as resolved, by YAML path (what check-config prints and a reload compares). */
   leaves: Readonly<LeafValues>
-  server: {
-    host: string
-    port: number
+  server: Settings['server'] & {
+    /** Both files of server.tls, or undefined: plain HTTP. */
     tls: { cert: string, key: string } | undefined
-    allowInsecureHttp: boolean
-    trustProxy: TrustProxy
-    shutdownDelayMs: number
-    shutdownTimeoutMs: number
-    configWatch: boolean
-    /** Whole request (headers and body) received within this. */
-    requestTimeoutMs: number
-    /** Request line and headers received within this; <= requestTimeoutMs. */
-    headersTimeoutMs: number
-    keepAliveTimeoutMs: number
-    /** Open client connections; 0 = derived from the file-descriptor limit at start. */
-    maxConnections: number
-    /** Open not-yet-authenticated connections per client address; 0 = no limit. */
-    maxUnauthenticatedPerIp: number
   }
-  admin: { host: string, port: number, token: string | undefined }
-  upstream: {
-    url: string
-    timeoutMs: number
-    connectTimeoutMs: number
-    connections: number
-    forwardAuthorization: boolean
-  }
-  auth: {
-    issuer: string
-    audiences: string[]
-    acceptAzpAsAudience: boolean
-    jwksUrl: string | undefined
-    algorithms: JwtAlgorithm[]
-    clockToleranceSec: number
-    roleClients: string[]
-    verifyCacheSize: number
-    jwks: { cacheTtlMs: number, minRefreshIntervalMs: number, fetchTimeoutMs: number }
+  auth: Settings['auth'] & {
     publicPaths: string[]
     isPublic: PathMatcher
     routes: RoleRule[]
-    revocationMinTtlMs: number
   }
-  ws: {
-    maxPayload: number
-    maxBuffered: number
-    messageLimit: { max: number, windowMs: number, action: WsLimitAction }
-    maxConnectionsPerUser: number
-    pingIntervalMs: number
-    idleTimeoutMs: number
-  }
-  log: { level: LogLevel }
-  /** The audit trail's destination: 'stdout', 'stderr' or a file path (observability/audit.ts). */
-  audit: { log: string }
-  redis: { url: string | undefined, clusterNodes: string[] }
-  rateLimit: {
-    max: number
-    windowMs: number
-    keyPrefix: string
-    onStoreError: StoreErrorPolicy
-    fallbackMax: number | undefined
-    authFailures: { max: number, windowMs: number }
+  rateLimit: Settings['rateLimit'] & {
     /** Most specific first. */
     routes: RouteLimit[]
     /** YAML order: the first role the caller has wins. */
@@ -113,8 +65,17 @@ export interface Config {
   }
 }
 
-/** YAML keys that are not scalar leaves (validated below); all of them apply on a reload. */
-export const STRUCTURED = new Set(['auth.publicPaths', 'auth.routes', 'rateLimit.routes', 'rateLimit.roles', 'rateLimit.exempt'])
+type StructuredParser = (raw: unknown, errors: string[]) => unknown
+/** YAML keys that are not scalar leaves, each with its parser (below); all of them apply on a reload. */
+const STRUCTURED_PARSERS = {
+  'auth.publicPaths': (raw, errors) => parsePatternList(raw, 'auth.publicPaths', errors),
+  'auth.routes': parseRoleRules,
+  'rateLimit.routes': parseRouteLimits,
+  'rateLimit.roles': parseRoleLimits,
+  'rateLimit.exempt': parseExempt
+} satisfies Record<string, StructuredParser>
+type Structured = { [K in keyof typeof STRUCTURED_PARSERS]: ReturnType<typeof STRUCTURED_PARSERS[K]> }
+export const STRUCTURED = new Set(Object.keys(STRUCTURED_PARSERS))
 
 export interface LoadOptions {
   env?: NodeJS.ProcessEnv
@@ -127,47 +88,63 @@ export interface LoadOptions {
 export function loadConfig (opts: LoadOptions = {}): Config {
   const env = opts.env ?? process.env
   const errors: string[] = []
-  const explicitFile = opts.file ?? nonEmpty(env.CONFIG_FILE)
-  const file = explicitFile ?? DEFAULT_CONFIG_FILE
-  let yaml: Record<string, unknown> = {}
-  let source: string | undefined
-  if (explicitFile !== undefined || existsSync(file)) {
-    try {
-      const doc: unknown = parseYaml(readFileSync(file, 'utf8'), { uniqueKeys: true })
-      source = file
-      if (doc === null || doc === undefined) yaml = {}
-      else if (isObject(doc)) yaml = doc
-      else errors.push(`${file} (CONFIG_FILE): must be a YAML mapping at the top level`)
-    } catch (err) {
-      errors.push(`${file} (CONFIG_FILE): ${(err as Error).message.split('\n')[0]}`)
-    }
-  }
-
+  const { yaml, source } = readYaml(opts.file ?? nonEmpty(env[CONFIG_FILE.env]), errors)
   checkUnknownKeys(yaml, '', errors)
+  const values = resolveLeaves(yaml, env, errors)
+  if (opts.keep !== undefined) Object.assign(values, opts.keep)
+  const structured = parseStructured(yaml, errors)
+  checkRelations(values, errors)
+  if (errors.length > 0) {
+    throw new ConfigInvalidError(errors.map((e) => `  - ${e}`).join('\n'))
+  }
+  return deepFreeze(assemble(source, values, structured))
+}
 
+/** The YAML mapping of the file named (or of the default file when it exists); {} when there is none. */
+function readYaml (explicitFile: string | undefined, errors: string[]): { yaml: Record<string, unknown>, source: string | undefined } {
+  const file = explicitFile ?? CONFIG_FILE.default
+  if (explicitFile === undefined && !existsSync(file)) return { yaml: {}, source: undefined }
+  try {
+    const doc: unknown = parseYaml(readFileSync(file, 'utf8'), { uniqueKeys: true })
+    if (doc === null || doc === undefined) return { yaml: {}, source: file }
+    if (isObject(doc)) return { yaml: doc, source: file }
+    errors.push(`${file} (${CONFIG_FILE.env}): must be a YAML mapping at the top level`)
+    return { yaml: {}, source: file }
+  } catch (err) {
+    errors.push(`${file} (${CONFIG_FILE.env}): ${(err as Error).message.split('\n')[0]}`)
+    return { yaml: {}, source: undefined }
+  }
+}
+
+/** Each leaf from env, else YAML, else its default; a value that does not parse is an error (and left out). */
+function resolveLeaves (yaml: Record<string, unknown>, env: NodeJS.ProcessEnv, errors: string[]): LeafValues {
   const values: Record<string, unknown> = {}
-  for (const [path, leaf] of Object.entries(LEAVES) as Array<[LeafPath, typeof LEAVES[LeafPath]]>) {
+  for (const [path, leaf] of Object.entries(LEAVES) as Array<[LeafPath, Leaf<unknown>]>) {
     const label = `${path} (${leaf.env})`
     const fromEnv = nonEmpty(env[leaf.env])
     const raw = fromEnv ?? getPath(yaml, path)
     if (raw === undefined || raw === null) {
-      if ('required' in leaf && leaf.required === true) errors.push(`${label}: is required`)
-      values[path] = 'default' in leaf ? leaf.default : undefined
+      if (leaf.required === true) errors.push(`${label}: is required`)
+      values[path] = leaf.default
       continue
     }
     const parsed = leaf.parse(raw)
     if (parsed.ok) values[path] = parsed.value
     else errors.push(`${label}: ${parsed.error}${fromEnv !== undefined ? ' (from environment)' : ''}`)
   }
-  if (opts.keep !== undefined) Object.assign(values, opts.keep)
-  const v = values as LeafValues
+  return values as LeafValues
+}
 
-  const publicPaths = parsePatternList(getPath(yaml, 'auth.publicPaths'), 'auth.publicPaths', errors)
-  const routes = parseRoleRules(getPath(yaml, 'auth.routes'), errors)
-  const routeLimits = parseRouteLimits(getPath(yaml, 'rateLimit.routes'), errors)
-  const roleLimits = parseRoleLimits(getPath(yaml, 'rateLimit.roles'), errors)
-  const exempt = parseExempt(getPath(yaml, 'rateLimit.exempt'), errors)
+function parseStructured (yaml: Record<string, unknown>, errors: string[]): Structured {
+  const out: Record<string, unknown> = {}
+  for (const [path, parse] of Object.entries(STRUCTURED_PARSERS) as Array<[string, StructuredParser]>) {
+    out[path] = parse(getPath(yaml, path), errors)
+  }
+  return out as Structured
+}
 
+/** Rules between leaves: the TLS pair and its files, the audit file, headers within the request timeout. */
+function checkRelations (v: LeafValues, errors: string[]): void {
   const cert = v['server.tls.cert']
   const key = v['server.tls.key']
   if ((cert === undefined) !== (key === undefined)) {
@@ -186,81 +163,29 @@ export function loadConfig (opts: LoadOptions = {}): Config {
   if (requestTimeout !== undefined && headersTimeout !== undefined && headersTimeout > requestTimeout) {
     errors.push(`server.headersTimeout (HEADERS_TIMEOUT): must not be longer than server.requestTimeout (REQUEST_TIMEOUT, ${requestTimeout} ms)`)
   }
+}
 
-  if (errors.length > 0) {
-    throw new ConfigInvalidError(errors.map((e) => `  - ${e}`).join('\n'))
-  }
-
-  const publicMatchers = publicPaths.map(compileExactPattern)
-  const config: Config = {
+/** The Config: the leaves at their field paths, plus the TLS pair, the rule lists and what derives from them. */
+function assemble (source: string | undefined, v: LeafValues, s: Structured): Config {
+  const settings = settingsTree(v)
+  const cert = v['server.tls.cert']
+  const key = v['server.tls.key']
+  const publicMatchers = s['auth.publicPaths'].map(compileExactPattern)
+  return {
+    ...settings,
     source,
     leaves: v,
-    server: {
-      host: v['server.host'],
-      port: v['server.port'],
-      tls: cert !== undefined && key !== undefined ? { cert, key } : undefined,
-      allowInsecureHttp: v['server.allowInsecureHttp'],
-      trustProxy: v['server.trustProxy'],
-      shutdownDelayMs: v['server.shutdownDelay'],
-      shutdownTimeoutMs: v['server.shutdownTimeout'],
-      configWatch: v['server.configWatch'],
-      requestTimeoutMs: v['server.requestTimeout'],
-      headersTimeoutMs: v['server.headersTimeout'],
-      keepAliveTimeoutMs: v['server.keepAliveTimeout'],
-      maxConnections: v['server.maxConnections'],
-      maxUnauthenticatedPerIp: v['server.maxUnauthenticatedPerIp']
-    },
-    admin: { host: v['admin.host'], port: v['admin.port'], token: v['admin.token'] },
-    upstream: {
-      url: v['upstream.url'],
-      timeoutMs: v['upstream.timeout'],
-      connectTimeoutMs: v['upstream.connectTimeout'],
-      connections: v['upstream.connections'],
-      forwardAuthorization: v['upstream.forwardAuthorization']
-    },
+    server: { ...settings.server, tls: cert !== undefined && key !== undefined ? { cert, key } : undefined },
     auth: {
-      issuer: v['auth.issuer'], // compared to `iss` exactly, trailing slash included
-      audiences: v['auth.audience'],
-      acceptAzpAsAudience: v['auth.acceptAzpAsAudience'],
-      jwksUrl: v['auth.jwksUrl'],
-      algorithms: v['auth.algorithms'],
-      clockToleranceSec: v['auth.clockTolerance'],
+      ...settings.auth,
+      // JWT_ROLE_CLIENTS empty: the audiences (check-config prints this effective value).
       roleClients: v['auth.roleClients'].length > 0 ? v['auth.roleClients'] : v['auth.audience'],
-      verifyCacheSize: v['auth.verifyCacheSize'],
-      jwks: {
-        cacheTtlMs: v['auth.jwks.cacheTtl'],
-        minRefreshIntervalMs: v['auth.jwks.minRefreshInterval'],
-        fetchTimeoutMs: v['auth.jwks.fetchTimeout']
-      },
-      publicPaths,
+      publicPaths: s['auth.publicPaths'],
       isPublic: (p) => publicMatchers.some((m) => m(p)),
-      routes,
-      revocationMinTtlMs: v['auth.revocationMinTtl']
+      routes: s['auth.routes']
     },
-    ws: {
-      maxPayload: v['ws.maxPayload'],
-      maxBuffered: v['ws.maxBuffered'],
-      messageLimit: { max: v['ws.messageLimit.max'], windowMs: v['ws.messageLimit.window'], action: v['ws.messageLimit.action'] },
-      maxConnectionsPerUser: v['ws.maxConnectionsPerUser'],
-      pingIntervalMs: v['ws.pingInterval'],
-      idleTimeoutMs: v['ws.idleTimeout']
-    },
-    log: { level: v['log.level'] },
-    audit: { log: v['audit.log'] },
-    redis: { url: v['redis.url'], clusterNodes: v['redis.clusterNodes'] },
-    rateLimit: {
-      max: v['rateLimit.max'],
-      windowMs: v['rateLimit.window'],
-      keyPrefix: v['rateLimit.keyPrefix'],
-      onStoreError: v['rateLimit.onStoreError'],
-      fallbackMax: v['rateLimit.fallbackMax'],
-      authFailures: { max: v['rateLimit.authFailures.max'], windowMs: v['rateLimit.authFailures.window'] },
-      routes: routeLimits,
-      roles: roleLimits,
-      exempt
-    }
+    rateLimit: { ...settings.rateLimit, routes: s['rateLimit.routes'], roles: s['rateLimit.roles'], exempt: s['rateLimit.exempt'] }
   }
-  return deepFreeze(config)
 }
 
 /** Problems worth a warning at start, not a refusal. */

@@ -3,12 +3,12 @@
  * (settings.ts): `node scripts/config-table.mjs` prints it, and a test checks
  * that README.md holds exactly this text, so the reference cannot drift.
  */
-import { LEAVES, type Leaf } from './settings.js'
+import { CONFIG_FILE, LEAVES, type Leaf } from './settings.js'
 
 const HEADER = [
   '| YAML key | Env | Default | Reload | Meaning |',
   '|---|---|---|---|---|',
-  '| – | `CONFIG_FILE` | `config/gateway.yaml` | restart | Path of the YAML file (missing default file = defaults + env; a missing explicit file is an error). |'
+  `| – | \`${CONFIG_FILE.env}\` | \`${CONFIG_FILE.default}\` | ${CONFIG_FILE.reload} | ${CONFIG_FILE.doc} |`
 ]
 
 function defaultText (leaf: Leaf<unknown>): string {
