@@ -18,8 +18,8 @@ import { LazyRequestLogger, loggerOptions } from './observability/logger.js'
 import { createMetrics, type Metrics } from './observability/metrics.js'
 import { auditDestination, createAudit, type Audit } from './observability/audit.js'
 import { KeyStore } from './auth/keys.js'
-import authPlugin, { send } from './auth/plugin.js'
-import { authChallenge } from './auth/challenge.js'
+import authPlugin from './auth/plugin.js'
+import { authAnswer, clientErrorAnswer, INTERNAL_ERROR, METHOD_NOT_ALLOWED, send, UNROUTABLE } from './http/answers.js'
 import { isWebSocketHandshake, proxyTrust } from './auth/transport.js'
 import { registerHttpProxy } from './proxy/http.js'
 import { registerWsProxy, type WsBridge } from './proxy/ws.js'
@@ -30,7 +30,7 @@ import { LimitStore } from './limits/store.js'
 import { AuthFailureLimiter } from './limits/auth-failures.js'
 import { registerHttpLimits } from './limits/http.js'
 import { ConnectionSlots, WsMessageLimiter } from './limits/ws.js'
-import { guardConnections, listenerDeadlines } from './limits/connections.js'
+import { guardConnections, listenerDeadlines, type ListenerDeadlines } from './limits/connections.js'
 import { Revocations } from './auth/revocation.js'
 
 export interface GatewayDeps {
@@ -80,109 +80,24 @@ function requestIds (): (req: IncomingMessage) => string {
 }
 
 export async function buildGateway (config: Config, deps: GatewayDeps = {}): Promise<Gateway> {
-  const logger = pino(loggerOptions(config.log.level), deps.logStream ?? process.stdout)
-  const tls = config.server.tls
   const metrics = createMetrics()
   // The audit trail has its own destination and level (observability/audit.ts).
   const audit = createAudit(metrics, deps.auditStream ?? auditDestination(config.audit.log))
   // Deadlines of the public listener (limits/connections.ts).
   const deadlines = listenerDeadlines(config)
-  const app = Fastify({
-    loggerInstance: logger,
-    logController: new LogController({ disableRequestLogging: true }),
-    trustProxy: proxyTrust(config.server.trustProxy) as boolean, // Fastify takes a function too; its types name only some forms
-    genReqId: requestIds(),
-    childLoggerFactory: (logger, bindings, opts) => new LazyRequestLogger(logger as never, bindings, opts as Record<string, unknown>) as never,
-    requestIdHeader: false,
-    return503OnClosing: true,
-    // A target Fastify's router cannot decode: answer as our own invalid_path,
-    // never with Fastify's default body (it echoes the URL, token included).
-    frameworkErrors: (err, request, reply) => {
-      // These replies skip the onSend hooks: the 400's Connection: close is set here.
-      (reply as FastifyReply).header('connection', 'close')
-      if (err.code === 'FST_ERR_BAD_URL') {
-        const transport = isWebSocketHandshake(request.raw) ? 'ws' : 'http'
-        const c = authChallenge('invalid_path')
-        audit.denied(request as FastifyRequest, { event: 'auth_failure', reason: 'invalid_path', transport, status: c.status })
-        return send(reply as FastifyReply, c)
-      }
-      return (reply as FastifyReply).code(400).type('application/json; charset=utf-8')
-        .send(JSON.stringify({ error: 'bad_request', error_description: 'The request could not be routed' }))
-    },
-    requestTimeout: deadlines.requestTimeout,
-    keepAliveTimeout: deadlines.keepAliveTimeout,
-    ...(tls !== undefined
-      ? { https: { cert: readFileSync(tls.cert), key: readFileSync(tls.key), ...deadlines } }
-      : { http: deadlines })
-  }) as unknown as FastifyInstance
+  const app = createServer(config, pino(loggerOptions(config.log.level), deps.logStream ?? process.stdout), audit, deadlines)
   for (const w of configWarnings(config)) app.log.warn({ component: 'config' }, w)
 
   // --- connections: global and per-address caps, deadlines, Connection: close
   // on denials, Expect: 100-continue (limits/connections.ts) -----------------
   const connections = guardConnections(app, config, metrics, deadlines)
-
-  // Node removes the socket's error listener before emitting 'upgrade'; a
-  // client reset while auth is pending would be an unhandled 'error' event and
-  // end the process.
-  app.server.prependListener('upgrade', (_req: IncomingMessage, socket) => {
-    socket.on('error', () => socket.destroy())
-  })
-
   // --- observability (metrics, audit: created above) -----------------------
-  app.addHook('onRequest', (request, reply, done) => {
-    reply.header('x-request-id', request.id)
-    done()
-  })
-  app.addHook('onResponse', (request, reply, done) => {
-    metrics.observeRequest(reply.statusCode, reply.elapsedTime / 1000)
-    // An upgrade answered with a status (401/403/429/502...) owns a socket the
-    // HTTP parser has let go of: nothing else would ever close it.
-    if ((request.raw as IncomingMessage & { upgrade?: boolean }).upgrade === true) request.raw.socket.destroy()
-    done()
-  })
-  app.setErrorHandler((err: Error & { statusCode?: number, code?: string }, request, reply) => {
-    const status = err.statusCode !== undefined && err.statusCode >= 400 && err.statusCode < 600 ? err.statusCode : 500
-    if (status >= 500) request.log.error({ err }, 'request failed')
-    return reply.code(status).type('application/json; charset=utf-8')
-      .send(JSON.stringify(status >= 500
-        ? { error: 'internal_error', error_description: 'The gateway failed to handle the request' }
-        : { error: 'bad_request', error_description: err.code ?? 'invalid request' }))
-  })
-  app.setNotFoundHandler((_request, reply) =>
-    reply.code(405).type('application/json; charset=utf-8')
-      .send(JSON.stringify({ error: 'method_not_allowed', error_description: 'The gateway does not forward this method' })))
-
-  // --- limits' shared store: Redis (or in-process), used by auth and limits --
-  const redis = createRedis(config.redis, app.log)
-  const store = new LimitStore({
-    redis,
-    keyPrefix: config.rateLimit.keyPrefix,
-    policy: config.rateLimit.onStoreError,
-    fallbackMax: config.rateLimit.fallbackMax,
-    metrics,
-    log: app.log
-  })
-  const live = new LiveConfig(config, deps.env ?? process.env)
-  live.onChange((c) => { app.log.level = c.log.level })
-  const failures = new AuthFailureLimiter(store, () => live.current.rateLimit.authFailures)
-  const revocations = new Revocations({
-    redis,
-    keyPrefix: config.rateLimit.keyPrefix,
-    minTtlMs: config.auth.revocationMinTtlMs,
-    clockToleranceSec: config.auth.clockToleranceSec,
-    log: app.log
-  })
+  observeRequests(app, metrics)
+  const shared = createShared(app, config, metrics, deps.env ?? process.env)
+  const { live, redis, store, revocations, keys } = shared
 
   // --- auth: onRequest, so it also guards WebSocket upgrades ---------------
-  const keys = new KeyStore({
-    issuer: config.auth.issuer,
-    jwksUrl: config.auth.jwksUrl,
-    cacheTtlMs: config.auth.jwks.cacheTtlMs,
-    minRefreshIntervalMs: config.auth.jwks.minRefreshIntervalMs,
-    fetchTimeoutMs: config.auth.jwks.fetchTimeoutMs,
-    metrics,
-    log: app.log.child({ component: 'jwks' })
-  })
+  const failures = new AuthFailureLimiter(store, () => live.current.rateLimit.authFailures)
   await app.register(authPlugin, { live, config, keys, audit, failures, revocations })
   // After auth: a verified caller's connection stops counting as unauthenticated.
   app.addHook('onRequest', connections.afterAuth)
@@ -204,32 +119,137 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
   const ws = await registerWsProxy(app, { live, config, metrics, audit, messages, slots, revocations })
 
   // --- admin listener -------------------------------------------------------
+  const readiness = readinessChecks(config, shared)
+  const admin = buildAdmin({ logger: app.log, metrics, audit, readiness, revocations, adminToken: config.admin.token })
+  return gateway({ app, admin, config, keys, metrics, audit, readiness, ws, revocations, live }, { redis, slots })
+}
+
+/** The public Fastify instance: logging, request ids, proxy trust, deadlines, TLS and the router's own errors. */
+function createServer (config: Config, logger: pino.Logger, audit: Audit, deadlines: ListenerDeadlines): FastifyInstance {
+  const tls = config.server.tls
+  const app = Fastify({
+    loggerInstance: logger,
+    logController: new LogController({ disableRequestLogging: true }),
+    trustProxy: proxyTrust(config.server.trustProxy) as boolean, // Fastify takes a function too; its types name only some forms
+    genReqId: requestIds(),
+    childLoggerFactory: (logger, bindings, opts) => new LazyRequestLogger(logger as never, bindings, opts as Record<string, unknown>) as never,
+    requestIdHeader: false,
+    return503OnClosing: true,
+    // A target Fastify's router cannot decode: answer as our own invalid_path,
+    // never with Fastify's default body (it echoes the URL, token included).
+    frameworkErrors: (err, request, reply) => {
+      // These replies skip the onSend hooks: the 400's Connection: close is set here.
+      (reply as FastifyReply).header('connection', 'close')
+      if (err.code !== 'FST_ERR_BAD_URL') return send(reply as FastifyReply, UNROUTABLE)
+      const transport = isWebSocketHandshake(request.raw) ? 'ws' : 'http'
+      const a = authAnswer('invalid_path')
+      audit.denied(request as FastifyRequest, { event: 'auth_failure', reason: 'invalid_path', transport, status: a.status })
+      return send(reply as FastifyReply, a)
+    },
+    requestTimeout: deadlines.requestTimeout,
+    keepAliveTimeout: deadlines.keepAliveTimeout,
+    ...(tls !== undefined
+      ? { https: { cert: readFileSync(tls.cert), key: readFileSync(tls.key), ...deadlines } }
+      : { http: deadlines })
+  }) as unknown as FastifyInstance
+
+  // Node removes the socket's error listener before emitting 'upgrade'; a
+  // client reset while auth is pending would be an unhandled 'error' event and
+  // end the process.
+  app.server.prependListener('upgrade', (_req: IncomingMessage, socket) => {
+    socket.on('error', () => socket.destroy())
+  })
+  return app
+}
+
+/** Request ids on every answer, the request metrics, and the answers for errors and unknown methods. */
+function observeRequests (app: FastifyInstance, metrics: Metrics): void {
+  app.addHook('onRequest', (request, reply, done) => {
+    reply.header('x-request-id', request.id)
+    done()
+  })
+  app.addHook('onResponse', (request, reply, done) => {
+    metrics.observeRequest(reply.statusCode, reply.elapsedTime / 1000)
+    // An upgrade answered with a status (401/403/429/502...) owns a socket the
+    // HTTP parser has let go of: nothing else would ever close it.
+    if ((request.raw as IncomingMessage & { upgrade?: boolean }).upgrade === true) request.raw.socket.destroy()
+    done()
+  })
+  app.setErrorHandler((err: Error & { statusCode?: number, code?: string }, request, reply) => {
+    const status = err.statusCode !== undefined && err.statusCode >= 400 && err.statusCode < 600 ? err.statusCode : 500
+    if (status >= 500) request.log.error({ err }, 'request failed')
+    return send(reply, status >= 500 ? INTERNAL_ERROR : clientErrorAnswer(status, err.code))
+  })
+  app.setNotFoundHandler((_request, reply) => send(reply, METHOD_NOT_ALLOWED))
+}
+
+/** What several stages share: the reloadable config, Redis and the limit store on it, revocations and the key set. */
+interface Shared {
+  live: LiveConfig
+  redis: ReturnType<typeof createRedis>
+  store: LimitStore
+  revocations: Revocations
+  keys: KeyStore
+}
+
+function createShared (app: FastifyInstance, config: Config, metrics: Metrics, env: NodeJS.ProcessEnv): Shared {
+  const live = new LiveConfig(config, env)
+  live.onChange((c) => { app.log.level = c.log.level })
+  const redis = createRedis(config.redis, app.log)
+  const store = new LimitStore({
+    redis,
+    keyPrefix: config.rateLimit.keyPrefix,
+    policy: config.rateLimit.onStoreError,
+    fallbackMax: config.rateLimit.fallbackMax,
+    metrics,
+    log: app.log
+  })
+  const revocations = new Revocations({
+    redis,
+    keyPrefix: config.rateLimit.keyPrefix,
+    minTtlMs: config.auth.revocationMinTtlMs,
+    clockToleranceSec: config.auth.clockToleranceSec,
+    log: app.log
+  })
+  const keys = new KeyStore({
+    issuer: config.auth.issuer,
+    jwksUrl: config.auth.jwksUrl,
+    cacheTtlMs: config.auth.jwks.cacheTtlMs,
+    minRefreshIntervalMs: config.auth.jwks.minRefreshIntervalMs,
+    fetchTimeoutMs: config.auth.jwks.fetchTimeoutMs,
+    metrics,
+    log: app.log.child({ component: 'jwks' })
+  })
+  return { live, redis, store, revocations, keys }
+}
+
+/**
+ * jwks: not ready until a key set has loaded (a failing refresh later only
+ * shows in the detail); redis and revocations follow RATE_LIMIT_ON_STORE_ERROR
+ * (README, Operations > Health).
+ */
+function readinessChecks (config: Config, { keys, redis, store, revocations }: Shared): Readiness {
   const readiness = new Readiness()
-  // jwks: not ready until a key set has loaded (a failing refresh later only shows in the detail);
-  // redis and revocations follow RATE_LIMIT_ON_STORE_ERROR (README, Operations > Health).
   readiness.add('jwks', () => keys.check())
   if (redis !== undefined) readiness.add('redis', () => store.check())
   if (redis !== undefined) readiness.add('revocations', () => revocations.check(config.rateLimit.onStoreError))
-  const admin = buildAdmin({ logger: app.log, metrics, audit, readiness, revocations, adminToken: config.admin.token })
+  return readiness
+}
 
+type GatewayParts = Omit<Gateway, 'start' | 'reload' | 'close'>
+
+/** The assembled gateway with its lifecycle: start, reload, graceful close. */
+function gateway (parts: GatewayParts, own: { redis: Shared['redis'], slots: ConnectionSlots }): Gateway {
+  const { app, admin, config, keys, audit, readiness, ws, revocations, live } = parts
   let closing: Promise<void> | undefined
   return {
-    app,
-    admin,
-    config,
-    keys,
-    metrics,
-    audit,
-    readiness,
-    ws,
-    revocations,
-    live,
+    ...parts,
     reload: () => {
       audit.reopen() // SIGHUP after log rotation: a file AUDIT_LOG is opened again
       return live.reload(app.log)
     },
     start: async () => {
-      await Promise.all([keys.start(), redis !== undefined ? connectRedis(redis) : undefined])
+      await Promise.all([keys.start(), own.redis !== undefined ? connectRedis(own.redis) : undefined])
       await revocations.start()
       if (config.server.configWatch) live.watch(app.log)
     },
@@ -240,10 +260,10 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
         await app.close()
         await admin.close()
         await keys.close()
-        slots.close()
+        own.slots.close()
         live.close()
         revocations.close()
-        redis?.disconnect()
+        own.redis?.disconnect()
         audit.flush()
       })()
       return closing

@@ -10,6 +10,7 @@ import type { Metrics } from '../observability/metrics.js'
 import type { Audit } from '../observability/audit.js'
 import type { Revocations } from '../auth/revocation.js'
 import type { Readiness } from './readiness.js'
+import { ADMIN_DISABLED, ADMIN_UNAUTHORIZED, badRevocationAnswer, REVOCATIONS_UNAVAILABLE, send } from '../http/answers.js'
 
 export interface AdminOptions {
   logger: FastifyBaseLogger
@@ -50,8 +51,7 @@ export function buildAdmin (opts: AdminOptions): FastifyInstance {
     // Compare digests: constant time whatever the presented length.
     if (expected !== undefined && m !== null && timingSafeEqual(digest(m[1] as string), expected)) return true
     audit.admin(request, 'admin_denied', { path: request.routeOptions.url }, 'admin API: bad or missing token')
-    reply.code(401).header('www-authenticate', 'Bearer realm="resonance-admin"')
-      .send({ error: 'unauthorized', error_description: 'The admin token is missing or wrong' })
+    send(reply, ADMIN_UNAUTHORIZED)
     return false
   }
 
@@ -59,7 +59,7 @@ export function buildAdmin (opts: AdminOptions): FastifyInstance {
     // Authenticate before the body is even validated: strangers learn nothing about the API.
     onRequest: (request, reply, done) => {
       if (expected === undefined) {
-        reply.code(404).send({ error: 'not_found', error_description: 'Set ADMIN_TOKEN to enable the admin API' })
+        send(reply, ADMIN_DISABLED)
         return
       }
       if (authorized(request, reply)) done()
@@ -79,7 +79,7 @@ export function buildAdmin (opts: AdminOptions): FastifyInstance {
   }, async (request, reply) => {
     const body = request.body as { jti?: unknown, sub?: unknown }
     if (typeof (body.jti ?? body.sub) !== 'string') {
-      return reply.code(400).send({ error: 'bad_request', error_description: 'Send JSON {"jti": "..."} or {"sub": "..."}' })
+      return send(reply, badRevocationAnswer())
     }
     const kind = body.jti !== undefined ? 'jti' : 'sub'
     const value = (body.jti ?? body.sub) as string
@@ -90,10 +90,10 @@ export function buildAdmin (opts: AdminOptions): FastifyInstance {
 
   admin.setErrorHandler((err: Error & { statusCode?: number, validation?: unknown }, request, reply) => {
     if (err.validation !== undefined || (err.statusCode !== undefined && err.statusCode < 500)) {
-      return reply.code(err.statusCode ?? 400).send({ error: 'bad_request', error_description: 'Send JSON {"jti": "..."} or {"sub": "..."}' })
+      return send(reply, badRevocationAnswer(err.statusCode))
     }
     request.log.error({ err: { message: err.message } }, 'admin request failed')
-    return reply.code(503).send({ error: 'unavailable', error_description: 'The revocation store is unavailable' })
+    return send(reply, REVOCATIONS_UNAVAILABLE)
   })
 
   return admin

@@ -13,7 +13,8 @@ import type { LiveConfig } from '../config/live.js'
 import { ruleAppliesTo } from '../config/patterns.js'
 import type { Audit } from '../observability/audit.js'
 import type { AuthFailureReason, Transport } from '../observability/metrics.js'
-import { authChallenge, FORBIDDEN, type Challenge } from './challenge.js'
+import { authAnswer, FORBIDDEN, send, TOO_MANY_FAILURES } from '../http/answers.js'
+import { KEY_ERRORS, KeyError } from '../errors.js'
 import { checkClaims, type Claims, type Identity } from './identity.js'
 import type { KeyResult, KeyStore } from './keys.js'
 import { extractToken, tokenHeader } from './token.js'
@@ -44,20 +45,8 @@ export interface AuthOptions {
   revocations: Revocations
 }
 
-const TOO_MANY_FAILURES = JSON.stringify({ error: 'rate_limited', error_description: 'Too many failed authentications from this address' })
-
-/** Thrown into @fastify/jwt from the key callback; preallocated, no stack per request. */
-class KeyError extends Error {
-  constructor (readonly reason: AuthFailureReason) { super(reason) }
-}
-const KEY_ERRORS: Partial<Record<AuthFailureReason, KeyError>> = {
-  alg_not_allowed: new KeyError('alg_not_allowed'),
-  unknown_kid: new KeyError('unknown_kid'),
-  jwks_unavailable: new KeyError('jwks_unavailable'),
-  malformed: new KeyError('malformed')
-}
-
 interface DecodedToken { header: Claims, payload: Claims }
+type Verdict = VerifiedToken | AuthFailureReason | { problem: AuthFailureReason, sub: string | undefined }
 
 /**
  * Failures that count towards the per-IP limit: presented tokens that failed
@@ -70,93 +59,82 @@ const COUNTED: ReadonlySet<AuthFailureReason> = new Set<AuthFailureReason>([
   'wrong_issuer', 'wrong_audience', 'missing_claim', 'wrong_token_type'
 ])
 
-export function send (reply: FastifyReply, c: Challenge): FastifyReply {
-  return reply.code(c.status).headers(c.headers).send(c.body)
-}
-
 async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<void> {
-  const { live, config, keys, audit, failures, revocations } = opts
-  const allowed = new Set<string>(config.auth.algorithms)
-  const clockToleranceMs = config.auth.clockToleranceSec * 1000
-  const verified = new VerifiedTokens(config.auth.verifyCacheSize)
-  // A reload may change issuer, audiences or role clients: nothing verified under the old rules is kept.
-  live.onChange(() => verified.clear())
-
+  const auth = new Authenticator(opts)
   app.decorateRequest('identity', null)
   app.decorateRequest('transport', 'http')
-  // What @fastify/jwt's callbacks need per verification (its extractToken and
-  // key callbacks receive only the request): the token to verify, and the key
-  // it resolved (a resolved key tells a bad signature from a malformed token,
-  // and the verified-token cache keeps it). Private to this plugin.
-  const inFlight = new WeakMap<FastifyRequest, { token: string, pem: string | null }>()
-
-  await app.register(fastifyJwt, {
-    secret: (request: FastifyRequest, token: DecodedToken, cb: (err: Error | null, key?: string) => void) => {
-      const alg = token.header.alg
-      if (typeof alg !== 'string' || !allowed.has(alg)) return cb(KEY_ERRORS.alg_not_allowed as KeyError)
-      const kid = token.header.kid
-      if (kid !== undefined && typeof kid !== 'string') return cb(KEY_ERRORS.malformed as KeyError)
-      const answer = (r: KeyResult): void => {
-        if ('key' in r) {
-          const v = inFlight.get(request)
-          if (v !== undefined) v.pem = r.key.pem
-          cb(null, r.key.pem)
-        } else cb(KEY_ERRORS[r.error] as KeyError)
-      }
-      const found = keys.lookup(kid, alg)
-      if ('then' in found) found.then(answer, cb)
-      else answer(found)
-    },
-    decode: { complete: true },
-    verify: {
-      algorithms: config.auth.algorithms,
-      clockTolerance: clockToleranceMs, // fast-jwt takes ms
-      cache: false, // VerifiedTokens (verified.ts) answers repeated tokens before fast-jwt is called
-      complete: true,
-      extractToken: (request: FastifyRequest) => inFlight.get(request)?.token
-    }
-  } as never)
-
-  function deny (request: FastifyRequest, reply: FastifyReply, reason: AuthFailureReason, transport: Transport, sub?: string): FastifyReply {
-    const c = authChallenge(reason)
-    audit.denied(request, { event: 'auth_failure', reason, transport, status: c.status, sub })
-    if (COUNTED.has(reason)) failures.record(request.ip)
-    return send(reply, c)
-  }
-
-  /** An IP over the failure limit whose token did not verify (or was not even tried): 429. */
-  function tooManyFailures (request: FastifyRequest, reply: FastifyReply, wait: number): void {
-    audit.denied(request, { event: 'rate_limited', reason: 'auth_failures', transport: request.transport, status: 429 })
-    reply.code(429).header('retry-after', wait).type('application/json; charset=utf-8').send(TOO_MANY_FAILURES)
-  }
-
-  /**
-   * While an IP is blocked its tokens are still verified (a genuine token is
-   * never refused by this limit), but one whose key is not already known is
-   * refused without a JWKS fetch: each bad token costs at most one signature check.
-   */
-  function keyKnown (token: string): boolean {
-    const h = tokenHeader(token)
-    if (h === undefined || typeof h.alg !== 'string' || !allowed.has(h.alg)) return false
-    if (h.kid !== undefined && typeof h.kid !== 'string') return false
-    return keys.has(h.kid, h.alg)
-  }
-
+  await app.register(fastifyJwt, auth.jwtOptions() as never)
   // A callback hook: a cached token is served without a promise per request.
-  app.addHook('onRequest', (request, reply, done) => {
+  app.addHook('onRequest', (request, reply, done) => { auth.onRequest(request, reply, done) })
+}
+
+/** The auth hook's state and steps; one per gateway. */
+class Authenticator {
+  private readonly allowed: ReadonlySet<string>
+  private readonly clockToleranceMs: number
+  private readonly verified: VerifiedTokens
+  /**
+   * What @fastify/jwt's callbacks need per verification (its extractToken and
+   * key callbacks receive only the request): the token to verify, and the key
+   * it resolved (a resolved key tells a bad signature from a malformed token,
+   * and the verified-token cache keeps it).
+   */
+  private readonly inFlight = new WeakMap<FastifyRequest, { token: string, pem: string | null }>()
+
+  constructor (private readonly opts: AuthOptions) {
+    const { config, live } = opts
+    this.allowed = new Set<string>(config.auth.algorithms)
+    this.clockToleranceMs = config.auth.clockToleranceSec * 1000
+    this.verified = new VerifiedTokens(config.auth.verifyCacheSize)
+    // A reload may change issuer, audiences or role clients: nothing verified under the old rules is kept.
+    live.onChange(() => { this.verified.clear() })
+  }
+
+  /** @fastify/jwt's options: keys from the KeyStore by kid, within the algorithm allowlist. */
+  jwtOptions (): object {
+    const { config, keys } = this.opts
+    return {
+      secret: (request: FastifyRequest, token: DecodedToken, cb: (err: Error | null, key?: string) => void) => {
+        const alg = token.header.alg
+        if (typeof alg !== 'string' || !this.allowed.has(alg)) return cb(KEY_ERRORS.alg_not_allowed)
+        const kid = token.header.kid
+        if (kid !== undefined && typeof kid !== 'string') return cb(KEY_ERRORS.malformed)
+        const answer = (r: KeyResult): void => {
+          if ('key' in r) {
+            const v = this.inFlight.get(request)
+            if (v !== undefined) v.pem = r.key.pem
+            cb(null, r.key.pem)
+          } else cb(KEY_ERRORS[r.error])
+        }
+        const found = keys.lookup(kid, alg)
+        if ('then' in found) found.then(answer, cb)
+        else answer(found)
+      },
+      decode: { complete: true },
+      verify: {
+        algorithms: config.auth.algorithms,
+        clockTolerance: this.clockToleranceMs, // fast-jwt takes ms
+        cache: false, // VerifiedTokens (verified.ts) answers repeated tokens before fast-jwt is called
+        complete: true,
+        extractToken: (request: FastifyRequest) => this.inFlight.get(request)?.token
+      }
+    }
+  }
+
+  onRequest (request: FastifyRequest, reply: FastifyReply, done: () => void): void {
     const transport: Transport = isWebSocketHandshake(request.raw) ? 'ws' : 'http'
     request.transport = transport
     // One canonical target per request: rules match it and the app receives it.
     const target = canonicalTarget(request.url)
-    if (target === undefined) { deny(request, reply, 'invalid_path', transport); return }
+    if (target === undefined) { this.deny(request, reply, 'invalid_path'); return }
     if (target !== request.raw.url) request.raw.url = target
-    const auth = live.current.auth
+    const auth = this.opts.live.current.auth
     if (auth.publicPaths.length > 0 && auth.isPublic(targetPath(target))) { done(); return }
     const path = auth.routes.length > 0 ? rulePath(target) : undefined
 
     // Plain HTTP with a header seen before: the cache is keyed by the whole header value.
     const authorization = request.headers.authorization
-    if (transport === 'http' && authorization !== undefined && cachedAdmit(request, reply, authorization, path, done)) return
+    if (transport === 'http' && authorization !== undefined && this.cachedAdmit(request, reply, authorization, path, done)) return
 
     const found = extractToken({
       authorization,
@@ -164,81 +142,113 @@ async function authPlugin (app: FastifyInstance, opts: AuthOptions): Promise<voi
       protocolHeader: request.headers['sec-websocket-protocol'],
       upgrade: transport === 'ws'
     })
-    if (found.kind === 'none') { deny(request, reply, 'missing_token', transport); return }
+    if (found.kind === 'none') { this.deny(request, reply, 'missing_token'); return }
     // From here on a token was presented: an IP over the failure limit gets 429 for any that fails.
-    const blocked = failures.blockedFor(request.ip)
+    const blocked = this.opts.failures.blockedFor(request.ip)
     if (found.kind !== 'token') {
-      if (blocked > 0) tooManyFailures(request, reply, blocked)
-      else deny(request, reply, found.kind === 'multiple' ? 'multiple_tokens' : 'malformed', transport)
+      if (blocked > 0) this.tooManyFailures(request, reply, blocked)
+      else this.deny(request, reply, found.kind === 'multiple' ? 'multiple_tokens' : 'malformed')
       return
     }
-    if (!transportAllowsToken(request, config.server.allowInsecureHttp)) { deny(request, reply, 'insecure_transport', transport); return }
+    if (!this.transportAllows(request, reply)) return
 
     const token = found.token
     // Same keys as above: the header value when the token came in one. A token
     // from the query or the subprotocol is keyed as the header that would carry
     // it, so a key can only ever be hit by a header that really says Bearer.
     const cacheKey = found.source === 'header' && authorization !== undefined ? authorization : `Bearer ${token}`
-    if (transport === 'ws' && cachedAdmit(request, reply, cacheKey, path, done)) return
-    if (blocked > 0 && !keyKnown(token)) { tooManyFailures(request, reply, blocked); return }
-    verify(request, token).then((r) => {
+    if (transport === 'ws' && this.cachedAdmit(request, reply, cacheKey, path, done)) return
+    if (blocked > 0 && !this.keyKnown(token)) { this.tooManyFailures(request, reply, blocked); return }
+    this.verify(request, token).then((r) => {
       if (typeof r === 'string' || !('identity' in r)) {
-        if (blocked > 0) { tooManyFailures(request, reply, blocked); return }
-        if (typeof r === 'string') deny(request, reply, r, transport)
-        else deny(request, reply, r.problem, transport, r.sub)
+        if (blocked > 0) this.tooManyFailures(request, reply, blocked)
+        else if (typeof r === 'string') this.deny(request, reply, r)
+        else this.deny(request, reply, r.problem, r.sub)
         return
       }
-      verified.set(cacheKey, r)
-      admit(request, reply, r.identity, path, transport, done)
+      this.verified.set(cacheKey, r)
+      this.admit(request, reply, r.identity, path, done)
     }, done).catch((err: Error) => {
       // A bug after verification (not a token problem): the error handler's 500, never an unhandled rejection.
       if (!reply.sent) reply.send(err)
       else request.log.error({ err }, 'auth hook failed after the reply was sent')
     })
-  })
+  }
+
+  private deny (request: FastifyRequest, reply: FastifyReply, reason: AuthFailureReason, sub?: string): void {
+    const a = authAnswer(reason)
+    this.opts.audit.denied(request, { event: 'auth_failure', reason, transport: request.transport, status: a.status, sub })
+    if (COUNTED.has(reason)) this.opts.failures.record(request.ip)
+    send(reply, a)
+  }
+
+  /** An IP over the failure limit whose token did not verify (or was not even tried): 429. */
+  private tooManyFailures (request: FastifyRequest, reply: FastifyReply, wait: number): void {
+    this.opts.audit.denied(request, { event: 'rate_limited', reason: 'auth_failures', transport: request.transport, status: 429 })
+    send(reply, TOO_MANY_FAILURES, wait)
+  }
+
+  /** False after answering 401: a token over plaintext where that is not allowed. */
+  private transportAllows (request: FastifyRequest, reply: FastifyReply): boolean {
+    if (transportAllowsToken(request, this.opts.config.server.allowInsecureHttp)) return true
+    this.deny(request, reply, 'insecure_transport')
+    return false
+  }
+
+  /**
+   * While an IP is blocked its tokens are still verified (a genuine token is
+   * never refused by this limit), but one whose key is not already known is
+   * refused without a JWKS fetch: each bad token costs at most one signature check.
+   */
+  private keyKnown (token: string): boolean {
+    const h = tokenHeader(token)
+    if (h === undefined || typeof h.alg !== 'string' || !this.allowed.has(h.alg)) return false
+    if (h.kid !== undefined && typeof h.kid !== 'string') return false
+    return this.opts.keys.has(h.kid, h.alg)
+  }
 
   /**
    * A cached verdict for `key`, when its key is still published unchanged and
    * the transport allows a token: admits (or denies on revocation/roles) and
    * returns true. False: not cached, go the full way.
    */
-  function cachedAdmit (request: FastifyRequest, reply: FastifyReply, key: string, path: string | undefined, done: () => void): boolean {
-    const hit = verified.get(key, Date.now())
+  private cachedAdmit (request: FastifyRequest, reply: FastifyReply, key: string, path: string | undefined, done: () => void): boolean {
+    const hit = this.verified.get(key, Date.now())
     if (hit === undefined) return false
-    const k = keys.lookup(hit.kid, hit.alg)
+    const k = this.opts.keys.lookup(hit.kid, hit.alg)
     if ('then' in k || !('key' in k) || k.key.pem !== hit.pem) return false
-    if (!transportAllowsToken(request, config.server.allowInsecureHttp)) { deny(request, reply, 'insecure_transport', request.transport); return true }
-    admit(request, reply, hit.identity, path, request.transport, done)
+    if (this.transportAllows(request, reply)) this.admit(request, reply, hit.identity, path, done)
     return true
   }
 
   /** Signature, alg, exp/nbf (fast-jwt) and then our claim checks; never rejects for a bad token. */
-  async function verify (request: FastifyRequest, token: string): Promise<VerifiedToken | AuthFailureReason | { problem: AuthFailureReason, sub: string | undefined }> {
+  private async verify (request: FastifyRequest, token: string): Promise<Verdict> {
     const v = { token, pem: null as string | null }
-    inFlight.set(request, v)
+    this.inFlight.set(request, v)
     let decoded: DecodedToken
     try {
       decoded = await request.jwtVerify<DecodedToken>()
     } catch (err) {
       return classify(err as Error & { code?: string }, v.pem !== null)
     } finally {
-      inFlight.delete(request)
+      this.inFlight.delete(request)
     }
-    const identity = checkClaims(live.current.auth, decoded.header, decoded.payload)
+    const identity = checkClaims(this.opts.live.current.auth, decoded.header, decoded.payload)
     if (typeof identity === 'string') {
       return { problem: identity, sub: typeof decoded.payload.sub === 'string' ? decoded.payload.sub : undefined }
     }
     const kid = decoded.header.kid as string | undefined
-    return { identity, kid, alg: decoded.header.alg as string, pem: v.pem ?? '', deadAt: identity.exp * 1000 + clockToleranceMs }
+    return { identity, kid, alg: decoded.header.alg as string, pem: v.pem ?? '', deadAt: identity.exp * 1000 + this.clockToleranceMs }
   }
 
   /** A verified identity: revocation, then role rules. */
-  function admit (request: FastifyRequest, reply: FastifyReply, identity: Identity, path: string | undefined, transport: Transport, done: () => void): void {
+  private admit (request: FastifyRequest, reply: FastifyReply, identity: Identity, path: string | undefined, done: () => void): void {
+    const { revocations, live, audit } = this.opts
     revocations.observe(identity.exp)
-    if (revocations.isRevoked(identity)) { deny(request, reply, 'revoked', transport, identity.sub); return }
+    if (revocations.isRevoked(identity)) { this.deny(request, reply, 'revoked', identity.sub); return }
     request.identity = identity
     if (path !== undefined && !rolesAllow(live.current.auth.routes, request.method, path, identity)) {
-      audit.denied(request, { event: 'forbidden', reason: 'missing_role', transport, status: 403, sub: identity.sub })
+      audit.denied(request, { event: 'forbidden', reason: 'missing_role', transport: request.transport, status: 403, sub: identity.sub })
       send(reply, FORBIDDEN)
       return
     }

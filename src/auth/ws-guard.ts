@@ -11,9 +11,8 @@ import type { FastifyReply, FastifyRequest } from 'fastify'
 import type { Audit } from '../observability/audit.js'
 import type { WsCloseReason } from '../observability/metrics.js'
 import { CLOSE } from '../http/ws-close.js'
-import { authChallenge } from './challenge.js'
+import { authAnswer, send } from '../http/answers.js'
 import type { Identity } from './identity.js'
-import { send } from './plugin.js'
 import type { Revocation, Revocations } from './revocation.js'
 
 /** Longest delay a Node timer takes; longer expiries re-arm. */
@@ -49,7 +48,7 @@ export class WsGuard<S extends GuardedSession> {
    */
   caller (request: FastifyRequest, reply: FastifyReply): Identity | null {
     if (request.identity !== null) return request.identity
-    const c = authChallenge('missing_token')
+    const c = authAnswer('missing_token')
     this.audit.denied(request, { event: 'auth_failure', reason: 'missing_token', transport: 'ws', status: c.status })
     send(reply, c)
     return null

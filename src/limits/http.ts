@@ -18,10 +18,12 @@ import type { Config } from '../config/load.js'
 import type { LiveConfig } from '../config/live.js'
 import { ruleAppliesTo } from '../config/patterns.js'
 import { rulePath } from '../http/target.js'
+import { LIMITS_UNAVAILABLE, send, TOO_MANY_REQUESTS } from '../http/answers.js'
 import type { Audit } from '../observability/audit.js'
 import type { Identity } from '../auth/identity.js'
 import { AuthFailureLimiter } from './auth-failures.js'
-import { BREAKER_MS, StoreUnavailableError, type LimitStore } from './store.js'
+import { StoreUnavailableError } from '../errors.js'
+import { BREAKER_MS, type LimitStore } from './store.js'
 
 export type LimitReason = 'user_limit' | 'route_limit' | 'ip_limit'
 
@@ -37,10 +39,6 @@ export interface HttpLimitOptions {
   store: LimitStore
   audit: Audit
 }
-
-const JSON_TYPE = 'application/json; charset=utf-8'
-const TOO_MANY = JSON.stringify({ error: 'rate_limited', error_description: 'Too many requests: retry after the time in Retry-After' })
-const STORE_DOWN = JSON.stringify({ error: 'unavailable', error_description: 'Rate limiting is temporarily unavailable' })
 
 /** Exempt callers (service accounts) skip every limit: requests, WebSocket messages and connections. */
 export function isExempt (id: Identity, limits: Config['rateLimit']): boolean {
@@ -106,7 +104,7 @@ export async function registerHttpLimits (app: FastifyInstance, opts: HttpLimitO
       r = await limiter(request)
     } catch (err) {
       if (!(err instanceof StoreUnavailableError)) throw err
-      return reply.code(503).header('retry-after', Math.ceil(BREAKER_MS / 1000)).type(JSON_TYPE).send(STORE_DOWN)
+      return send(reply, LIMITS_UNAVAILABLE, Math.ceil(BREAKER_MS / 1000))
     }
     if (r.isAllowed) return // exempt
     const resetSeconds = r.ttlInSeconds ?? 0
@@ -114,7 +112,7 @@ export async function registerHttpLimits (app: FastifyInstance, opts: HttpLimitO
     if (r.isExceeded === true) {
       const policy = policies.get(request) as LimitPolicy
       audit.denied(request, { event: 'rate_limited', reason: policy.reason, transport: request.transport, status: 429, sub: request.identity?.sub })
-      return reply.code(429).header('retry-after', Math.max(1, resetSeconds)).type(JSON_TYPE).send(TOO_MANY)
+      return send(reply, TOO_MANY_REQUESTS, Math.max(1, resetSeconds))
     }
   })
 }

@@ -39,6 +39,7 @@ import type { StoreErrorPolicy } from '../config/settings.js'
 import type { CheckResult } from '../observability/health.js'
 import { BatchedRedisStore, type IncrCallback } from './redis-batch.js'
 import { redisCheck } from './redis.js'
+import { STORE_UNAVAILABLE } from '../errors.js'
 
 const require = createRequire(import.meta.url)
 /* The plugin exports its stores only as files; they are its public store API (README "Custom Store"). */
@@ -51,12 +52,6 @@ interface StoreLike { incr (key: string, cb: IncrCallback, windowMs: number, max
 export const LOCAL_STORE_ENTRIES = 100_000
 /** After a Redis failure, go straight to the fallback for this long. */
 export const BREAKER_MS = 1_000
-
-export class StoreUnavailableError extends Error {
-  readonly code = 'GW_RATE_LIMIT_STORE_UNAVAILABLE'
-  constructor () { super('rate-limit store unavailable') }
-}
-const UNAVAILABLE = new StoreUnavailableError()
 
 export interface LimitStoreOptions {
   redis: Redis | Cluster | undefined
@@ -148,7 +143,7 @@ export class LimitStore {
   private failed (key: string, cb: IncrCallback, windowMs: number, max: number, err: Error | undefined): void {
     this.opts.metrics.storeErrors.inc()
     this.unavailable(err)
-    if (this.opts.policy === 'closed') return cb(UNAVAILABLE)
+    if (this.opts.policy === 'closed') return cb(STORE_UNAVAILABLE)
     const fallbackMax = this.opts.fallbackMax
     if (fallbackMax === undefined || fallbackMax >= max) return this.fallback.incr(key, cb, windowMs, max)
     // Scale so that `current > max` (the plugin's test) trips after fallbackMax hits.

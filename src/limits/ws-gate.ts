@@ -15,10 +15,9 @@ import type { Identity } from '../auth/identity.js'
 import type { Audit } from '../observability/audit.js'
 import type { WsCloseReason } from '../observability/metrics.js'
 import { CLOSE } from '../http/ws-close.js'
+import { CONNECTION_LIMITS_UNAVAILABLE, droppedMessageNotice, send, tooManyWebSocketsAnswer } from '../http/answers.js'
 import { isExempt } from './http.js'
 import type { ConnectionSlots, MessageVerdict, WsMessageLimiter } from './ws.js'
-
-const JSON_TYPE = 'application/json; charset=utf-8'
 
 /** One WebSocket's hold on the per-user connection cap; an exempt caller's holds none. */
 export class Slot {
@@ -66,12 +65,10 @@ export class WsLimits {
     if (slot.result === 'ok') return new Slot(slots, identity.sub, slot.id)
     if (slot.result === 'full') {
       audit.denied(request, { event: 'rate_limited', reason: 'ws_connections', transport: 'ws', status: 429, sub: identity.sub })
-      reply.header('retry-after', 5).code(429).type(JSON_TYPE)
-        .send(JSON.stringify({ error: 'rate_limited', error_description: `At most ${live.current.ws.maxConnectionsPerUser} WebSocket connections per user` }))
+      send(reply, tooManyWebSocketsAnswer(live.current.ws.maxConnectionsPerUser), 5)
       return undefined
     }
-    reply.header('retry-after', 1).code(503).type(JSON_TYPE)
-      .send(JSON.stringify({ error: 'unavailable', error_description: 'Connection limits are temporarily unavailable' }))
+    send(reply, CONNECTION_LIMITS_UNAVAILABLE, 1)
     return undefined
   }
 
@@ -159,6 +156,6 @@ export class MessageGate {
       return
     }
     audit.denied(s.request, { event: 'rate_limited', reason: 'ws_message_limit', transport: 'ws', status: 429, action: 'drop', sub: s.identity.sub })
-    s.notify(JSON.stringify({ error: 'rate_limited', error_description: 'message dropped: rate limit exceeded', retry_after: retryAfterSec }))
+    s.notify(droppedMessageNotice(retryAfterSec))
   }
 }

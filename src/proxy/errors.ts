@@ -1,7 +1,7 @@
 /**
  * Upstream failures as the client sees them: 502 when the app cannot be
  * reached or broke the connection, 504 when it did not answer in time. Never a
- * 500, never the internal error text.
+ * 500, never the internal error text (the answers: http/answers.ts).
  */
 import type { UpstreamErrorKind } from '../observability/metrics.js'
 
@@ -21,8 +21,3 @@ export function upstreamErrorKind (err: unknown): UpstreamErrorKind {
 export function upstreamErrorStatus (kind: UpstreamErrorKind): 502 | 504 {
   return kind === 'timeout' ? 504 : 502
 }
-
-export const UPSTREAM_ERROR_BODY = {
-  502: JSON.stringify({ error: 'bad_gateway', error_description: 'The app is unavailable' }),
-  504: JSON.stringify({ error: 'gateway_timeout', error_description: 'The app did not answer in time' })
-} as const

@@ -13,7 +13,8 @@ import type { Metrics } from '../observability/metrics.js'
 import { stripQueryToken } from '../auth/token.js'
 import { rewriteDownstreamHeaders, rewriteUpstreamHeaders, type ResponseHeaders } from './headers.js'
 import { forwardContext } from './context.js'
-import { UPSTREAM_ERROR_BODY, upstreamErrorKind, upstreamErrorStatus } from './errors.js'
+import { upstreamErrorKind, upstreamErrorStatus } from './errors.js'
+import { send, UPSTREAM_FAILED } from '../http/answers.js'
 
 export async function registerHttpProxy (app: FastifyInstance, config: Config, metrics: Metrics): Promise<void> {
   const u = config.upstream
@@ -68,7 +69,7 @@ export async function registerHttpProxy (app: FastifyInstance, config: Config, m
     const status = upstreamErrorStatus(kind)
     metrics.upstreamErrors.labels(kind, 'http').inc()
     reply.request.log.warn({ upstreamError: kind, code: (error as { code?: string }).code }, 'upstream request failed')
-    reply.code(status).type('application/json; charset=utf-8').send(UPSTREAM_ERROR_BODY[status])
+    send(reply, UPSTREAM_FAILED[status])
   }
 }
 

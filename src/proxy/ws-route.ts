@@ -20,10 +20,9 @@ import type { Metrics } from '../observability/metrics.js'
 import type { Slot, WsLimits } from '../limits/ws-gate.js'
 import { upstreamWsHeaders } from './headers.js'
 import { forwardContext } from './context.js'
-import { UPSTREAM_ERROR_BODY, upstreamErrorStatus } from './errors.js'
+import { upstreamErrorStatus } from './errors.js'
+import { badHandshakeAnswer, send, UPSTREAM_FAILED, upstreamRefusedAnswer } from '../http/answers.js'
 import type { EarlyMessage } from './ws-session.js'
-
-const JSON_TYPE = 'application/json; charset=utf-8'
 
 /** An open app-side WebSocket waiting for the client-side handshake. */
 export interface Upstream {
@@ -71,10 +70,6 @@ function handshakeProblem (request: FastifyRequest): string | undefined {
   return undefined
 }
 
-function refuse (reply: FastifyReply, status: number, error: string, description: string): FastifyReply {
-  return reply.code(status).type(JSON_TYPE).send(JSON.stringify({ error, error_description: description }))
-}
-
 export interface UpgradeDeps {
   config: Config
   metrics: Metrics
@@ -109,7 +104,7 @@ export class Upgrades {
     const identity = this.deps.guard.caller(request, reply)
     if (identity === null) return reply
     const problem = handshakeProblem(request)
-    if (problem !== undefined) return refuse(reply, 400, 'invalid_request', problem)
+    if (problem !== undefined) return send(reply, badHandshakeAnswer(problem))
     const slot = await this.deps.limits.admit(request, reply, identity)
     if (slot === undefined) return reply
     try {
@@ -169,9 +164,9 @@ export class Upgrades {
       this.deps.metrics.upstreamErrors.labels(kind, 'ws').inc()
       request.log.warn({ upstreamError: kind }, 'upstream websocket failed')
       const answer = upstreamErrorStatus(kind)
-      return reply.code(answer).type(JSON_TYPE).send(UPSTREAM_ERROR_BODY[answer])
+      return send(reply, UPSTREAM_FAILED[answer])
     }
-    return refuse(reply, status, 'upstream_refused', 'The app refused the WebSocket')
+    return send(reply, upstreamRefusedAnswer(status))
   }
 }
 
