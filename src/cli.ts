@@ -7,32 +7,36 @@
  * resonance-gateway <command> --help          the command's usage (exit 0)
  * Exit codes: 0 ok, 1 failed, 2 usage.
  */
-import { loadConfig } from './config/load.js'
-import { LEAVES, type LeafPath } from './config/settings.js'
+import { loadConfig, type Config } from './config/load.js'
+import { CONFIG_FILE, fieldPath, LEAVES, type LeafPath } from './config/settings.js'
+
+const ADMIN_HOST = LEAVES['admin.host']
+const ADMIN_PORT = LEAVES['admin.port']
+const ADMIN_TOKEN = LEAVES['admin.token']
 
 const USAGE = `usage:
   resonance-gateway [serve]
   resonance-gateway check-config [--file <gateway.yaml>]
-  resonance-gateway revoke (--sub <sub> | --jti <jti>) [--admin-url <http://127.0.0.1:9090>]
-      the admin token is read from the ADMIN_TOKEN environment variable
+  resonance-gateway revoke (--sub <sub> | --jti <jti>) [--admin-url <http://${ADMIN_HOST.default}:${ADMIN_PORT.default}>]
+      the admin token is read from the ${ADMIN_TOKEN.env} environment variable
   resonance-gateway <command> --help
 `
 
 /** `<command> --help` (or `-h`): what that command takes. */
 const COMMAND_USAGE: Record<string, string> = {
   serve: `usage: resonance-gateway [serve]
-  Runs the gateway (same as npm start). Configuration: the YAML file named by CONFIG_FILE
-  (default config/gateway.yaml) and the environment; check it with check-config.
+  Runs the gateway (same as npm start). Configuration: the YAML file named by ${CONFIG_FILE.env}
+  (default ${CONFIG_FILE.default}) and the environment; check it with check-config.
 `,
   'check-config': `usage: resonance-gateway check-config [--file <gateway.yaml>]
   Validates the configuration (the YAML file and the environment) and prints every effective
   value with its environment variable, secrets masked. Exit 0 when valid, 1 when not.
-  --file <path>   the YAML file (default: CONFIG_FILE, then config/gateway.yaml)
+  --file <path>   the YAML file (default: ${CONFIG_FILE.env}, then ${CONFIG_FILE.default})
 `,
   revoke: `usage: resonance-gateway revoke (--sub <sub> | --jti <jti>) [--admin-url <url>]
   Revokes every token of a user (--sub) or one token (--jti) through a running gateway's admin
-  API (POST /revocations). The admin token is read from the ADMIN_TOKEN environment variable.
-  --admin-url <url>   the admin listener (default http://$ADMIN_HOST:$ADMIN_PORT, i.e. http://127.0.0.1:9090)
+  API (POST /revocations). The admin token is read from the ${ADMIN_TOKEN.env} environment variable.
+  --admin-url <url>   the admin listener (default http://$${ADMIN_HOST.env}:$${ADMIN_PORT.env}, i.e. http://${ADMIN_HOST.default}:${ADMIN_PORT.default})
   Exit 0 when revoked, 1 when the gateway refused or could not be reached.
 `
 }
@@ -62,11 +66,9 @@ function flags (args: string[]): Map<string, string> {
 /** A value for display: secrets masked, credentials in URLs masked. */
 export function mask (path: LeafPath, value: unknown): string {
   if (value === undefined) return '(unset)'
-  const leaf = LEAVES[path] as { secret?: boolean }
-  let text = Array.isArray(value) ? value.join(',') : String(value)
-  if (leaf.secret === true && path !== 'redis.url' && path !== 'server.tls.key') return '********'
-  text = text.replace(/(\/\/[^:/@]*:)[^@]*@/, '$1********@')
-  return text
+  if ((LEAVES[path] as { secret?: boolean }).secret === true) return '********'
+  const text = Array.isArray(value) ? value.join(',') : String(value)
+  return text.replace(/(\/\/[^:/@]*:)[^@]*@/, '$1********@')
 }
 
 function checkConfig (args: string[]): number {
@@ -96,11 +98,13 @@ function checkConfig (args: string[]): number {
 }
 
 /**
- * The effective value of a leaf, from the loaded (validated) config: what file
- * and env resolved to, except that an empty JWT_ROLE_CLIENTS means the audiences.
+ * The effective value of a leaf: its Config field (what the gateway uses, e.g.
+ * the audiences for an empty JWT_ROLE_CLIENTS), else what file and env resolved to.
  */
-function effective (config: ReturnType<typeof loadConfig>, path: LeafPath): unknown {
-  return path === 'auth.roleClients' ? config.auth.roleClients : config.leaves[path]
+function effective (config: Config, path: LeafPath): unknown {
+  const at = fieldPath(path)
+  if (at === undefined) return config.leaves[path]
+  return at.split('.').reduce<unknown>((node, k) => (node as Record<string, unknown>)[k], config)
 }
 
 async function revoke (args: string[]): Promise<number> {
@@ -110,12 +114,12 @@ async function revoke (args: string[]): Promise<number> {
   const sub = f.get('sub')
   const jti = f.get('jti')
   if ((sub === undefined) === (jti === undefined)) throw new Error('give exactly one of --sub or --jti')
-  const token = process.env.ADMIN_TOKEN
+  const token = process.env[ADMIN_TOKEN.env]
   if (token === undefined || token === '') {
-    process.stderr.write('resonance-gateway revoke: set ADMIN_TOKEN to the gateway\'s admin token\n')
+    process.stderr.write(`resonance-gateway revoke: set ${ADMIN_TOKEN.env} to the gateway's admin token\n`)
     return 1
   }
-  const adminUrl = f.get('admin-url') ?? `http://${process.env.ADMIN_HOST ?? '127.0.0.1'}:${process.env.ADMIN_PORT ?? '9090'}`
+  const adminUrl = f.get('admin-url') ?? `http://${process.env[ADMIN_HOST.env] ?? ADMIN_HOST.default}:${process.env[ADMIN_PORT.env] ?? ADMIN_PORT.default}`
   let res: Response
   try {
     res = await fetch(new URL('/revocations', adminUrl), {

@@ -7,7 +7,7 @@ import { join } from 'node:path'
 import t from 'tap'
 import { configWarnings, loadConfig, type Config } from '../src/config/load.js'
 import { configTable } from '../src/config/reference.js'
-import { LEAVES } from '../src/config/settings.js'
+import { CONFIG_FILE, LEAVES } from '../src/config/settings.js'
 
 const dir = mkdtempSync(join(tmpdir(), 'gw-config-test-'))
 t.teardown(() => rmSync(dir, { recursive: true, force: true }))
@@ -499,7 +499,7 @@ t.test('README documents every environment variable', async (t) => {
   const exists = existsSync(readmeUrl)
   t.ok(exists, 'README.md exists')
   const readme = exists ? readFileSync(readmeUrl, 'utf8') : ''
-  const names = [...Object.values(LEAVES).map((leaf) => leaf.env), 'CONFIG_FILE']
+  const names = [...Object.values(LEAVES).map((leaf) => leaf.env), CONFIG_FILE.env]
   t.equal(new Set(names).size, names.length, 'env names are unique in LEAVES')
   for (const name of names) {
     // whole word: PORT must not be satisfied by ADMIN_PORT

@@ -35,7 +35,10 @@ export interface Leaf<T> {
   /** Value when neither YAML nor env sets it; undefined = unset (or required). */
   default?: T
   required?: boolean
-  /** Masked by check-config and never logged. */
+  /**
+   * check-config prints ******** instead of the value. (Every value is shown
+   * with a URL's password masked, REDIS_URL's too; TLS_KEY is only the key's path.)
+   */
   secret?: boolean
   doc: string
 }
@@ -71,7 +74,7 @@ export const LEAVES = {
   'server.host': leaf({ env: 'HOST', reload: 'restart', parse: str, default: '0.0.0.0', doc: 'Interface the public listener binds.' }),
   'server.port': leaf({ env: 'PORT', reload: 'restart', parse: port, default: 8080, doc: 'Public listener port (HTTP and WebSocket).' }),
   'server.tls.cert': optional({ env: 'TLS_CERT', field: false, reload: 'restart', parse: str, doc: 'Path to a PEM certificate chain; with `TLS_KEY` the public listener serves HTTPS.' }),
-  'server.tls.key': optional({ env: 'TLS_KEY', field: false, reload: 'restart', parse: str, secret: true, doc: 'Path to the PEM private key for `TLS_CERT`.' }),
+  'server.tls.key': optional({ env: 'TLS_KEY', field: false, reload: 'restart', parse: str, doc: 'Path to the PEM private key for `TLS_CERT`.' }),
   'server.allowInsecureHttp': leaf({ env: 'ALLOW_INSECURE_HTTP', reload: 'restart', parse: bool, default: false, doc: 'Accept bearer tokens over plain HTTP (development only). Otherwise a token over plaintext is refused with 401, unless it came through a trusted proxy with `X-Forwarded-Proto: https`.' }),
   'server.trustProxy': leaf({ env: 'TRUST_PROXY', reload: 'restart', parse: trustProxy, default: false as TrustProxy, doc: 'Which proxies in front of the gateway to trust for `X-Forwarded-For`/`-Proto`/`-Host`: `false`, a comma list of IPs/CIDRs (recommended), a hop count N (the client is the N-th address from the right of `X-Forwarded-For`, the peer counting as the first), or `true` (every hop). A hop count or `true` lets any client that reaches the gateway directly choose its own address and `X-Forwarded-Proto` (warned at start).' }),
   'server.configWatch': leaf({ env: 'CONFIG_WATCH', reload: 'restart', parse: bool, default: false, doc: 'Reload the YAML file when it changes (SIGHUP always reloads). The Reload column says which settings apply to new requests at once (`live`, and the YAML-only rule lists) and which keep their start value until a restart.' }),
@@ -107,7 +110,7 @@ export const LEAVES = {
   'log.level': leaf({ env: 'LOG_LEVEL', reload: 'live', parse: oneOf(LOG_LEVELS), default: 'info' as LogLevel, doc: `Log level: ${LOG_LEVELS.join(', ')}.` }),
   'audit.log': leaf({ env: 'AUDIT_LOG', reload: 'restart', parse: str, default: 'stdout', doc: 'Where the audit trail goes: `stdout`, `stderr` or a file path (appended to, created if missing; its directory must exist and be writable). One JSON line per denial, marked `"log":"audit"`, written synchronously and never filtered by `LOG_LEVEL`. SIGHUP reopens the file (log rotation).' }),
   'redis.clusterNodes': leaf({ env: 'REDIS_CLUSTER_NODES', reload: 'restart', parse: list(hostPort), default: [] as string[], doc: 'Redis Cluster seed nodes (comma list of `host:port`); takes precedence over `REDIS_URL`, whose password/TLS/db settings still apply when it is also set.' }),
-  'redis.url': optional({ env: 'REDIS_URL', reload: 'restart', parse: url(['redis', 'rediss']), secret: true, doc: 'Redis for shared rate limits (`redis://[:password@]host:6379/db`, `rediss://` for TLS). Unset: in-process limits, per replica.' }),
+  'redis.url': optional({ env: 'REDIS_URL', reload: 'restart', parse: url(['redis', 'rediss']), doc: 'Redis for shared rate limits (`redis://[:password@]host:6379/db`, `rediss://` for TLS). Unset: in-process limits, per replica.' }),
   'rateLimit.max': leaf({ env: 'RATE_LIMIT_MAX', reload: 'live', parse: int(1), default: 100, doc: 'Requests (HTTP and WebSocket upgrades) per user (`sub`) per window.' }),
   'rateLimit.window': leaf({ env: 'RATE_LIMIT_WINDOW', field: 'windowMs', reload: 'live', parse: duration(1000), default: 60_000, doc: 'Rate-limit window: milliseconds or a duration (`60s`, `1m`). Fixed windows: the budget resets when the window ends.' }),
   'rateLimit.keyPrefix': leaf({ env: 'RATE_LIMIT_KEY_PREFIX', reload: 'restart', parse: str, default: 'resonance:rl:', doc: 'Prefix of every rate-limit key in Redis, so several gateways (or environments) can share one Redis.' }),
