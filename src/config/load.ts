@@ -120,7 +120,7 @@ function readYaml (explicitFile: string | undefined, errors: string[]): { yaml: 
 function resolveLeaves (yaml: Record<string, unknown>, env: NodeJS.ProcessEnv, errors: string[]): LeafValues {
   const values: Record<string, unknown> = {}
   for (const [path, leaf] of Object.entries(LEAVES) as Array<[LeafPath, Leaf<unknown>]>) {
-    const label = `${path} (${leaf.env})`
+    const label = labelOf(path)
     const fromEnv = nonEmpty(env[leaf.env])
     const raw = fromEnv ?? getPath(yaml, path)
     if (raw === undefined || raw === null) {
@@ -133,6 +133,11 @@ function resolveLeaves (yaml: Record<string, unknown>, env: NodeJS.ProcessEnv, e
     else errors.push(`${label}: ${parsed.error}${fromEnv !== undefined ? ' (from environment)' : ''}`)
   }
   return values as LeafValues
+}
+
+/** How an error names a leaf: `upstream.timeout (UPSTREAM_TIMEOUT)`. */
+function labelOf (path: LeafPath): string {
+  return `${path} (${LEAVES[path].env})`
 }
 
 function parseStructured (yaml: Record<string, unknown>, errors: string[]): Structured {
@@ -148,20 +153,20 @@ function checkRelations (v: LeafValues, errors: string[]): void {
   const cert = v['server.tls.cert']
   const key = v['server.tls.key']
   if ((cert === undefined) !== (key === undefined)) {
-    errors.push('server.tls (TLS_CERT, TLS_KEY): set both the certificate and the key, or neither')
+    errors.push(`server.tls (${LEAVES['server.tls.cert'].env}, ${LEAVES['server.tls.key'].env}): set both the certificate and the key, or neither`)
   }
-  for (const [path, file] of [['server.tls.cert (TLS_CERT)', cert], ['server.tls.key (TLS_KEY)', key]] as const) {
-    if (file !== undefined && !existsSync(file)) errors.push(`${path}: file not found: ${file}`)
+  for (const [path, file] of [['server.tls.cert', cert], ['server.tls.key', key]] as const) {
+    if (file !== undefined && !existsSync(file)) errors.push(`${labelOf(path)}: file not found: ${file}`)
   }
 
   const auditLog = v['audit.log']
   const auditErr = auditLog === 'stdout' || auditLog === 'stderr' ? undefined : auditFileError(auditLog)
-  if (auditErr !== undefined) errors.push(`audit.log (AUDIT_LOG): ${auditErr}`)
+  if (auditErr !== undefined) errors.push(`${labelOf('audit.log')}: ${auditErr}`)
 
   const requestTimeout = v['server.requestTimeout']
   const headersTimeout = v['server.headersTimeout']
   if (requestTimeout !== undefined && headersTimeout !== undefined && headersTimeout > requestTimeout) {
-    errors.push(`server.headersTimeout (HEADERS_TIMEOUT): must not be longer than server.requestTimeout (REQUEST_TIMEOUT, ${requestTimeout} ms)`)
+    errors.push(`${labelOf('server.headersTimeout')}: must not be longer than server.requestTimeout (${LEAVES['server.requestTimeout'].env}, ${requestTimeout} ms)`)
   }
 }
 
