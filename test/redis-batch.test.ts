@@ -17,6 +17,7 @@ import { BatchedRedisStore, MAX_BATCH } from '../src/limits/redis-batch.js'
 import type { Hits } from '../src/limits/store.js'
 import { freePort } from './helpers/ports.js'
 import { deleteKeys, redisUrl, startRedisServer, type RedisServer } from './helpers/redis.js'
+import { attempts, commandStats, delta } from './helpers/redis-stats.js'
 import { within } from './helpers/wait.js'
 
 const WINDOW_MS = 60_000
@@ -55,31 +56,6 @@ function freshPrefix (tt: Test, cleaner: Redis): string {
   tt.teardown(async () => { await deleteKeys(cleaner, prefix) })
   return prefix
 }
-
-interface CmdStat { calls: number, rejected: number, failed: number }
-
-/** `INFO commandstats` as { evalsha: {calls, rejected, failed}, ... }. */
-async function commandStats (c: Redis): Promise<Record<string, CmdStat>> {
-  const text = await c.info('commandstats')
-  const out: Record<string, CmdStat> = {}
-  for (const line of text.split('\r\n')) {
-    const m = /^cmdstat_([^:]+):(.*)$/.exec(line)
-    if (m === null) continue
-    const fields = Object.fromEntries((m[2] ?? '').split(',').map((kv) => kv.split('=') as [string, string]))
-    out[m[1] ?? ''] = { calls: Number(fields.calls ?? 0), rejected: Number(fields.rejected_calls ?? 0), failed: Number(fields.failed_calls ?? 0) }
-  }
-  return out
-}
-
-/** Per-command deltas between two commandstats snapshots. */
-function delta (before: Record<string, CmdStat>, after: Record<string, CmdStat>, cmd: string): CmdStat {
-  const b = before[cmd] ?? { calls: 0, rejected: 0, failed: 0 }
-  const a = after[cmd] ?? { calls: 0, rejected: 0, failed: 0 }
-  return { calls: a.calls - b.calls, rejected: a.rejected - b.rejected, failed: a.failed - b.failed }
-}
-
-/** Every attempt of a script command: executed calls plus those rejected before execution. */
-const attempts = (d: CmdStat): number => d.calls + d.rejected
 
 async function privateRedis (tt: Test): Promise<RedisServer> {
   const server = await startRedisServer()

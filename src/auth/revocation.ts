@@ -25,6 +25,7 @@
 import type { Cluster, Redis } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
 import type { CheckResult } from '../observability/health.js'
+import { RedisScript } from '../redis-script.js'
 import type { Identity } from './identity.js'
 
 export const RESYNC_MS = 30_000
@@ -54,7 +55,7 @@ export interface Revocation {
 // KEYS[1] = the shared maximum `exp` (seconds); ARGV = candidate exp, its PXAT (ms), the largest sane exp.
 // Returns the maximum after the call. A stored value above the sane bound (written before it existed) or not a
 // number counts as none, so the next sane candidate replaces it.
-const MAXEXP_LUA = `
+const MAXEXP = new RedisScript<number>(`
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
 if cur > tonumber(ARGV[3]) then cur = 0 end
 if tonumber(ARGV[1]) > cur then
@@ -62,8 +63,7 @@ if tonumber(ARGV[1]) > cur then
   return tonumber(ARGV[1])
 end
 return cur
-`
-type RevRedis = (Redis | Cluster) & { revMaxExp?: (key: string, exp: number, pxat: number, saneMax: number) => Promise<number> }
+`)
 
 export interface RevocationOptions {
   redis: Redis | Cluster | undefined
@@ -77,7 +77,7 @@ export class Revocations {
   private readonly jtis = new Map<string, number>()
   private readonly subs = new Map<string, { at: number, expiresAt: number }>()
   private readonly listeners: Array<(r: Revocation) => void> = []
-  private readonly redis: RevRedis | undefined
+  private readonly redis: Redis | Cluster | undefined
   private subscriber: Redis | Cluster | undefined
   private maxExpSeen = 0
   private maxExpPushed = 0
@@ -93,14 +93,11 @@ export class Revocations {
   private redisDown = false
 
   constructor (private readonly opts: RevocationOptions) {
-    this.redis = opts.redis as RevRedis | undefined
+    this.redis = opts.redis
     this.channel = `${opts.keyPrefix}revocations`
     this.loadedOnce = this.redis === undefined
     this.redis?.on('reconnecting', () => { this.redisDown = true })
     this.redis?.on('ready', () => { this.redisDown = false })
-    if (this.redis !== undefined && this.redis.revMaxExp === undefined) {
-      this.redis.defineCommand('revMaxExp', { numberOfKeys: 1, lua: MAXEXP_LUA })
-    }
   }
 
   get size (): number { return this.jtis.size + this.subs.size }
@@ -157,7 +154,7 @@ export class Revocations {
     // Shared with the other replicas, at most once a minute of growth.
     if (this.redis !== undefined && sec > this.maxExpPushed + 60 && this.redis.status === 'ready') {
       this.maxExpPushed = sec
-      this.redis.revMaxExp?.(`${this.opts.keyPrefix}rev:maxexp`, sec, sec * 1000, saneMaxExp(Date.now())).catch(() => {})
+      MAXEXP.run(this.redis, [this.maxExpKey()], [sec, sec * 1000, saneMaxExp(Date.now())]).catch(() => {})
     }
   }
 
@@ -166,9 +163,9 @@ export class Revocations {
   /** Revokes and announces; resolves once stored (Redis) and applied locally. */
   async revoke (kind: RevocationKind, value: string, now = Date.now()): Promise<Revocation> {
     let maxExp = this.maxExpSeen
-    if (this.redis?.revMaxExp !== undefined) {
+    if (this.redis !== undefined) {
       // The shared maximum may come from another replica (or an older version that stored any `exp`).
-      const shared = Number(await this.redis.revMaxExp(`${this.opts.keyPrefix}rev:maxexp`, 0, Math.ceil(now) + 1000, saneMaxExp(now)))
+      const shared = Number(await MAXEXP.run(this.redis, [this.maxExpKey()], [0, Math.ceil(now) + 1000, saneMaxExp(now)]))
       if (shared > maxExp) maxExp = shared
     }
     const ttlMs = revocationTtlMs(maxExp, now, this.opts.minTtlMs, this.opts.clockToleranceSec)
@@ -228,6 +225,9 @@ export class Revocations {
   private key (kind: RevocationKind, value: string): string {
     return `${this.opts.keyPrefix}rev:${kind}:${value}`
   }
+
+  /** The shared maximum `exp` (MAXEXP). */
+  private maxExpKey (): string { return `${this.opts.keyPrefix}rev:maxexp` }
 
   private apply (r: Revocation): void {
     if (r.expiresAt <= Date.now()) return

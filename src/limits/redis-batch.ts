@@ -16,8 +16,8 @@
  * split by slot (the same slot function ioredis uses).
  */
 import type { Cluster, Redis } from 'ioredis'
-import { createHash } from 'node:crypto'
 import { createRequire } from 'node:module'
+import { RedisScript } from '../redis-script.js'
 
 /** A counted hit: the count in the window so far (this one included) and the ms left of the window. */
 export interface Hits { current: number, ttl: number }
@@ -58,7 +58,7 @@ end
 return out
 `
 
-const BATCH_SHA = createHash('sha1').update(BATCH_LUA).digest('hex')
+const BATCH = new RedisScript(BATCH_LUA)
 
 interface Batch {
   keys: string[]
@@ -114,12 +114,8 @@ export class BatchedRedisStore {
 
   private send (b: Batch): void {
     const n = b.keys.length
-    // EVALSHA (ioredis routes it by its keys in a Cluster); EVAL once when Redis does not know the script yet.
-    const args: Array<string | number> = [...b.keys, ...b.windows]
-    this.redis.evalsha(BATCH_SHA, n, ...args).catch((err: Error) => {
-      if (!err.message.startsWith('NOSCRIPT')) throw err
-      return this.redis.eval(BATCH_LUA, n, ...args)
-    }).then((res) => {
+    // EVALSHA, or EVAL once when Redis does not hold the script (redis-script.ts); one slot's keys in a Cluster.
+    BATCH.run(this.redis, b.keys, b.windows).then((res) => {
       if (!Array.isArray(res) || res.length !== 2 * n) {
         const err = new Error('rate-limit batch: unexpected reply from Redis')
         for (const cb of b.callbacks) cb(err)

@@ -16,23 +16,22 @@ import type { Cluster, Redis } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
 import type { StoreErrorPolicy } from '../config/settings.js'
 import type { Metrics } from '../observability/metrics.js'
+import { RedisScript } from '../redis-script.js'
 import type { LimitStore } from './store.js'
 
 export const LEASE_MS = 60_000
 const REFRESH_MS = LEASE_MS / 3
 
-const ACQUIRE_LUA = `
+// KEYS[1] = the user's leases; ARGV = now, the lease's expiry (ms), its id, the cap, the key's TTL (ms).
+// Returns {granted (1 or 0), leases held after the call}.
+const ACQUIRE = new RedisScript<[number, number]>(`
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 local n = redis.call('ZCARD', KEYS[1])
 if n >= tonumber(ARGV[4]) then return {0, n} end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return {1, n + 1}
-`
-
-type SlotRedis = (Redis | Cluster) & {
-  wsSlotAcquire?: (key: string, now: number, expires: number, id: string, max: number, ttl: number) => Promise<[number, number]>
-}
+`)
 
 export interface MessageVerdict { allowed: boolean, retryAfterSec: number }
 
@@ -56,10 +55,9 @@ export class ConnectionSlots {
   /** sub -> lease ids held by this process */
   private readonly local = new Map<string, Set<string>>()
   private readonly timer: NodeJS.Timeout
-  private readonly redis: SlotRedis | undefined
 
   constructor (
-    redis: Redis | Cluster | undefined,
+    private readonly redis: Redis | Cluster | undefined,
     private readonly prefix: string,
     /** Read per upgrade (reloadable). */
     private readonly max: () => number,
@@ -67,10 +65,6 @@ export class ConnectionSlots {
     private readonly metrics: Metrics,
     private readonly log: FastifyBaseLogger
   ) {
-    this.redis = redis as SlotRedis | undefined
-    if (this.redis !== undefined && this.redis.wsSlotAcquire === undefined) {
-      this.redis.defineCommand('wsSlotAcquire', { numberOfKeys: 1, lua: ACQUIRE_LUA })
-    }
     this.timer = setInterval(() => { this.refresh() }, REFRESH_MS)
     this.timer.unref()
   }
@@ -82,10 +76,10 @@ export class ConnectionSlots {
     const id = randomUUID()
     const held = this.local.get(sub)
     const redis = this.redis
-    if (redis?.wsSlotAcquire !== undefined && redis.status === 'ready') {
+    if (redis !== undefined && redis.status === 'ready') {
       try {
         const now = Date.now()
-        const [granted] = await redis.wsSlotAcquire(this.key(sub), now, now + LEASE_MS, id, this.max(), LEASE_MS)
+        const [granted] = await ACQUIRE.run(redis, [this.key(sub)], [now, now + LEASE_MS, id, this.max(), LEASE_MS])
         if (granted !== 1) return { result: 'full', id }
         this.hold(sub, id)
         return { result: 'ok', id }
