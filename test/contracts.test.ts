@@ -7,8 +7,9 @@
 //       every level method and argument form, bindings, child(), redaction and serializers, the level read and set at
 //       runtime (on the request logger and on its parent), route options (logLevel, logSerializers) - called directly
 //       and through Fastify itself;
-//   (c) @fastify/rate-limit's LocalStore (limits/store.ts requires it by file path: the plugin does not export it):
-//       the constructor and the incr() semantics the in-process limits rely on.
+//   (c) LocalCounter (limits/local-counter.ts), the in-process limits, vs @fastify/rate-limit's LocalStore whose
+//       semantics it keeps (the plugin does not export its store, so the gateway has its own): fixed windows, LRU
+//       bound, synchronous answers, and the same answers as LocalStore over a random sequence of calls.
 import { createRequire } from 'node:module'
 import t, { type Test } from 'tap'
 import Fastify, { type FastifyInstance } from 'fastify'
@@ -16,6 +17,7 @@ import { pino, type Logger } from 'pino'
 import { Counter, Histogram, Registry } from 'prom-client'
 import { createMetrics } from '../src/observability/metrics.js'
 import { LazyRequestLogger, loggerOptions } from '../src/observability/logger.js'
+import { LocalCounter } from '../src/limits/local-counter.js'
 import type { LogLevel } from '../src/config/parsers.js'
 
 // --- (a) StatusHistogram vs prom-client ----------------------------------------------------------------------------------
@@ -261,18 +263,19 @@ t.test('(b) through Fastify: request.log from the gateway\'s factory writes what
   t.same(lazy, real)
 })
 
-// --- (c) @fastify/rate-limit's LocalStore ---------------------------------------------------------------------------------
+// --- (c) LocalCounter vs @fastify/rate-limit's LocalStore ---------------------------------------------------------------
 
 interface Hits { current: number, ttl: number }
 interface LimitCounter { incr (key: string, cb: (err: Error | null, res?: Hits) => void, windowMs: number, max: number): void }
 
-/** The module limits/store.ts requires, by the same path (an Error when it cannot be loaded). */
+/** The plugin's own in-process store (an Error when it cannot be loaded): what LocalCounter is compared with. */
 function loadLocalStore (): unknown {
   try { return createRequire(import.meta.url)('@fastify/rate-limit/store/LocalStore') } catch (err) { return err }
 }
 const LocalStore = loadLocalStore()
-/** The in-process counter limits/store.ts makes: LocalStore(continueExceeding false, exponentialBackoff false, entries). */
-const newCounter = (entries: number): LimitCounter => new (LocalStore as new (c: boolean, e: boolean, n: number) => LimitCounter)(false, false, entries)
+/** LocalStore as the gateway used it before it had LocalCounter: continueExceeding and exponentialBackoff off. */
+const newLocalStore = (entries: number): LimitCounter => new (LocalStore as new (c: boolean, e: boolean, n: number) => LimitCounter)(false, false, entries)
+const newCounter = (entries: number): LimitCounter => new LocalCounter(entries)
 
 /** One incr, answered synchronously (limits/ws.ts counts on it): a copy of what the callback got. */
 function hit (store: LimitCounter, key: string, windowMs: number, max: number): Hits {
@@ -283,11 +286,7 @@ function hit (store: LimitCounter, key: string, windowMs: number, max: number): 
   return got.res
 }
 
-t.test('(c) @fastify/rate-limit LocalStore: the constructor and incr semantics limits/store.ts relies on', async (t) => {
-  if (typeof LocalStore !== 'function') {
-    t.fail(`require('@fastify/rate-limit/store/LocalStore') is not the constructor limits/store.ts expects: ${String(LocalStore)}`)
-    return
-  }
+t.test('(c) LocalCounter: fixed windows, bounded entries, synchronous answers; the same answers as LocalStore', async (t) => {
   const realNow = Date.now
   let now = 1_000_000
   Date.now = () => now
@@ -317,5 +316,26 @@ t.test('(c) @fastify/rate-limit LocalStore: the constructor and incr semantics l
     hit(store, 'c', 60_000, 10) // evicts b
     tt.equal(hit(store, 'a', 60_000, 10).current, 3, 'a was kept')
     tt.equal(hit(store, 'b', 60_000, 10).current, 1, 'b was evicted: it counts from 1 again')
+  })
+
+  await t.test('the same answers as @fastify/rate-limit\'s LocalStore over 20,000 random calls', async (tt) => {
+    if (typeof LocalStore !== 'function') {
+      tt.fail(`@fastify/rate-limit/store/LocalStore could not be loaded: ${String(LocalStore)}`)
+      return
+    }
+    let seed = 42
+    const random = (n: number): number => { seed = (seed * 1103515245 + 12345) % 2147483648; return seed % n }
+    const ours = newCounter(8)
+    const theirs = newLocalStore(8)
+    const diffs: string[] = []
+    for (let i = 0; i < 20_000 && diffs.length < 5; i++) {
+      now += random(40)
+      const key = `k${random(12)}`
+      const windowMs = [100, 250, 1000][random(3)] as number
+      const a = hit(ours, key, windowMs, 5)
+      const b = hit(theirs, key, windowMs, 5)
+      if (a.current !== b.current || a.ttl !== b.ttl) diffs.push(`call ${i} ${key} ${windowMs}: ours ${JSON.stringify(a)}, LocalStore ${JSON.stringify(b)}`)
+    }
+    tt.same(diffs, [], 'no call answered differently')
   })
 })

@@ -5,13 +5,13 @@
  * With Redis it counts with BatchedRedisStore (redis-batch.ts): the plugin's
  * RedisStore semantics (INCR + PEXPIRE on the first hit, atomic per key,
  * shared by every replica, Redis Cluster safe), but the increments of one
- * event-loop turn share one script call. Without Redis, the plugin's
- * LocalStore (bounded LRU).
+ * event-loop turn share one script call. Without Redis, in-process
+ * counters (local-counter.ts: the plugin's LocalStore semantics, bounded LRU).
  *
  * When Redis fails (down, restarting, slower than the command timeout) the
  * store never hangs a request: the error is counted, logged once per outage,
  * and the policy decides:
- *   open   - count in a per-process LocalStore against RATE_LIMIT_FALLBACK_MAX
+ *   open   - count in a per-process LocalCounter against RATE_LIMIT_FALLBACK_MAX
  *            (default: the normal budget), so a user cannot run unlimited;
  *   closed - fail the call; the caller answers 503 + Retry-After.
  * After a failure Redis is skipped for a short breaker interval (so a slow
@@ -33,17 +33,13 @@
  */
 import type { FastifyBaseLogger } from 'fastify'
 import type { Cluster, Redis } from 'ioredis'
-import { createRequire } from 'node:module'
 import type { Metrics } from '../observability/metrics.js'
 import type { StoreErrorPolicy } from '../config/settings.js'
 import type { CheckResult } from '../observability/health.js'
+import { LocalCounter } from './local-counter.js'
 import { BatchedRedisStore, type IncrCallback } from './redis-batch.js'
 import { redisCheck } from './redis.js'
 import { STORE_UNAVAILABLE } from '../errors.js'
-
-const require = createRequire(import.meta.url)
-/* The plugin exports its stores only as files; they are its public store API (README "Custom Store"). */
-const LocalStore = require('@fastify/rate-limit/store/LocalStore') as new (continueExceeding: boolean, exponentialBackoff: boolean, cache: number) => StoreLike
 
 export type { Hits, IncrCallback } from './redis-batch.js'
 interface StoreLike { incr (key: string, cb: IncrCallback, windowMs: number, max: number): void }
@@ -75,8 +71,8 @@ export class LimitStore {
 
   constructor (private readonly opts: LimitStoreOptions) {
     this.redisStore = opts.redis !== undefined ? new BatchedRedisStore(opts.redis, opts.keyPrefix) : undefined
-    this.local = new LocalStore(false, false, LOCAL_STORE_ENTRIES)
-    this.fallback = new LocalStore(false, false, LOCAL_STORE_ENTRIES)
+    this.local = new LocalCounter(LOCAL_STORE_ENTRIES)
+    this.fallback = new LocalCounter(LOCAL_STORE_ENTRIES)
     // 'reconnecting' only follows a lost or refused connection (never a deliberate disconnect at shutdown).
     opts.redis?.on('reconnecting', () => {
       this.down = true
