@@ -1,9 +1,7 @@
 // The admin listener: liveness, readiness (JWKS loaded, not draining), the metric catalogue, and graceful close
 // (in-flight requests finish).
 import t from 'tap'
-import { startIssuer } from './helpers/issuer.js'
-import { startUpstream } from './helpers/upstream.js'
-import { startGateway } from './helpers/gateway.js'
+import { startBackends, startGateway } from './helpers/gateway.js'
 import { until } from './helpers/wait.js'
 
 const REQUIRED_METRICS = [
@@ -24,10 +22,7 @@ const REQUIRED_METRICS = [
 ]
 
 t.test('admin endpoints', async (t) => {
-  const issuer = await startIssuer()
-  t.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
+  const { issuer, upstream } = await startBackends(t)
   const g = await startGateway(t, issuer, upstream)
 
   const health = await fetch(`${g.adminUrl}/healthz`)
@@ -53,10 +48,7 @@ t.test('admin endpoints', async (t) => {
 })
 
 t.test('readiness waits for the JWKS', async (t) => {
-  const issuer = await startIssuer()
-  t.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
+  const { issuer, upstream } = await startBackends(t)
   issuer.setJwksMode('error')
   const g = await startGateway(t, issuer, upstream, { noStart: true })
   await g.gw.start()
@@ -66,10 +58,7 @@ t.test('readiness waits for the JWKS', async (t) => {
 })
 
 t.test('close lets in-flight requests finish and refuses new ones', async (t) => {
-  const issuer = await startIssuer()
-  t.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
+  const { issuer, upstream } = await startBackends(t)
   const g = await startGateway(t, issuer, upstream)
   const auth = { authorization: `Bearer ${await issuer.token()}` }
 
@@ -84,10 +73,7 @@ t.test('close lets in-flight requests finish and refuses new ones', async (t) =>
 })
 
 t.test('readiness shows Redis when configured', async (t) => {
-  const issuer = await startIssuer()
-  t.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
+  const { issuer, upstream } = await startBackends(t)
   const { redisUrl } = await import('./helpers/redis.js')
   const up = await startGateway(t, issuer, upstream, { env: { REDIS_URL: await redisUrl() } })
   const ok = await fetch(`${up.adminUrl}/readyz`)

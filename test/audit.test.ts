@@ -7,43 +7,29 @@
 //   - `node dist/server.js` with AUDIT_LOG=<file> and LOG_LEVEL=silent: after SIGTERM the file holds every denial made
 //     before it; AUDIT_LOG=stderr; LOG_LEVEL=error still audits on stdout; an unwritable AUDIT_LOG exits 1 before binding;
 //   - the README's Logs section names every field, event and reason value.
-import { execFileSync, spawn } from 'node:child_process'
 import { randomUUID } from 'node:crypto'
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import http from 'node:http'
-import type { IncomingMessage } from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { fileURLToPath } from 'node:url'
-import t, { type Test } from 'tap'
+import t from 'tap'
 import WebSocket from 'ws'
-import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
-import { startUpstream, type TestUpstream } from './helpers/upstream.js'
-import { startGateway, type TestGateway } from './helpers/gateway.js'
-import { canBind, freePort } from './helpers/ports.js'
-import { pingPong, until, within } from './helpers/wait.js'
+import { randomSub } from './helpers/issuer.js'
+import { startBackends, startGateway, type TestGateway } from './helpers/gateway.js'
+import { canBind } from './helpers/ports.js'
+import { ensureBuilt, ROOT, spawnGateway, unreachableBackendsEnv } from './helpers/process.js'
+import { connect } from './helpers/ws-client.js'
+import { pingPong, scrapeMetric, until, within } from './helpers/wait.js'
 import { AUTH_FAILURE_REASONS } from '../src/observability/metrics.js'
 import { FORBIDDEN_REASONS, RATE_LIMITED_REASONS } from '../src/observability/audit.js'
 
-const ROOT = fileURLToPath(new URL('..', import.meta.url))
-const ENTRY = join(ROOT, 'dist', 'server.js')
 const LOOPBACK = '127.0.0.1'
 const ADMIN_TOKEN = 'audit-test-admin-token-0123456789'
 
-let issuer: TestIssuer
-let upstream: TestUpstream
 const tmp = mkdtempSync(join(tmpdir(), 'gw-audit-'))
-
-t.before(async () => {
-  if (!existsSync(ENTRY)) execFileSync('npm', ['run', 'build'], { cwd: ROOT, stdio: 'ignore' })
-  issuer = await startIssuer()
-  upstream = await startUpstream()
-})
-t.teardown(async () => {
-  await upstream.close()
-  await issuer.close()
-  rmSync(tmp, { recursive: true, force: true })
-})
+t.teardown(() => rmSync(tmp, { recursive: true, force: true }))
+ensureBuilt()
+const { issuer, upstream } = await startBackends(t)
 
 type Line = Record<string, unknown>
 
@@ -124,22 +110,6 @@ t.test('README, Operations > Logs: every field, event and reason value of the au
   for (const n of names) t.ok(logs.includes(`\`${n}\``) || logs.includes(n.startsWith('"') ? n : `"${n}"`), n)
 })
 
-interface Conn { ws: WebSocket, path: string, texts: string[] }
-
-async function connect (g: TestGateway, token: string): Promise<Conn> {
-  const path = `/ws/${randomUUID()}`
-  const ws = new WebSocket(`${g.wsUrl}${path}`, { headers: { authorization: `Bearer ${token}` } })
-  const texts: string[] = []
-  ws.on('message', (d) => texts.push((d as Buffer).toString()))
-  await within(new Promise<void>((resolve, reject) => {
-    ws.once('open', () => resolve())
-    ws.once('error', reject)
-    ws.once('unexpected-response', (_req, res: IncomingMessage) => { res.resume(); reject(new Error(`upgrade refused with ${res.statusCode}`)) })
-  }), 5000, 'open')
-  ws.on('error', () => {})
-  return { ws, path, texts }
-}
-
 const WS_LIMITED = 'resonance_rate_limit_triggered_total'
 
 t.test('WebSocket message limit, drop: one audit line per dropped message (action drop, 429), adding up to the metric', async (t) => {
@@ -172,10 +142,9 @@ t.test('WebSocket message limit, close: one audit line (action close, 1008)', as
   const sub = randomSub('closer')
   const before = await total(g, WS_LIMITED)
   const c = await connect(g, await issuer.token({ sub }))
-  const closed = new Promise<number>((resolve) => c.ws.once('close', (code) => resolve(code)))
   c.ws.send('a')
   c.ws.send('b')
-  t.equal(await within(closed, 5000, 'close'), 1008)
+  t.equal((await within(c.closed, 5000, 'close')).code, 1008)
   // the app's side closes once the gateway has finished with the session
   await until(() => upstream.wsConnections.some((r) => r.url === c.path && r.closed !== undefined), 2000, 'the app connection closed too')
   const lines = g.audits().filter((l) => l.reason === 'ws_message_limit' && l.sub === sub)
@@ -205,48 +174,8 @@ t.test('admin API lines (revoked, admin_denied) are on the audit trail with one 
 
 // --- the real entrypoint --------------------------------------------------------------------------------------------
 
-interface Proc { stdout: () => string, stderr: () => string, exited: Promise<number | null>, term: () => void }
-
-function spawnGateway (t: Test, env: Record<string, string>): Proc {
-  const yaml = join(tmp, `${randomUUID()}.yaml`)
-  writeFileSync(yaml, '')
-  const child = spawn(process.execPath, [ENTRY], {
-    cwd: ROOT,
-    env: { PATH: process.env.PATH ?? '/usr/bin:/bin', CONFIG_FILE: yaml, ...env },
-    stdio: ['ignore', 'pipe', 'pipe']
-  })
-  let out = ''
-  let err = ''
-  child.stdout.setEncoding('utf8').on('data', (c: string) => { out += c })
-  child.stderr.setEncoding('utf8').on('data', (c: string) => { err += c })
-  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
-  t.teardown(async () => {
-    if (child.exitCode === null && child.signalCode === null) { child.kill('SIGKILL'); await exited }
-  })
-  return { stdout: () => out, stderr: () => err, exited, term: () => { child.kill('SIGTERM') } }
-}
-
-async function processEnv (): Promise<{ port: number, admin: number, env: Record<string, string> }> {
-  const port = await freePort()
-  const admin = await freePort()
-  const closed = await freePort() // nothing listens: the JWKS never loads, token-less requests are refused anyway
-  return {
-    port,
-    admin,
-    env: {
-      HOST: LOOPBACK,
-      PORT: String(port),
-      ADMIN_HOST: LOOPBACK,
-      ADMIN_PORT: String(admin),
-      JWT_ISSUER: `http://${LOOPBACK}:${closed}/realms/test`,
-      JWT_AUDIENCE: 'gw',
-      UPSTREAM_URL: `http://${LOOPBACK}:${closed}`,
-      ALLOW_INSECURE_HTTP: 'true',
-      SHUTDOWN_DELAY: '0',
-      SHUTDOWN_TIMEOUT: '5s'
-    }
-  }
-}
+/** Exit at once on SIGTERM (no readiness delay), within 5 s. */
+const QUICK_EXIT = { SHUTDOWN_DELAY: '0', SHUTDOWN_TIMEOUT: '5s' }
 
 const agent = new http.Agent({ keepAlive: true, maxSockets: 8 })
 t.teardown(() => agent.destroy())
@@ -267,27 +196,21 @@ async function denials (port: number, count: number): Promise<void> {
   if (!s.every((x) => x === 401)) throw new Error(`expected 401s, got ${s.join(',')}`)
 }
 
-async function missingTokenMetric (admin: number): Promise<number> {
-  const text = await (await fetch(`http://${LOOPBACK}:${admin}/metrics`)).text()
-  const line = text.split('\n').find((l) => l.startsWith('resonance_auth_failures_total{reason="missing_token",transport="http"} '))
-  return Number(line?.split(' ')[1] ?? NaN)
-}
-
 function auditLines (text: string): Line[] {
   return text.split('\n').filter((l) => l.includes('"log":"audit"')).map((l) => JSON.parse(l) as Line)
 }
 
 t.test('node dist/server.js, AUDIT_LOG=<file>, LOG_LEVEL=silent: every denial before SIGTERM is in the file', async (t) => {
-  const { port, admin, env } = await processEnv()
+  const { port, admin, env } = await unreachableBackendsEnv()
   const file = join(tmp, `audit-${randomUUID()}.log`)
-  const p = spawnGateway(t, { ...env, LOG_LEVEL: 'silent', AUDIT_LOG: file })
+  const p = spawnGateway(t, { ...env, ...QUICK_EXIT, LOG_LEVEL: 'silent', AUDIT_LOG: file })
   await listening(admin)
   const N = 200
   await denials(port, N)
-  const counted = await missingTokenMetric(admin)
+  const counted = await scrapeMetric(`http://${LOOPBACK}:${admin}`, 'resonance_auth_failures_total', { reason: 'missing_token', transport: 'http' })
   t.equal(counted, N, 'the metric counted every denial')
-  p.term()
-  t.equal(await within(p.exited, 10_000, 'exit'), 0, 'exit 0')
+  p.child.kill('SIGTERM')
+  t.equal((await within(p.exited, 10_000, 'exit')).code, 0, 'exit 0')
   const lines = auditLines(readFileSync(file, 'utf8'))
   t.equal(lines.length, counted, 'audit lines in the file = metric = denials made')
   t.ok(lines.every((l) => l.event === 'auth_failure' && l.reason === 'missing_token' && l.status === 401), 'each a missing_token line')
@@ -296,12 +219,12 @@ t.test('node dist/server.js, AUDIT_LOG=<file>, LOG_LEVEL=silent: every denial be
 })
 
 t.test('node dist/server.js, LOG_LEVEL=error: audit lines still on stdout (default AUDIT_LOG)', async (t) => {
-  const { port, admin, env } = await processEnv()
-  const p = spawnGateway(t, { ...env, LOG_LEVEL: 'error' })
+  const { port, admin, env } = await unreachableBackendsEnv()
+  const p = spawnGateway(t, { ...env, ...QUICK_EXIT, LOG_LEVEL: 'error' })
   await listening(admin)
   await denials(port, 5)
-  p.term()
-  t.equal(await within(p.exited, 10_000, 'exit'), 0)
+  p.child.kill('SIGTERM')
+  t.equal((await within(p.exited, 10_000, 'exit')).code, 0)
   const lines = auditLines(p.stdout())
   t.equal(lines.length, 5)
   t.match(lines[0], { level: 40, log: 'audit', component: 'audit', event: 'auth_failure', reason: 'missing_token', transport: 'http', status: 401, msg: 'denied' })
@@ -309,21 +232,21 @@ t.test('node dist/server.js, LOG_LEVEL=error: audit lines still on stdout (defau
 })
 
 t.test('node dist/server.js, AUDIT_LOG=stderr: audit lines on stderr only', async (t) => {
-  const { port, admin, env } = await processEnv()
-  const p = spawnGateway(t, { ...env, LOG_LEVEL: 'info', AUDIT_LOG: 'stderr' })
+  const { port, admin, env } = await unreachableBackendsEnv()
+  const p = spawnGateway(t, { ...env, ...QUICK_EXIT, LOG_LEVEL: 'info', AUDIT_LOG: 'stderr' })
   await listening(admin)
   await denials(port, 3)
-  p.term()
-  t.equal(await within(p.exited, 10_000, 'exit'), 0)
+  p.child.kill('SIGTERM')
+  t.equal((await within(p.exited, 10_000, 'exit')).code, 0)
   t.equal(auditLines(p.stderr()).length, 3, 'on stderr')
   t.equal(auditLines(p.stdout()).length, 0, 'not on stdout')
   t.ok(p.stdout().includes('gateway listening'), 'the diagnostic log stays on stdout')
 })
 
 t.test('node dist/server.js, AUDIT_LOG in a missing directory: exit 1 naming the field, no port bound', async (t) => {
-  const { port, admin, env } = await processEnv()
-  const p = spawnGateway(t, { ...env, AUDIT_LOG: join(tmp, 'no-such-dir', 'audit.log') })
-  t.equal(await within(p.exited, 10_000, 'exit'), 1, 'exit 1')
+  const { port, admin, env } = await unreachableBackendsEnv()
+  const p = spawnGateway(t, { ...env, ...QUICK_EXIT, AUDIT_LOG: join(tmp, 'no-such-dir', 'audit.log') })
+  t.equal((await within(p.exited, 10_000, 'exit')).code, 1, 'exit 1')
   t.match(p.stderr(), 'audit.log (AUDIT_LOG)')
   t.ok(await canBind(port), 'public port free')
   t.ok(await canBind(admin), 'admin port free')

@@ -2,15 +2,14 @@
 // one audit line, the reason counter, nothing reaches the app), then the accepted path and what the app receives,
 // clock tolerance, Keycloak audience realities, role rules and their bypass attempts, the transport guard, and
 // WebSocket upgrades.
-import http from 'node:http'
 import { randomUUID } from 'node:crypto'
 import t, { type Test } from 'tap'
-import WebSocket from 'ws'
 import { decodeJwt, generateKeyPair } from 'jose'
 import { startIssuer, type TestIssuer } from './helpers/issuer.js'
 import { claims, flipSignatureChar, foreignRsaKey, forgeToken } from './helpers/forge.js'
 import { startUpstream, type TestUpstream } from './helpers/upstream.js'
-import { startGateway, type LogLine, type TestGateway } from './helpers/gateway.js'
+import { sendVerbatim, startGateway, type LogLine, type TestGateway } from './helpers/gateway.js'
+import { exchange, upgrade } from './helpers/ws-client.js'
 import { AUTH_FAILURE_REASONS, type AuthFailureReason } from '../src/observability/metrics.js'
 
 interface Answer {
@@ -28,57 +27,6 @@ async function get (url: string, headers: Record<string, string> = {}, method = 
   const res = await fetch(url, { method, headers })
   const body = await res.text()
   return { status: res.status, headers: Object.fromEntries(res.headers), body }
-}
-
-// node:http sends the request target verbatim (fetch would resolve dot segments before sending).
-function raw (base: string, method: string, path: string, headers: Record<string, string> = {}): Promise<Answer> {
-  const { hostname, port } = new URL(base)
-  return new Promise((resolve, reject) => {
-    const req = http.request({ host: hostname, port, method, path, headers, agent: false }, (res) => {
-      const chunks: Buffer[] = []
-      res.on('data', (c: Buffer) => chunks.push(c))
-      res.on('end', () => {
-        const h: Record<string, string | undefined> = {}
-        for (const [k, v] of Object.entries(res.headers)) h[k] = Array.isArray(v) ? v.join(', ') : v
-        resolve({ status: res.statusCode ?? 0, headers: h, body: Buffer.concat(chunks).toString('utf8') })
-      })
-      res.on('error', reject)
-    })
-    req.on('error', reject)
-    req.end()
-  })
-}
-
-type WsOutcome =
-  | { kind: 'open', ws: WebSocket, protocol: string }
-  | { kind: 'refused', status: number, headers: Record<string, string | undefined>, body: string, upgraded: boolean }
-
-function wsConnect (tt: Test, url: string, protocols: string[] = [], headers: Record<string, string> = {}): Promise<WsOutcome> {
-  const ws = new WebSocket(url, protocols, { headers })
-  tt.teardown(() => ws.terminate())
-  let upgraded = false
-  ws.on('upgrade', () => { upgraded = true })
-  return new Promise((resolve, reject) => {
-    ws.once('open', () => resolve({ kind: 'open', ws, protocol: ws.protocol }))
-    ws.once('unexpected-response', (_req, res) => {
-      const chunks: Buffer[] = []
-      res.on('data', (c: Buffer) => chunks.push(c))
-      res.on('end', () => {
-        const h: Record<string, string | undefined> = {}
-        for (const [k, v] of Object.entries(res.headers)) h[k] = Array.isArray(v) ? v.join(', ') : v
-        ws.on('error', () => {}) // terminate() during CONNECTING reports an error; expected here
-        ws.terminate()
-        resolve({ kind: 'refused', status: res.statusCode ?? 0, headers: h, body: Buffer.concat(chunks).toString('utf8'), upgraded })
-      })
-    })
-    ws.once('error', reject)
-  })
-}
-
-async function echo (ws: WebSocket, text: string): Promise<string> {
-  const reply = new Promise<string>((resolve) => ws.once('message', (d) => resolve(String(d))))
-  ws.send(text)
-  return await reply
 }
 
 // --- metrics ---------------------------------------------------------------------------------------------------------
@@ -338,7 +286,7 @@ t.test('rejection table: one row per reason, through real sockets', async (t) =>
       const before = await authFailures(g)
       if (row.ws !== undefined) {
         const req = await row.ws(reqId)
-        const out = await wsConnect(tt, req.url, [], req.headers)
+        const out = await upgrade(tt, req.url, { headers: req.headers })
         if (out.kind !== 'refused') return tt.fail('the upgrade was accepted')
         tt.notOk(out.upgraded, 'no 101')
         await assertDenied(tt, g, upstream, out, before, {
@@ -378,7 +326,7 @@ t.test('rejection table: one row per reason, through real sockets', async (t) =>
         up.reset()
         const reqId = `badpath-${randomUUID()}`
         const before = await authFailures(g2)
-        const a = await raw(g2.url, 'GET', path, { authorization: `Bearer ${token}`, 'x-request-id': reqId })
+        const a = await sendVerbatim(g2.url, 'GET', path, { authorization: `Bearer ${token}`, 'x-request-id': reqId })
         t3.equal(a.status, 400)
         assertBody(t3, a, 'invalid_request', [token, token.split('.')[2] ?? token])
         t3.notOk(a.body.includes('%'), 'the body does not echo the request target')
@@ -508,7 +456,7 @@ t.test('role rules from YAML: 403 insufficient_scope, no bypass by case, encodin
     upstream.reset()
     const reqId = `forbid-${randomUUID()}`
     const headers = { authorization: `Bearer ${token}`, 'x-request-id': reqId }
-    const a = useRaw ? await raw(g.url, 'POST', path, headers) : await get(`${g.url}${path}`, headers, 'POST')
+    const a = useRaw ? await sendVerbatim(g.url, 'POST', path, headers) : await get(`${g.url}${path}`, headers, 'POST')
     tt.equal(a.status, 403, `POST ${path} is 403`)
     tt.ok(a.headers['www-authenticate']?.startsWith(REALM_PREFIX), 'Bearer challenge')
     tt.match(a.headers['www-authenticate'] ?? '', 'error="insufficient_scope"')
@@ -549,7 +497,7 @@ t.test('role rules from YAML: 403 insufficient_scope, no bypass by case, encodin
   for (const path of ['/api/resonance/x/..%2fadmin/x', '/api/resonance/admin%2Fx', '/api/resonance/admin#', '/api/resonance/admin\\x']) {
     await t.test(`bypass attempt ${path}: 400 invalid_path`, async (tt) => {
       upstream.reset()
-      const a = await raw(g.url, 'POST', path, { authorization: `Bearer ${user}` })
+      const a = await sendVerbatim(g.url, 'POST', path, { authorization: `Bearer ${user}` })
       tt.equal(a.status, 400)
       tt.match(JSON.parse(a.body), { error: 'invalid_request', error_description: 'The request path is invalid' })
       tt.equal(upstream.requests.length, 0, 'the app never saw it')
@@ -569,7 +517,7 @@ t.test('role rules from YAML: 403 insufficient_scope, no bypass by case, encodin
   await t.test('dot segments cannot climb out of a public path', async (tt) => {
     upstream.reset()
     const reqId = `climb-${randomUUID()}`
-    const a = await raw(g.url, 'GET', '/public/../api/secret', { 'x-request-id': reqId })
+    const a = await sendVerbatim(g.url, 'GET', '/public/../api/secret', { 'x-request-id': reqId })
     tt.equal(a.status, 401)
     tt.match(auditsFor(g, reqId), [{ reason: 'missing_token' }])
     tt.equal(upstream.requests.length, 0)
@@ -622,7 +570,7 @@ t.test('WebSocket upgrades', async (t) => {
     upstream.reset()
     const reqId = `ws-none-${randomUUID()}`
     const before = await authFailures(g)
-    const out = await wsConnect(tt, `${g.wsUrl}${ROW_PATH}?room=1`, [], { 'x-request-id': reqId })
+    const out = await upgrade(tt, `${g.wsUrl}${ROW_PATH}?room=1`, { headers: { 'x-request-id': reqId } })
     if (out.kind !== 'refused') return tt.fail('the upgrade was accepted')
     tt.notOk(out.upgraded, 'no 101')
     await assertDenied(tt, g, upstream, out, before, { status: 401, reason: 'missing_token', error: undefined, transport: 'ws', reqId, secrets: [] })
@@ -633,7 +581,7 @@ t.test('WebSocket upgrades', async (t) => {
     const reqId = `ws-exp-${randomUUID()}`
     const expired = await issuer.sign({ ...await realClaims('wsuser'), exp: nowSec() - 60 })
     const before = await authFailures(g)
-    const out = await wsConnect(tt, `${g.wsUrl}${ROW_PATH}?access_token=${expired}`, [], { 'x-request-id': reqId })
+    const out = await upgrade(tt, `${g.wsUrl}${ROW_PATH}?access_token=${expired}`, { headers: { 'x-request-id': reqId } })
     if (out.kind !== 'refused') return tt.fail('the upgrade was accepted')
     await assertDenied(tt, g, upstream, out, before, { status: 401, reason: 'expired', error: 'invalid_token', transport: 'ws', reqId, secrets: [expired] })
   })
@@ -641,9 +589,9 @@ t.test('WebSocket upgrades', async (t) => {
   await t.test('token in ?access_token=: open, the app gets no access_token', async (tt) => {
     upstream.reset()
     const token = await issuer.token({ sub: 'wanda', realmRoles: ['user'] })
-    const out = await wsConnect(tt, `${g.wsUrl}/ws/chat?room=1&access_token=${token}&lang=en`)
+    const out = await upgrade(tt, `${g.wsUrl}/ws/chat?room=1&access_token=${token}&lang=en`)
     if (out.kind !== 'open') return tt.fail(`refused with ${out.status}`)
-    tt.equal(await echo(out.ws, 'hello'), 'hello', 'messages flow')
+    tt.equal(await exchange(out.ws, 'hello'), 'hello', 'messages flow')
     const rec = upstream.wsConnections[0]
     tt.equal(rec?.url, '/ws/chat?room=1&lang=en', 'access_token removed, the rest kept')
     tt.notOk(rec?.url.includes('access_token'))
@@ -655,10 +603,10 @@ t.test('WebSocket upgrades', async (t) => {
   await t.test('token in Sec-WebSocket-Protocol: open, the app never sees it', async (tt) => {
     upstream.reset()
     const token = await issuer.token({ sub: 'walt' })
-    const out = await wsConnect(tt, `${g.wsUrl}/ws/chat`, ['bearer', token])
+    const out = await upgrade(tt, `${g.wsUrl}/ws/chat`, { protocols: ['bearer', token] })
     if (out.kind !== 'open') return tt.fail(`refused with ${out.status}`)
     tt.equal(out.protocol, 'bearer', 'the client gets the marker back, not its token')
-    tt.equal(await echo(out.ws, 'ping'), 'ping')
+    tt.equal(await exchange(out.ws, 'ping'), 'ping')
     const rec = upstream.wsConnections[0]
     tt.equal(rec?.headers['x-user-sub'], 'walt')
     tt.notOk(String(rec?.headers['sec-websocket-protocol'] ?? '').includes(token), 'no token in the upstream protocol header')
@@ -666,7 +614,7 @@ t.test('WebSocket upgrades', async (t) => {
     out.ws.close()
 
     upstream.reset()
-    const withApp = await wsConnect(tt, `${g.wsUrl}/ws/chat`, ['bearer', token, 'chat.v1'])
+    const withApp = await upgrade(tt, `${g.wsUrl}/ws/chat`, { protocols: ['bearer', token, 'chat.v1'] })
     if (withApp.kind !== 'open') return tt.fail(`refused with ${withApp.status}`)
     tt.equal(withApp.protocol, 'chat.v1', 'the app protocol is negotiated end to end')
     tt.equal(upstream.wsConnections[0]?.headers['sec-websocket-protocol'], 'chat.v1', 'the app is offered only its protocol')

@@ -4,14 +4,11 @@
 // MAX_CONNECTIONS, `Expect: 100-continue` is only answered with 100 once the request passed auth and limits, and a
 // gateway with 300 file descriptors keeps serving valid users while one address tries to hold 275 sockets.
 // Everything through real sockets (raw `net` where the bytes on the wire matter).
-import { execFileSync, spawn } from 'node:child_process'
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { execFileSync } from 'node:child_process'
+import { existsSync } from 'node:fs'
 import http from 'node:http'
 import net from 'node:net'
 import tls from 'node:tls'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
-import { fileURLToPath } from 'node:url'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import WebSocket from 'ws'
@@ -23,14 +20,16 @@ import {
   UnauthenticatedConnections
 } from '../src/limits/connections.js'
 import { AuthFailureLimiter } from '../src/limits/auth-failures.js'
-import { startIssuer, type TestIssuer } from './helpers/issuer.js'
-import { startUpstream, type TestUpstream } from './helpers/upstream.js'
-import { startGateway, type TestGateway } from './helpers/gateway.js'
+import type { TestIssuer } from './helpers/issuer.js'
+import type { TestUpstream } from './helpers/upstream.js'
+import { baseEnv, selfSignedCert, startBackends, startGateway, writeYaml, type TestGateway } from './helpers/gateway.js'
 import { freePort } from './helpers/ports.js'
+import { ENTRY, ensureBuilt, spawnGateway } from './helpers/process.js'
 import { metric, until, within } from './helpers/wait.js'
 
-const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const LOOPBACK = '127.0.0.1'
+/** A declared body length no test ever sends. */
+const HUGE = 1_000_000_000
 
 interface RawResponse { status: number, headers: Record<string, string>, body: string }
 
@@ -85,6 +84,15 @@ class Raw {
   /** Writes `chunk` every `ms` until the connection closes (or stop()). */
   dribble (chunk: string, ms: number): void {
     this.dribbler = setInterval(() => this.write(chunk), ms)
+  }
+
+  /**
+   * Sends the head of a POST declaring `length` body bytes (`headers`: whole lines), then the body one byte every
+   * 100 ms, never finishing it (until the connection closes or stop()).
+   */
+  postDribbling (path: string, headers = '', length = HUGE): void {
+    this.write(`POST ${path} HTTP/1.1\r\nHost: gw\r\n${headers}Content-Length: ${length}\r\n\r\na`)
+    this.dribble('b', 100)
   }
 
   stop (): void { clearInterval(this.dribbler) }
@@ -156,15 +164,6 @@ async function gateway (t: Test, issuer: TestIssuer, upstream: TestUpstream, opt
   return g
 }
 
-async function setup (t: Test): Promise<{ issuer: TestIssuer, upstream: TestUpstream }> {
-  const issuer = await startIssuer()
-  t.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
-  return { issuer, upstream }
-}
-
-const HUGE = 1_000_000_000
 const ROLE_YAML = `
 auth:
   routes:
@@ -178,7 +177,7 @@ rateLimit:
 `
 
 t.test('a denial with an unread body closes the connection; keep-alive stays for the rest', async (t) => {
-  const { issuer, upstream } = await setup(t)
+  const { issuer, upstream } = await startBackends(t)
   const g = await gateway(t, issuer, upstream, { yaml: ROLE_YAML })
   const port = portOf(g)
   const token = await issuer.token({ sub: 'keepalive-user' })
@@ -186,8 +185,7 @@ t.test('a denial with an unread body closes the connection; keep-alive stays for
 
   t.test('401 to a token-less POST declaring 1 GB, while the client is still dribbling', async (t) => {
     const c = await raw(port)
-    c.write(`POST /api/x HTTP/1.1\r\nHost: gw\r\nContent-Length: ${HUGE}\r\n\r\na`)
-    c.dribble('b', 100)
+    c.postDribbling('/api/x')
     const res = await c.response()
     t.equal(res.status, 401)
     t.equal(res.headers.connection, 'close', 'Connection: close')
@@ -220,8 +218,7 @@ t.test('a denial with an unread body closes the connection; keep-alive stays for
 
   t.test('403 with an unread body closes; 403 without a body keeps the connection', async (t) => {
     const c = await raw(port)
-    c.write(`POST /admin/x HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${token}\r\nContent-Length: ${HUGE}\r\n\r\na`)
-    c.dribble('b', 100)
+    c.postDribbling('/admin/x', `Authorization: Bearer ${token}\r\n`)
     const res = await c.response()
     t.equal(res.status, 403)
     t.equal(res.headers.connection, 'close')
@@ -246,8 +243,7 @@ t.test('a denial with an unread body closes the connection; keep-alive stays for
     const over = await c.response()
     t.equal(over.status, 429)
     t.not(over.headers.connection, 'close', '429 without a body keeps the connection')
-    c.write(`POST /limited/a HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${limited}\r\nContent-Length: ${HUGE}\r\n\r\na`)
-    c.dribble('b', 100)
+    c.postDribbling('/limited/a', `Authorization: Bearer ${limited}\r\n`)
     const overWithBody = await c.response()
     t.equal(overWithBody.status, 429)
     t.equal(overWithBody.headers.connection, 'close')
@@ -270,7 +266,7 @@ t.test('a denial with an unread body closes the connection; keep-alive stays for
 
 t.test('a text/plain body is streamed to the app like any other, beyond 1 MiB too', async (t) => {
   // Fastify's own text/plain parser would read it whole before the limits (and before a 100 Continue).
-  const { issuer, upstream } = await setup(t)
+  const { issuer, upstream } = await startBackends(t)
   const g = await gateway(t, issuer, upstream)
   const token = await issuer.token({ sub: 'text-user' })
   const body = 'x'.repeat(3 * 1024 * 1024)
@@ -281,7 +277,7 @@ t.test('a text/plain body is streamed to the app like any other, beyond 1 MiB to
 })
 
 t.test('request, header and keep-alive deadlines fire', async (t) => {
-  const { issuer, upstream } = await setup(t)
+  const { issuer, upstream } = await startBackends(t)
   const g = await gateway(t, issuer, upstream, { env: { HEADERS_TIMEOUT: '500ms', REQUEST_TIMEOUT: '1500ms', KEEP_ALIVE_TIMEOUT: '800ms' } })
   const port = portOf(g)
   const token = await issuer.token({ sub: 'slow-user' })
@@ -302,8 +298,7 @@ t.test('request, header and keep-alive deadlines fire', async (t) => {
 
   t.test('an authenticated request dribbling its body: closed after ~REQUEST_TIMEOUT', async (t) => {
     const c = await raw(port)
-    c.write(`POST /echo HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${token}\r\nContent-Length: 100000\r\n\r\na`)
-    c.dribble('b', 100)
+    c.postDribbling('/echo', `Authorization: Bearer ${token}\r\n`, 100_000)
     const after = await within(c.closed, 5000, 'closed')
     t.ok(after >= 1300 && after < 3500, `closed after ${after} ms (requestTimeout 1500 ms)`)
   })
@@ -320,7 +315,7 @@ t.test('request, header and keep-alive deadlines fire', async (t) => {
 })
 
 t.test('per-address and global connection caps', async (t) => {
-  const { issuer, upstream } = await setup(t)
+  const { issuer, upstream } = await startBackends(t)
   const g = await gateway(t, issuer, upstream, {
     env: { MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP: '4', MAX_CONNECTIONS: '12', HEADERS_TIMEOUT: '30s', REQUEST_TIMEOUT: '30s' }
   })
@@ -382,13 +377,8 @@ t.test('per-address and global connection caps', async (t) => {
 })
 
 t.test('TLS listener: caps and deadlines apply too', async (t) => {
-  const { issuer, upstream } = await setup(t)
-  const dir = mkdtempSync(join(tmpdir(), 'gw-conn-tls-'))
-  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
-  const cert = join(dir, 'cert.pem')
-  const key = join(dir, 'key.pem')
-  execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1', '-subj', '/CN=127.0.0.1',
-    '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', key, '-out', cert], { stdio: 'ignore' })
+  const { issuer, upstream } = await startBackends(t)
+  const { cert, key } = selfSignedCert()
   const g = await gateway(t, issuer, upstream, {
     env: { TLS_CERT: cert, TLS_KEY: key, ALLOW_INSECURE_HTTP: 'false', MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP: '2', HEADERS_TIMEOUT: '700ms', REQUEST_TIMEOUT: '2s' }
   })
@@ -409,7 +399,7 @@ t.test('TLS listener: caps and deadlines apply too', async (t) => {
 })
 
 t.test('Expect: 100-continue', async (t) => {
-  const { issuer, upstream } = await setup(t)
+  const { issuer, upstream } = await startBackends(t)
   const g = await gateway(t, issuer, upstream, { yaml: ROLE_YAML })
   const port = portOf(g)
   const token = await issuer.token({ sub: 'expect-user' })
@@ -480,14 +470,7 @@ t.test('Expect: 100-continue', async (t) => {
 
 t.test('configuration', async (t) => {
   const base = { JWT_ISSUER: 'https://id.example.com/realms/r', JWT_AUDIENCE: 'gw', CONFIG_FILE: '/nonexistent-default-is-not-used' }
-  const dir = mkdtempSync(join(tmpdir(), 'gw-conn-config-'))
-  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
-  const yamlFile = (text: string): string => {
-    const f = join(dir, `${Math.random().toString(36).slice(2)}.yaml`)
-    writeFileSync(f, text)
-    return f
-  }
-  const load = (env: Record<string, string>): ReturnType<typeof loadConfig> => loadConfig({ env: { ...base, CONFIG_FILE: yamlFile(''), ...env } })
+  const load = (env: Record<string, string>): ReturnType<typeof loadConfig> => loadConfig({ env: { ...base, CONFIG_FILE: writeYaml(''), ...env } })
 
   const d = load({}).server as unknown as Record<string, unknown>
   t.equal(d.requestTimeoutMs, 60_000, 'requestTimeout default 60 s')
@@ -497,7 +480,7 @@ t.test('configuration', async (t) => {
   t.equal(d.maxUnauthenticatedPerIp, 64, 'maxUnauthenticatedPerIp default 64')
 
   const fromYaml = loadConfig({
-    env: { ...base, CONFIG_FILE: yamlFile('server:\n  requestTimeout: 30s\n  headersTimeout: 5s\n  keepAliveTimeout: 1m\n  maxConnections: 500\n  maxUnauthenticatedPerIp: 0\n') }
+    env: { ...base, CONFIG_FILE: writeYaml('server:\n  requestTimeout: 30s\n  headersTimeout: 5s\n  keepAliveTimeout: 1m\n  maxConnections: 500\n  maxUnauthenticatedPerIp: 0\n') }
   }).server as unknown as Record<string, unknown>
   t.match(fromYaml, { requestTimeoutMs: 30_000, headersTimeoutMs: 5000, keepAliveTimeoutMs: 60_000, maxConnections: 500, maxUnauthenticatedPerIp: 0 }, 'YAML keys')
   const fromEnv = load({ REQUEST_TIMEOUT: '2s', HEADERS_TIMEOUT: '2s', KEEP_ALIVE_TIMEOUT: '5000', MAX_CONNECTIONS: '100', MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP: '8' }).server as unknown as Record<string, unknown>
@@ -515,11 +498,11 @@ t.test('configuration', async (t) => {
   for (const [name, env, re] of rows) {
     t.throws(() => load(env), re, name)
   }
-  t.throws(() => loadConfig({ env: { ...base, CONFIG_FILE: yamlFile('server:\n  requestTimeout: 4s\n  headersTimeout: 5s\n') } }),
+  t.throws(() => loadConfig({ env: { ...base, CONFIG_FILE: writeYaml('server:\n  requestTimeout: 4s\n  headersTimeout: 5s\n') } }),
     /server\.headersTimeout \(HEADERS_TIMEOUT\): must not be longer than server\.requestTimeout/, 'the same from YAML')
 
   // Listener settings need a restart: a reload keeps them and says so.
-  const env: Record<string, string> = { ...base, CONFIG_FILE: yamlFile('') }
+  const env: Record<string, string> = { ...base, CONFIG_FILE: writeYaml('') }
   const live = new LiveConfig(loadConfig({ env }), env)
   env.REQUEST_TIMEOUT = '30s'
   env.MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP = '8'
@@ -580,51 +563,22 @@ try { execFileSync('prlimit', ['--version'], { stdio: 'ignore' }) } catch { hasP
 t.test('a gateway with 300 file descriptors keeps serving valid users while one address attacks', {
   skip: hasPrlimit ? false : 'prlimit (util-linux) is not installed: cannot run the gateway with a file-descriptor limit'
 }, async (t) => {
-  const ENTRY = join(ROOT, 'dist', 'server.js')
-  try {
-    execFileSync('npm', ['run', 'build'], { cwd: ROOT, stdio: 'ignore' })
-  } catch {
-    // tsc emits even with type errors elsewhere in the tree; the entrypoint below is what is run
-  }
+  ensureBuilt()
   t.ok(existsSync(ENTRY), 'dist/server.js built')
-  const { issuer, upstream } = await setup(t)
+  const { issuer, upstream } = await startBackends(t)
   const port = await freePort()
   const adminPort = await freePort()
-  const dir = mkdtempSync(join(tmpdir(), 'gw-conn-attack-'))
-  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
-  writeFileSync(join(dir, 'gateway.yaml'), '')
 
   // 300 descriptors: the attacker alone could take them all. UPSTREAM_CONNECTIONS=16 leaves the automatic global
   // cap at (300 - 16 - 64) / 2 = 110, so the per-address cap (default 64) is what stops the attacker.
-  const child = spawn('prlimit', ['--nofile=300:300', process.execPath, ENTRY], {
-    cwd: ROOT,
-    env: {
-      PATH: process.env.PATH ?? '/usr/bin:/bin',
-      CONFIG_FILE: join(dir, 'gateway.yaml'),
-      JWT_ISSUER: issuer.issuer,
-      JWT_AUDIENCE: issuer.audience,
-      UPSTREAM_URL: upstream.url,
-      UPSTREAM_CONNECTIONS: '16',
-      HOST: LOOPBACK,
-      PORT: String(port),
-      ADMIN_HOST: LOOPBACK,
-      ADMIN_PORT: String(adminPort),
-      ALLOW_INSECURE_HTTP: 'true',
-      RATE_LIMIT_MAX: '1000000',
-      LOG_LEVEL: 'info'
-    },
-    stdio: ['ignore', 'pipe', 'pipe']
-  })
-  let out = ''
-  child.stdout.setEncoding('utf8').on('data', (c: string) => { out += c })
-  child.stderr.setEncoding('utf8').on('data', (c: string) => { out += c })
-  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)))
-  t.teardown(async () => {
-    if (child.exitCode === null && child.signalCode === null) {
-      child.kill('SIGKILL')
-      await exited
-    }
-  })
+  const p = spawnGateway(t, {
+    ...baseEnv(issuer, upstream),
+    UPSTREAM_CONNECTIONS: '16',
+    PORT: String(port),
+    ADMIN_PORT: String(adminPort),
+    RATE_LIMIT_MAX: '1000000'
+  }, { wrapper: ['prlimit', '--nofile=300:300'] })
+  const out = (): string => p.stdout() + p.stderr()
   const adminGet = async (path: string): Promise<{ status: number, body: string }> => await new Promise((resolve) => {
     http.get({ host: LOOPBACK, port: adminPort, path, agent: false }, (r) => {
       let body = ''
@@ -632,7 +586,7 @@ t.test('a gateway with 300 file descriptors keeps serving valid users while one 
       r.on('end', () => resolve({ status: r.statusCode ?? 0, body }))
     }).on('error', () => resolve({ status: 0, body: '' }))
   })
-  await until(async () => (await adminGet('/readyz')).status === 200, 20_000, `gateway ready; output:\n${out}`)
+  await until(async () => (await adminGet('/readyz')).status === 200, 20_000, () => `gateway ready; output:\n${out()}`)
   const token = await issuer.token({ sub: 'valid-under-attack' })
 
   // The attacker: 275 slots on 127.0.0.2, each reopening its connection (after 500 ms) whenever it is closed.
@@ -707,7 +661,7 @@ t.test('a gateway with 300 file descriptors keeps serving valid users while one 
   stopAttack()
 
   const total = [...statuses.values()].reduce((a, b) => a + b, 0)
-  if (statuses.size !== 1) t.comment(out.split('\n').filter((l) => /"level":(50|60)/.test(l)).slice(0, 3).join('\n'))
+  if (statuses.size !== 1) t.comment(out().split('\n').filter((l) => /"level":(50|60)/.test(l)).slice(0, 3).join('\n'))
   t.strictSame([...statuses.keys()], ['200'], `every valid request got 200 (${JSON.stringify(Object.fromEntries(statuses))})`)
   t.ok(total >= 50, `${total} valid requests answered during the attack`)
   t.ok(stats.closedSilently > 0, `attacker connections refused at once: ${stats.closedSilently}`)
@@ -716,7 +670,7 @@ t.test('a gateway with 300 file descriptors keeps serving valid users while one 
   const refusedPerIp = Number(/^resonance_connections_refused_total\{reason="per_ip"\} (\d+)/m.exec(metricsText)?.[1] ?? 0)
   t.ok(refusedPerIp > 0, `resonance_connections_refused_total{reason="per_ip"} = ${refusedPerIp}`)
   t.match(metricsText, /^resonance_upstream_errors_total\{kind="connect",transport="http"\} 0$/m, 'no failed connection to the app')
-  t.notMatch(out, /EMFILE/, 'the gateway never ran out of file descriptors')
-  t.match(out, /"maxConnections":110\b/, 'the automatic global cap is logged at start')
-  t.equal(child.exitCode, null, 'the gateway is still running')
+  t.notMatch(out(), /EMFILE/, 'the gateway never ran out of file descriptors')
+  t.match(out(), /"maxConnections":110\b/, 'the automatic global cap is logged at start')
+  t.equal(p.child.exitCode, null, 'the gateway is still running')
 })

@@ -18,29 +18,16 @@ import { randomUUID } from 'node:crypto'
 import net from 'node:net'
 import t, { type Test } from 'tap'
 import WebSocket from 'ws'
-import { startIssuer, type TestIssuer } from './helpers/issuer.js'
 import { claims } from './helpers/forge.js'
-import { respondHeaders, startUpstream, type TestUpstream, type RecordedWs } from './helpers/upstream.js'
-import { startGateway, type TestGateway } from './helpers/gateway.js'
+import { respondHeaders, type RecordedWs } from './helpers/upstream.js'
+import { startBackends, startGateway } from './helpers/gateway.js'
 import { until, within } from './helpers/wait.js'
-import { encodeIdentityValue, rewriteDownstreamHeaders, upstreamHeaders, upstreamWsHeaders, type ForwardContext } from '../src/proxy/headers.js'
+import { encodeIdentityValue, rewriteDownstreamHeaders, upstreamHeaders, upstreamWsHeaders } from '../src/proxy/headers.js'
+import { ALICE, forwardContext as ctx } from './helpers/units.js'
 
-let issuer: TestIssuer
-let upstream: TestUpstream
-let g: TestGateway
-let token: string
-
-t.before(async () => {
-  issuer = await startIssuer()
-  upstream = await startUpstream()
-  g = await startGateway(t, issuer, upstream)
-  token = await issuer.token({ sub: 'hop-user', realmRoles: ['user'], username: 'hop' })
-})
-t.teardown(async () => {
-  await g.close()
-  await upstream.close()
-  await issuer.close()
-})
+const { issuer, upstream } = await startBackends(t)
+const g = await startGateway(t, issuer, upstream)
+const token = await issuer.token({ sub: 'hop-user', realmRoles: ['user'], username: 'hop' })
 t.beforeEach(() => { upstream.reset() })
 
 // --- a raw HTTP/1.1 client ---------------------------------------------------------------------------------------
@@ -430,22 +417,6 @@ t.test('encodeIdentityValue: 0x21-0x7E except % and , unchanged; everything else
   // A lone surrogate (JSON allows "\ud800") has no UTF-8 form: it becomes U+FFFD instead of throwing.
   tt.equal(encodeIdentityValue('a\ud800b'), 'a%EF%BF%BDb')
 })
-
-const ALICE = { sub: 'f3a1-user', username: 'alice', roles: ['admin', 'app:read'], exp: 2_000_000_000, iat: 1_900_000_000, jti: 'j1', azp: 'web' }
-
-function ctx (over: Partial<ForwardContext> = {}): ForwardContext {
-  return {
-    identity: ALICE,
-    requestId: 'req-1',
-    clientIp: '203.0.113.7',
-    remoteAddress: '10.1.2.3',
-    protocol: 'https',
-    host: 'gw.example.com',
-    trustProxy: false,
-    forwardAuthorization: false,
-    ...over
-  }
-}
 
 t.test('X-User-Roles: each role encoded, then joined with ","', async (tt) => {
   const rows: Array<[string[], string | undefined]> = [

@@ -1,8 +1,12 @@
-// Proves the test helpers do what the other tests rely on: a Keycloak-shaped issuer, attack-token forging, and a
-// recording HTTP + WebSocket upstream.
-import { createHmac } from 'node:crypto'
+// Proves the test helpers do what the other tests rely on: a Keycloak-shaped issuer, attack-token forging, a
+// recording HTTP + WebSocket upstream, the gateway's fixtures and requests, the Redis helpers, the gateway process,
+// the WebSocket client side and the unit-test inputs.
+import { createHmac, X509Certificate } from 'node:crypto'
 import { once } from 'node:events'
+import { execFileSync } from 'node:child_process'
+import { existsSync, readFileSync } from 'node:fs'
 import t from 'tap'
+import { Redis } from 'ioredis'
 import {
   createRemoteJWKSet,
   decodeJwt,
@@ -18,7 +22,13 @@ import WebSocket from 'ws'
 import { startIssuer, type TestIssuer } from './helpers/issuer.js'
 import { claims, foreignRsaKey, forgeToken } from './helpers/forge.js'
 import { until } from './helpers/wait.js'
-import { startUpstream } from './helpers/upstream.js'
+import { respondHeaders, startUpstream, type TestUpstream } from './helpers/upstream.js'
+import { getAs, readyz, selfSignedCert, sendVerbatim, startBackends, startGateway, untilReady } from './helpers/gateway.js'
+import { freePort } from './helpers/ports.js'
+import { distStale, ENTRY, ensureBuilt, spawnGateway, unreachableBackendsEnv, type GatewayProcess } from './helpers/process.js'
+import { keyPrefix, ownRedis, ping, redisUrl, sharedRedis, type RedisServer } from './helpers/redis.js'
+import { connect, echo, exchange, refusal, upgrade } from './helpers/ws-client.js'
+import { ALICE, auditedRequest, forwardContext } from './helpers/units.js'
 
 async function getJson<T> (url: string): Promise<T> {
   const res = await fetch(url)
@@ -314,4 +324,193 @@ t.test('upstream: records and echoes WebSocket traffic', async (t) => {
   await upstream.close()
   const [lingeringCode] = await lingeringClosed as [number, Buffer]
   t.equal(lingeringCode, 1006, 'close() terminates open clients (no close frame: 1006)')
+})
+
+t.test('gateway helpers: startBackends, readyz, untilReady, getAs, sendVerbatim, selfSignedCert', async (t) => {
+  let inner: { issuer: TestIssuer, upstream: TestUpstream } | undefined
+  await t.test('startBackends closes both when its test ends', async (tt) => {
+    inner = await startBackends(tt)
+    tt.match(inner.issuer.issuer, /^http:\/\/127\.0\.0\.1:\d+\/realms\/resonance$/)
+    tt.equal((await fetch(`${inner.upstream.url}/x`)).status, 200, 'the upstream answers')
+  })
+  await t.rejects(fetch(`${inner?.upstream.url ?? ''}/x`), 'the upstream is closed')
+  await t.rejects(fetch(inner?.issuer.jwksUrl ?? ''), 'and the issuer')
+
+  const { issuer, upstream } = await startBackends(t)
+  const g = await startGateway(t, issuer, upstream, { noStart: true })
+  const before = await readyz(g)
+  t.equal(before.status, 503, 'readyz: 503 before start()')
+  t.match(before.body, { status: 'not_ready', checks: { jwks: { ok: false } } }, 'with the parsed checks')
+  await g.gw.start()
+  await untilReady(g)
+  t.match(await readyz(g), { status: 200, body: { status: 'ready', checks: { jwks: { ok: true } } } }, 'untilReady returns once it is 200')
+  await t.rejects(untilReady({ adminUrl: `http://127.0.0.1:${await freePort()}` }, 300, 'nobody there'), /not within 300 ms: nobody there/,
+    'untilReady fails after its bound when nothing answers')
+
+  const token = await issuer.token({ sub: 'getas-user' })
+  upstream.reset()
+  const a = await getAs(g, token)
+  t.equal(a.status, 200)
+  t.match(upstream.requests[0]?.url, /^\/api\/[0-9a-f-]{36}$/, 'getAs: a fresh /api/<uuid> by default')
+  t.equal(upstream.requests[0]?.headers['x-user-sub'], 'getas-user', 'with the token as bearer')
+  t.equal((JSON.parse(a.body) as { url: string }).url, upstream.requests[0]?.url, 'the whole body read')
+  t.equal((await getAs(g, token, '/given/path')).status, 200)
+  t.equal(upstream.requests[1]?.url, '/given/path', 'or the path given')
+  t.equal((await getAs(g, 'not-a-token')).status, 401)
+
+  const v = await sendVerbatim(upstream.url, 'GET', '/a/../b?x=1', { 'x-h': '1' })
+  t.equal(upstream.requests.at(-1)?.url, '/a/../b?x=1', 'sendVerbatim: the target is sent as written')
+  t.equal(upstream.requests.at(-1)?.headers['x-h'], '1', 'with the headers given')
+  t.equal(v.status, 200)
+  const joined = await sendVerbatim(upstream.url, 'GET', `/respond?headers=${respondHeaders([['X-Dup', 'a'], ['X-Dup', 'b']])}`)
+  t.equal(joined.headers['x-dup'], 'a, b', 'repeated response headers joined')
+  t.match(JSON.parse(joined.body), { method: 'GET' }, 'the whole body')
+
+  const { cert, key } = selfSignedCert()
+  const x509 = new X509Certificate(readFileSync(cert))
+  t.match(x509.subjectAltName, /IP Address:127\.0\.0\.1/, 'selfSignedCert: for 127.0.0.1')
+  t.match(readFileSync(key, 'utf8'), /^-----BEGIN PRIVATE KEY-----/, 'with its key')
+})
+
+t.test('redis helpers: keyPrefix, sharedRedis (deletes only its own prefixes), ownRedis (killed, even frozen)', async (t) => {
+  const p1 = keyPrefix()
+  t.match(p1, /^test:[0-9a-f-]{36}:$/)
+  t.not(keyPrefix(), p1, 'a new one each time')
+
+  const check = new Redis(await redisUrl(), { lazyConnect: true, maxRetriesPerRequest: 1 })
+  await check.connect()
+  t.teardown(() => check.disconnect())
+  const foreign = `${keyPrefix()}not-mine`
+  await check.set(foreign, '1', 'PX', 60_000)
+  let mine = ''
+  let client: Redis | undefined
+  await t.test('sharedRedis for the life of a test', async (tt) => {
+    const r = await sharedRedis(tt)
+    client = r.client
+    tt.equal(r.url, await redisUrl())
+    mine = `${r.freshPrefix()}k`
+    await r.client.set(mine, 'v')
+    tt.equal(await check.get(mine), 'v', 'its client writes to the shared Redis')
+  })
+  t.equal(await check.exists(mine), 0, 'its prefixes\' keys are gone when the test ends')
+  t.equal(await check.get(foreign), '1', 'other keys are not touched')
+  t.equal(client?.status, 'end', 'its client is disconnected')
+  await check.del(foreign)
+
+  let server: RedisServer | undefined
+  await t.test('ownRedis for the life of a test', async (tt) => {
+    server = await ownRedis(tt)
+    tt.ok(await ping(server.port), 'a private redis-server answers')
+    server.process.kill('SIGSTOP') // frozen, as a test may leave it
+  })
+  t.ok(server?.process.exitCode !== null || server?.process.signalCode !== null, 'killed when the test ends, frozen or not')
+  t.notOk(await ping(server?.port ?? 0), 'nothing answers on its port')
+})
+
+t.test('process helpers: ensureBuilt, spawnGateway (listening, logs, exit, teardown, wrapper), unreachableBackendsEnv', async (t) => {
+  ensureBuilt()
+  t.notOk(distStale(), 'ensureBuilt leaves dist/ up to date with src/')
+  t.ok(existsSync(ENTRY))
+
+  const { port, admin, env } = await unreachableBackendsEnv()
+  t.match(env, { PORT: String(port), ADMIN_PORT: String(admin), JWT_AUDIENCE: 'gw', ALLOW_INSECURE_HTTP: 'true' })
+  const p = spawnGateway(t, { ...env, LOG_LEVEL: 'info', SHUTDOWN_DELAY: '0' })
+  const at = await p.listening()
+  t.strictSame(at, { url: `http://127.0.0.1:${port}`, wsUrl: `ws://127.0.0.1:${port}`, adminUrl: `http://127.0.0.1:${admin}` }, 'listening: the URLs it logged')
+  t.equal((await fetch(`${at.adminUrl}/healthz`)).status, 200, 'the admin listener answers')
+  t.equal((await readyz(at)).status, 503, 'never ready: the issuer is unreachable')
+  t.equal((await fetch(`${at.url}/api/x`)).status, 401, 'token-less requests refused all the same')
+  t.equal((await p.waitForLog((l) => l.msg === 'gateway listening', 1000)).msg, 'gateway listening', 'waitForLog finds a line already logged')
+  p.child.kill('SIGTERM')
+  t.match(await p.exited, { code: 0, signal: null }, 'exited: the code after SIGTERM')
+  await t.rejects(p.waitForLog(() => false, 5000), /exited \(0\) before the log line/, 'waitForLog fails once the process has exited')
+  t.match(p.stdout(), /"msg":"shutdown complete"/, 'stdout captured')
+
+  const bad = spawnGateway(t, { PORT: 'abc' })
+  t.equal((await bad.exited).code, 1, 'an invalid configuration exits 1')
+  t.match(bad.stderr(), /server\.port \(PORT\)/, 'stderr captured')
+
+  let held: GatewayProcess | undefined
+  await t.test('killed when its test ends', async (tt) => {
+    held = spawnGateway(tt, { ...(await unreachableBackendsEnv()).env, LOG_LEVEL: 'info' })
+    await held.listening()
+  })
+  t.equal((await held?.exited)?.signal, 'SIGKILL')
+
+  let prlimit = true
+  try { execFileSync('prlimit', ['--version'], { stdio: 'ignore' }) } catch { prlimit = false }
+  await t.test('a wrapper command runs node', { skip: prlimit ? false : 'prlimit (util-linux) is not installed' }, async (tt) => {
+    const w = spawnGateway(tt, { ...(await unreachableBackendsEnv()).env, LOG_LEVEL: 'info' }, { wrapper: ['prlimit', '--nofile=300:300'] })
+    await w.listening()
+    tt.match(readFileSync(`/proc/${String(w.child.pid)}/limits`, 'utf8'), /Max open files\s+300\s+300/, 'the gateway runs under prlimit')
+  })
+
+  await t.test('entry src: src/server.ts through the TypeScript loader', async (tt) => {
+    const s = spawnGateway(tt, { ...(await unreachableBackendsEnv()).env, LOG_LEVEL: 'info' }, { entry: 'src' })
+    const urls = await s.listening(20_000)
+    tt.equal((await fetch(`${urls.adminUrl}/healthz`)).status, 200, 'listening and answering')
+  })
+})
+
+t.test('ws-client helpers: upgrade, exchange, connect, refusal, echo', async (t) => {
+  const { issuer, upstream } = await startBackends(t)
+  const g = await startGateway(t, issuer, upstream)
+  const token = await issuer.token({ sub: 'ws-client-user' })
+  const auth = { authorization: `Bearer ${token}` }
+
+  const open = await upgrade(t, `${g.wsUrl}/ws/a`, { headers: auth })
+  t.match(open, { kind: 'open', status: 101, protocol: '' }, 'upgrade: open')
+  if (open.kind === 'open') t.equal(await exchange(open.ws, 'hi'), 'hi', 'exchange: the echo of what was sent')
+  const negotiated = await upgrade(t, `${g.wsUrl}/ws/a`, { protocols: ['bearer', token, 'chat.v1'] })
+  t.match(negotiated, { kind: 'open', protocol: 'chat.v1' }, 'with subprotocols')
+  const refused = await upgrade(t, `${g.wsUrl}/ws/a`)
+  t.match(refused, { kind: 'refused', status: 401, upgraded: false }, 'upgrade: refused with the HTTP status')
+  if (refused.kind === 'refused') {
+    t.match(refused.headers['www-authenticate'], /^Bearer /, 'its headers')
+    t.match(JSON.parse(refused.body), { error: 'unauthorized' }, 'its whole body')
+  }
+  let kept: WebSocket | undefined
+  await t.test('upgrade: the socket is terminated when its test ends', async (tt) => {
+    const o = await upgrade(tt, `${g.wsUrl}/ws/b`, { headers: auth })
+    if (o.kind === 'open') kept = o.ws
+    tt.equal(kept?.readyState, WebSocket.OPEN)
+  })
+  t.not(kept?.readyState, WebSocket.OPEN, 'no longer open')
+
+  const c = await connect(g, token)
+  t.match(c.path, /^\/ws\/[0-9a-f-]{36}$/, 'connect: a path of its own')
+  await echo(c, 'same')
+  await echo(c, 'same')
+  t.strictSame(c.texts, ['same', 'same'], 'echo waits for one more copy each time; texts collects')
+  const viaQuery = await connect(g, token, { carrier: 'query' })
+  await until(() => upstream.wsConnections.some((r) => r.url === viaQuery.path), 3000, 'the app got the query connection')
+  const viaProtocol = await connect(g, token, { carrier: 'protocol' })
+  t.equal(viaProtocol.ws.protocol, 'bearer', 'carrier protocol: the token in the bearer subprotocol')
+  await t.rejects(connect(g, 'garbage'), /upgrade refused with 401/, 'connect rejects a refused upgrade')
+  c.ws.send('close:4001:bye')
+  t.match(await c.closed, { code: 4001, reason: 'bye' }, 'closed: the code and reason the client saw')
+  t.type((await c.closed).at, 'number')
+
+  t.match(await refusal(g, 'garbage'), { status: 401, upgraded: false }, 'refusal: the status, before any 101')
+  await t.rejects(refusal(g, token), /the upgrade was accepted/, 'refusal rejects an upgrade that opens')
+  for (const x of [viaQuery, viaProtocol]) x.ws.close()
+  if (open.kind === 'open') open.ws.close()
+  if (negotiated.kind === 'open') negotiated.ws.close()
+})
+
+t.test('units: ALICE, forwardContext, auditedRequest', async (t) => {
+  t.match(ALICE, { sub: 'f3a1-user', username: 'alice', roles: ['admin', 'app:read'] })
+  t.strictSame(forwardContext(), {
+    identity: ALICE,
+    requestId: 'req-1',
+    clientIp: '203.0.113.7',
+    remoteAddress: '10.1.2.3',
+    protocol: 'https',
+    host: 'gw.example.com',
+    trustProxy: false,
+    forwardAuthorization: false
+  })
+  t.match(forwardContext({ identity: null, trustProxy: true }), { identity: null, trustProxy: true, host: 'gw.example.com' }, 'fields replaced, the rest kept')
+  t.match(auditedRequest(), { id: 'req-1', ip: '203.0.113.7', method: 'GET', url: '/ws/chat?room=1' })
+  t.match(auditedRequest({ url: '/x' }), { url: '/x', id: 'req-1' })
 })

@@ -4,11 +4,10 @@
 // attempt, capped at cacheTtl), known kids keep working from the last good set, /readyz stays 200 with the failure in
 // its detail, and once the issuer is back the keys refresh again and a rotated key is accepted.
 import { setTimeout as sleep } from 'node:timers/promises'
-import t, { type Test } from 'tap'
+import t from 'tap'
 import { Pool } from 'undici'
-import { startIssuer, type JwksMode, type TestIssuer } from './helpers/issuer.js'
-import { startUpstream, type TestUpstream } from './helpers/upstream.js'
-import { startGateway, type TestGateway } from './helpers/gateway.js'
+import type { JwksMode, TestIssuer } from './helpers/issuer.js'
+import { readyz, startBackends, startGateway, untilReady, type TestGateway } from './helpers/gateway.js'
 import { metric, until } from './helpers/wait.js'
 
 const TTL_MS = 1_000
@@ -69,20 +68,6 @@ async function load (g: TestGateway, tokens: string[], stop: Promise<void>): Pro
 
 const fetchesAt = (issuer: TestIssuer): number => issuer.stats.discovery + issuer.stats.jwks
 
-async function readyz (g: TestGateway): Promise<{ status: number, jwks: { ok: boolean, detail?: string } | undefined }> {
-  const res = await fetch(`${g.adminUrl}/readyz`)
-  const body = await res.json() as { checks: Record<string, { ok: boolean, detail?: string }> }
-  return { status: res.status, jwks: body.checks.jwks }
-}
-
-async function fixtures (tt: Test): Promise<{ issuer: TestIssuer, upstream: TestUpstream }> {
-  const issuer = await startIssuer()
-  tt.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  tt.teardown(() => upstream.close())
-  return { issuer, upstream }
-}
-
 const env = (pinned: string | undefined): Record<string, string> => ({
   JWKS_CACHE_TTL: `${TTL_MS}ms`,
   JWKS_MIN_REFRESH_INTERVAL: `${MIN_MS}ms`,
@@ -99,7 +84,7 @@ const CASES: Array<{ mode: JwksMode, pinned: boolean, what: string }> = [
 
 for (const c of CASES) {
   t.test(`outage under load: ${c.what}`, async (t) => {
-    const { issuer, upstream } = await fixtures(t)
+    const { issuer, upstream } = await startBackends(t)
     const g = await startGateway(t, issuer, upstream, { env: env(c.pinned ? issuer.jwksUrl : undefined) })
     const tokens = await Promise.all(Array.from({ length: 8 }, (_, i) => issuer.token({ sub: `outage-${c.mode}-${i}`, ttlSeconds: 600 })))
     const okBefore = await metric(g, 'resonance_jwks_fetches_total{result="ok"}')
@@ -127,7 +112,7 @@ for (const c of CASES) {
     t.ok(fetches >= 2, `the gateway kept trying (${fetches} fetches)`)
     t.ok(fetches <= allowed, `fetches at the issuer within the backoff schedule: ${fetches} <= ${allowed}`)
     t.equal(during.status, 200, '/readyz stayed 200: the JWKS had loaded, known keys keep working')
-    t.match(during.jwks, { ok: true, detail: /refresh failing.*next in/ }, `the jwks check says so: ${String(during.jwks?.detail)}`)
+    t.match(during.body.checks.jwks, { ok: true, detail: /refresh failing.*next in/ }, `the jwks check says so: ${String(during.body.checks.jwks?.detail)}`)
     const failLines = g.logs().filter((l) => l.component === 'jwks' && typeof l.msg === 'string' && l.msg.startsWith('jwks refresh failed'))
     t.ok(failLines.length >= 1 && failLines.length <= 2, `one log line per distinct problem (${failLines.length})`)
 
@@ -137,8 +122,8 @@ for (const c of CASES) {
     await until(async () => await metric(g, 'resonance_jwks_fetches_total{result="ok"}') > okBefore, TTL_MS + 3_000, 'a refresh succeeds after the outage')
     t.comment(`${c.mode}: keys refreshed ${Date.now() - back} ms after the issuer recovered`)
     const after = await readyz(g)
-    t.match(after, { status: 200, jwks: { ok: true } })
-    t.notMatch(after.jwks?.detail, /failing/, `no failure left in the detail: ${String(after.jwks?.detail)}`)
+    t.match(after, { status: 200, body: { checks: { jwks: { ok: true } } } })
+    t.notMatch(after.body.checks.jwks?.detail, /failing/, `no failure left in the detail: ${String(after.body.checks.jwks?.detail)}`)
     t.ok(g.logs().some((l) => l.msg === 'jwks refresh succeeded again'), 'the recovery is logged')
     await issuer.rotate()
     const rotated = await issuer.token({ sub: `after-${c.mode}` })
@@ -154,7 +139,7 @@ for (const c of CASES) {
 }
 
 t.test('issuer down from the start under load: discovery is backed off too, then the first load succeeds', async (t) => {
-  const { issuer, upstream } = await fixtures(t)
+  const { issuer, upstream } = await startBackends(t)
   const tokens = await Promise.all(Array.from({ length: 4 }, (_, i) => issuer.token({ sub: `early-${i}`, ttlSeconds: 600 })))
   issuer.setJwksMode('unavailable')
   const startedAt = Date.now()
@@ -176,10 +161,10 @@ t.test('issuer down from the start under load: discovery is backed off too, then
   t.equal(issuer.stats.jwks, 0, 'the JWKS itself never reached: discovery fails first')
   t.ok(fetches <= allowed, `discovery fetches within the backoff schedule: ${fetches} <= ${allowed}`)
   t.equal(during.status, 503, '/readyz 503: the JWKS has never loaded')
-  t.match(during.jwks, { ok: false, detail: /openid-configuration.*next in/ }, `with the failure and the backoff: ${String(during.jwks?.detail)}`)
+  t.match(during.body.checks.jwks, { ok: false, detail: /openid-configuration.*next in/ }, `with the failure and the backoff: ${String(during.body.checks.jwks?.detail)}`)
 
   issuer.setJwksMode('ok')
-  await until(async () => (await readyz(g)).status === 200, TTL_MS + 3_000, '/readyz 200 once the issuer answers')
+  await untilReady(g, TTL_MS + 3_000, '/readyz 200 once the issuer answers')
   const res = await fetch(`${g.url}/api/late`, { headers: { authorization: `Bearer ${tokens[0] as string}` } })
   await res.arrayBuffer()
   t.equal(res.status, 200, 'and the same tokens are served')

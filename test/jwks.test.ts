@@ -3,27 +3,13 @@
 // holds), fetch timeouts that fire, recovery, and the resonance_jwks_fetches_total counter.
 import { randomUUID } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
-import t, { type Test } from 'tap'
+import t from 'tap'
 import { decodeProtectedHeader } from 'jose'
-import { startIssuer, type TestIssuer } from './helpers/issuer.js'
 import { claims, foreignRsaKey, forgeToken } from './helpers/forge.js'
-import { startUpstream, type TestUpstream } from './helpers/upstream.js'
-import { startGateway, type TestGateway } from './helpers/gateway.js'
+import { readyz, startBackends, startGateway, untilReady, type TestGateway } from './helpers/gateway.js'
 import { scrapeMetric, until } from './helpers/wait.js'
 
 // --- helpers -------------------------------------------------------------------------------------------------------------
-
-async function issuerFor (tt: Test): Promise<TestIssuer> {
-  const issuer = await startIssuer()
-  tt.teardown(() => issuer.close())
-  return issuer
-}
-
-async function upstreamFor (tt: Test): Promise<TestUpstream> {
-  const upstream = await startUpstream()
-  tt.teardown(() => upstream.close())
-  return upstream
-}
 
 async function call (g: TestGateway, token: string, reqId = randomUUID()): Promise<{ status: number, ms: number, reqId: string }> {
   const started = performance.now()
@@ -40,11 +26,6 @@ const fetches = async (g: TestGateway): Promise<{ ok: number, error: number }> =
   error: await scrapeMetric(g.adminUrl, 'resonance_jwks_fetches_total', { result: 'error' })
 })
 
-async function readyz (g: TestGateway): Promise<{ status: number, body: { status: string, checks: Record<string, { ok: boolean, detail?: string }> } }> {
-  const res = await fetch(`${g.adminUrl}/readyz`)
-  return { status: res.status, body: await res.json() as never }
-}
-
 function reasonsOf (g: TestGateway, reqIds: Set<string>): string[] {
   return g.audits().filter((l) => reqIds.has(String(l.reqId))).map((l) => String(l.reason))
 }
@@ -52,10 +33,8 @@ function reasonsOf (g: TestGateway, reqIds: Set<string>): string[] {
 // --- (a) discovery vs pinned JWKS_URL ------------------------------------------------------------------------------------
 
 t.test('discovery is used when JWKS_URL is unset; JWKS_URL pins the key set without discovery', async (t) => {
-  const upstream = await upstreamFor(t)
-
   await t.test('discovery', async (tt) => {
-    const issuer = await issuerFor(tt)
+    const { issuer, upstream } = await startBackends(tt)
     const g = await startGateway(tt, issuer, upstream)
     tt.ok(issuer.stats.discovery >= 1, `discovery fetched (${issuer.stats.discovery})`)
     tt.equal(issuer.stats.jwks, 1, 'then the JWKS it names, once')
@@ -64,7 +43,7 @@ t.test('discovery is used when JWKS_URL is unset; JWKS_URL pins the key set with
   })
 
   await t.test('pinned', async (tt) => {
-    const issuer = await issuerFor(tt)
+    const { issuer, upstream } = await startBackends(tt)
     const g = await startGateway(tt, issuer, upstream, { env: { JWKS_URL: issuer.jwksUrl, JWKS_MIN_REFRESH_INTERVAL: '0' } })
     tt.equal(issuer.stats.jwks, 1, 'JWKS fetched at start')
     tt.equal((await call(g, await issuer.token())).status, 200)
@@ -80,8 +59,7 @@ t.test('discovery is used when JWKS_URL is unset; JWKS_URL pins the key set with
 // --- (b) + (c) unknown-kid flood, negative cache by time --------------------------------------------------------------------
 
 t.test('unknown-kid flood: single flight, at most one fetch per JWKS_MIN_REFRESH_INTERVAL', async (t) => {
-  const issuer = await issuerFor(t)
-  const upstream = await upstreamFor(t)
+  const { issuer, upstream } = await startBackends(t)
   const g = await startGateway(t, issuer, upstream, { env: { JWKS_URL: issuer.jwksUrl, JWKS_MIN_REFRESH_INTERVAL: '1s' } })
   const startedAt = Date.now() // the start-up fetch is done by now
   const valid = await issuer.token()
@@ -127,8 +105,7 @@ t.test('unknown-kid flood: single flight, at most one fetch per JWKS_MIN_REFRESH
 })
 
 t.test('negative cache: inside JWKS_MIN_REFRESH_INTERVAL an unknown kid costs no fetch', async (t) => {
-  const issuer = await issuerFor(t)
-  const upstream = await upstreamFor(t)
+  const { issuer, upstream } = await startBackends(t)
   // the default interval (10 s) comfortably covers this test, however slow the machine
   const g = await startGateway(t, issuer, upstream, { env: { JWKS_URL: issuer.jwksUrl } })
   const foreign = await foreignRsaKey()
@@ -145,8 +122,7 @@ t.test('negative cache: inside JWKS_MIN_REFRESH_INTERVAL an unknown kid costs no
 // --- (d) rotation -----------------------------------------------------------------------------------------------------------
 
 t.test('rotation: a new kid works without restart (one fetch), old-kid tokens keep working', async (t) => {
-  const issuer = await issuerFor(t)
-  const upstream = await upstreamFor(t)
+  const { issuer, upstream } = await startBackends(t)
   const g = await startGateway(t, issuer, upstream, { env: { JWKS_MIN_REFRESH_INTERVAL: '200ms' } })
   const startedAt = Date.now()
   const oldKid = issuer.currentKid()
@@ -174,8 +150,7 @@ t.test('rotation: a new kid works without restart (one fetch), old-kid tokens ke
 // --- (e) JWKS down: stale keys keep working ------------------------------------------------------------------------------------
 
 t.test('JWKS down: known kids keep working, readiness holds', async (t) => {
-  const issuer = await issuerFor(t)
-  const upstream = await upstreamFor(t)
+  const { issuer, upstream } = await startBackends(t)
   const g = await startGateway(t, issuer, upstream, {
     env: { JWKS_CACHE_TTL: '1s', JWKS_MIN_REFRESH_INTERVAL: '1s', JWKS_FETCH_TIMEOUT: '700ms' }
   })
@@ -224,8 +199,7 @@ t.test('JWKS down: known kids keep working, readiness holds', async (t) => {
 t.test('JWKS hangs from the start: timeouts fire, 401 jwks_unavailable, /readyz 503, then recovery', async (t) => {
   for (const pinned of [false, true]) {
     await t.test(pinned ? 'pinned JWKS_URL (the JWKS fetch hangs)' : 'discovery (the discovery fetch hangs)', async (t) => {
-      const issuer = await issuerFor(t)
-      const upstream = await upstreamFor(t)
+      const { issuer, upstream } = await startBackends(t)
       issuer.setJwksMode('hang')
       const startedAt = Date.now()
       const g = await startGateway(t, issuer, upstream, {
@@ -255,7 +229,7 @@ t.test('JWKS hangs from the start: timeouts fire, 401 jwks_unavailable, /readyz 
       const spread: Array<Promise<{ status: number, ms: number }>> = []
       for (let i = 0; i < 12; i++) {
         spread.push(call(g, token))
-        await sleep(100)
+        await sleep(100) // time-based by nature: 12 requests 100 ms apart span the 1 s refresh interval
       }
       const answers = await Promise.all(spread)
       const slowest = Math.max(...answers.map((a) => a.ms))
@@ -264,7 +238,7 @@ t.test('JWKS hangs from the start: timeouts fire, 401 jwks_unavailable, /readyz 
       t.equal(upstream.requests.length, 0, 'nothing reached the app')
 
       issuer.setJwksMode('ok')
-      await until(async () => (await readyz(g)).status === 200, 5_000, '/readyz turns 200 after the issuer recovers', 50)
+      await untilReady(g, 5_000, '/readyz turns 200 after the issuer recovers')
       t.ok((await fetches(g)).ok >= 1, 'resonance_jwks_fetches_total{result="ok"} moved')
       t.equal((await call(g, token)).status, 200, 'the same token now passes')
       t.equal(upstream.requests[0]?.headers['x-user-sub'], 'early-bird')

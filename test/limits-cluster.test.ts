@@ -3,38 +3,25 @@
 // Two gateways on the cluster with one prefix enforce exactly one budget per user; counters of different users land on
 // different nodes (one key per user per window, so no cross-slot script); the auth-failure limit and WebSocket upgrades
 // count there too. Nothing here touches the shared Redis on 6379.
-import { randomUUID } from 'node:crypto'
 import type { IncomingMessage } from 'node:http'
 import t, { type Test } from 'tap'
 import WebSocket from 'ws'
 import { Redis } from 'ioredis'
-import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
-import { startUpstream, type TestUpstream } from './helpers/upstream.js'
-import { startGateway, type TestGateway } from './helpers/gateway.js'
-import { deleteKeys, scanKeys, startRedisCluster, type RedisCluster } from './helpers/redis.js'
+import { randomSub } from './helpers/issuer.js'
+import { startBackends, startGateway, untilReady, type TestGateway } from './helpers/gateway.js'
+import { deleteKeys, keyPrefix, scanKeys, startRedisCluster } from './helpers/redis.js'
 import { until } from './helpers/wait.js'
 
-let issuer: TestIssuer
-let upstream: TestUpstream
-let cluster: RedisCluster
+const [{ issuer, upstream }, cluster] = await Promise.all([startBackends(t), startRedisCluster(3)])
+t.teardown(() => cluster.stop())
 /** One plain client per cluster node, for SCAN (a cluster SCAN is per node). */
-let nodeClients: Redis[] = []
-
-t.before(async () => {
-  ;[issuer, upstream, cluster] = await Promise.all([startIssuer(), startUpstream(), startRedisCluster(3)])
-  nodeClients = cluster.nodes.map((n) => new Redis(n.port, '127.0.0.1', { lazyConnect: true, maxRetriesPerRequest: 1 }))
-  await Promise.all(nodeClients.map((c) => c.connect()))
-})
-t.teardown(async () => {
-  for (const c of nodeClients) c.disconnect()
-  await cluster?.stop()
-  await upstream?.close()
-  await issuer?.close()
-})
+const nodeClients = cluster.nodes.map((n) => new Redis(n.port, '127.0.0.1', { lazyConnect: true, maxRetriesPerRequest: 1 }))
+t.teardown(() => { for (const c of nodeClients) c.disconnect() })
+await Promise.all(nodeClients.map((c) => c.connect()))
 
 async function gateway (tt: Test, prefix: string, env: Record<string, string>, seeds = cluster.seeds): Promise<TestGateway> {
   const g = await startGateway(tt, issuer, upstream, { env: { REDIS_CLUSTER_NODES: seeds, RATE_LIMIT_KEY_PREFIX: prefix, ...env } })
-  await until(async () => (await fetch(`${g.adminUrl}/readyz`, { signal: AbortSignal.timeout(5000) })).status === 200, 10_000, 'gateway ready on the cluster', 50)
+  await untilReady(g, 10_000, 'gateway ready on the cluster')
   return g
 }
 
@@ -61,7 +48,7 @@ t.test('the test cluster is a real 3-master Redis Cluster', async (t) => {
 })
 
 t.test('two gateways on one Redis Cluster enforce exactly one budget per user', async (t) => {
-  const prefix = `test:${randomUUID()}:`
+  const prefix = keyPrefix()
   cleanup(t, prefix)
   const MAX = 10
   const env = { RATE_LIMIT_MAX: String(MAX), RATE_LIMIT_WINDOW: '60s' }
@@ -104,7 +91,7 @@ t.test('two gateways on one Redis Cluster enforce exactly one budget per user', 
 })
 
 t.test('on the cluster: GET, POST and WebSocket upgrades share the budget; the window resets', async (t) => {
-  const prefix = `test:${randomUUID()}:`
+  const prefix = keyPrefix()
   cleanup(t, prefix)
   const g = await gateway(t, prefix, { RATE_LIMIT_MAX: '3', RATE_LIMIT_WINDOW: '1s' })
   const token = await issuer.token({ sub: randomSub('mixed') })
@@ -134,7 +121,7 @@ t.test('on the cluster: GET, POST and WebSocket upgrades share the budget; the w
 })
 
 t.test('the auth-failure limit counts on the cluster too', async (t) => {
-  const prefix = `test:${randomUUID()}:`
+  const prefix = keyPrefix()
   cleanup(t, prefix)
   const env = { AUTH_FAILURE_LIMIT_MAX: '5', AUTH_FAILURE_LIMIT_WINDOW: '30s', TRUST_PROXY: '127.0.0.1' }
   const g1 = await gateway(t, prefix, env)

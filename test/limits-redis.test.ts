@@ -7,53 +7,22 @@
 //   - a frozen (SIGSTOP) Redis: slow, not down; requests still answer within the timeout;
 //   - policy `closed`: 503 + Retry-After while Redis is down, served again after it is back.
 // The shared Redis on 6379 is never killed; every test uses its own key prefix and deletes only its keys.
-import { execFileSync, spawn } from 'node:child_process'
-import { randomUUID } from 'node:crypto'
-import { existsSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
-import { join, relative } from 'node:path'
-import { fileURLToPath } from 'node:url'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import { Redis } from 'ioredis'
-import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
-import { startUpstream, type TestUpstream } from './helpers/upstream.js'
-import { baseEnv, startGateway, type TestGateway } from './helpers/gateway.js'
-import { deleteKeys, redisCli, redisUrl, scanKeys, startRedisServer, type RedisServer } from './helpers/redis.js'
+import { randomSub } from './helpers/issuer.js'
+import { baseEnv, readyz, startBackends, startGateway, untilReady, type TestGateway } from './helpers/gateway.js'
+import { ensureBuilt, spawnGateway } from './helpers/process.js'
+import { deleteKeys, keyPrefix, ownRedis, redisCli, redisUrl, scanKeys } from './helpers/redis.js'
 import { scrapeMetric, until } from './helpers/wait.js'
 
-const ROOT = fileURLToPath(new URL('..', import.meta.url))
-const ENTRY = join(ROOT, 'dist', 'server.js')
 /** Every request while Redis is dead, frozen or restarting must be answered within this. */
 const ANSWER_WITHIN_MS = 1500
 const STORE_UNAVAILABLE = 'rate-limit store unavailable'
 const STORE_BACK = 'rate-limit store available again'
 
-/** dist/ is stale when any src/**\/*.ts is newer than its compiled .js (the other engineer edits src). */
-function distStale (): boolean {
-  const src = join(ROOT, 'src')
-  const walk = (dir: string): string[] => readdirSync(dir, { withFileTypes: true })
-    .flatMap((e) => e.isDirectory() ? walk(join(dir, e.name)) : e.name.endsWith('.ts') ? [join(dir, e.name)] : [])
-  return walk(src).some((file) => {
-    const out = join(ROOT, 'dist', relative(src, file).replace(/\.ts$/, '.js'))
-    return !existsSync(out) || statSync(out).mtimeMs < statSync(file).mtimeMs
-  })
-}
-
-let issuer: TestIssuer
-let upstream: TestUpstream
-const tmp = mkdtempSync(join(tmpdir(), 'gw-limits-redis-'))
-
-t.before(async () => {
-  if (distStale()) execFileSync('npm', ['run', 'build'], { cwd: ROOT, stdio: 'ignore' })
-  issuer = await startIssuer()
-  upstream = await startUpstream()
-})
-t.teardown(async () => {
-  await upstream.close()
-  await issuer.close()
-  rmSync(tmp, { recursive: true, force: true })
-})
+ensureBuilt()
+const { issuer, upstream } = await startBackends(t)
 
 // --- helpers -----------------------------------------------------------------------------------------------------------
 
@@ -66,10 +35,10 @@ async function request (base: string, path: string, token: string, timeoutMs = 1
   return { status: res.status, headers: Object.fromEntries(res.headers), body, ms: performance.now() - started }
 }
 
-async function readyz (adminUrl: string): Promise<{ status: number, checks: Record<string, { ok: boolean, detail?: string }> }> {
-  const res = await fetch(`${adminUrl}/readyz`, { signal: AbortSignal.timeout(ANSWER_WITHIN_MS) })
-  const body = await res.json() as { checks: Record<string, { ok: boolean, detail?: string }> }
-  return { status: res.status, checks: body.checks }
+/** The redis check passes and says nothing of an outage: the gateway is on Redis again. */
+async function redisClean (g: { adminUrl: string }): Promise<boolean> {
+  const c = (await readyz(g, ANSWER_WITHIN_MS)).body.checks.redis
+  return c?.ok === true && !String(c.detail).startsWith('degraded')
 }
 
 function median (xs: number[]): number {
@@ -82,22 +51,10 @@ function client (url: string): Redis {
   return new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 1, enableOfflineQueue: false, retryStrategy: () => null })
 }
 
-/** A private redis-server for one test (the only kind a test may kill), stopped in teardown. */
-async function ownRedis (tt: Test, port?: number, args: string[] = []): Promise<RedisServer> {
-  const server = await startRedisServer(port, args)
-  tt.teardown(async () => {
-    if (server.process.exitCode === null && server.process.signalCode === null) {
-      server.process.kill('SIGCONT')
-      await server.kill()
-    }
-  })
-  return server
-}
-
 /** An in-process gateway on `redis` with a fresh prefix; asserts it is ready (JWKS + Redis) before returning. */
-async function gateway (tt: Test, redisEnv: Record<string, string>, env: Record<string, string>, prefix = `test:${randomUUID()}:`): Promise<TestGateway & { prefix: string }> {
+async function gateway (tt: Test, redisEnv: Record<string, string>, env: Record<string, string>, prefix = keyPrefix()): Promise<TestGateway & { prefix: string }> {
   const g = await startGateway(tt, issuer, upstream, { env: { RATE_LIMIT_KEY_PREFIX: prefix, ...redisEnv, ...env } })
-  await until(async () => (await readyz(g.adminUrl)).status === 200, 5000, 'gateway ready', 50)
+  await untilReady(g)
   return Object.assign(g, { prefix })
 }
 
@@ -110,7 +67,7 @@ async function recoveredUnderTraffic (send: () => Promise<unknown>, done: () => 
   while (Date.now() < end) {
     await send()
     if (await done()) return true
-    await sleep(50)
+    await sleep(50) // time-based by nature: the traffic's pace
   }
   return false
 }
@@ -144,59 +101,23 @@ const msgs = (g: TestGateway, text: string): number => g.logs().filter((l) => ty
 
 // --- two gateway processes, one Redis, one budget -----------------------------------------------------------------------
 
-interface Proc { url: string, adminUrl: string, stdout: () => string }
-
-async function spawnGateway (tt: Test, env: Record<string, string>): Promise<Proc> {
-  const yaml = join(tmp, `${randomUUID()}.yaml`)
-  writeFileSync(yaml, '')
-  const child = spawn(process.execPath, [ENTRY], {
-    cwd: ROOT,
-    env: {
-      PATH: process.env.PATH ?? '/usr/bin:/bin',
-      ...baseEnv(issuer, upstream),
-      CONFIG_FILE: yaml,
-      ...env
-    },
-    stdio: ['ignore', 'pipe', 'pipe']
-  })
-  let out = ''
-  let err = ''
-  child.stdout.setEncoding('utf8').on('data', (c: string) => { out += c })
-  child.stderr.setEncoding('utf8').on('data', (c: string) => { err += c })
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()))
-  tt.teardown(async () => {
-    if (child.exitCode === null && child.signalCode === null) {
-      child.kill('SIGKILL')
-      await exited
-    }
-  })
-  type Addr = { address: string, port: number }
-  let listening: { public: Addr[], admin: Addr[] } | undefined
-  await until(() => {
-    if (child.exitCode !== null) throw new Error(`gateway exited ${child.exitCode}: ${err}`)
-    for (const line of out.split('\n')) {
-      if (!line.includes('"gateway listening"')) continue
-      listening = JSON.parse(line) as { public: Addr[], admin: Addr[] }
-      return true
-    }
-    return false
-  }, 15_000, `'gateway listening' from node dist/server.js; stderr: ${err}`, 50)
-  const pub = listening?.public[0] as Addr
-  const adm = listening?.admin[0] as Addr
-  return { url: `http://127.0.0.1:${pub.port}`, adminUrl: `http://127.0.0.1:${adm.port}`, stdout: () => out }
+/** `node dist/server.js` between this file's issuer and app, once it listens. */
+async function gatewayProcess (tt: Test, env: Record<string, string>): Promise<{ url: string, adminUrl: string, stdout: () => string }> {
+  const p = spawnGateway(tt, { ...baseEnv(issuer, upstream), ...env })
+  return { ...await p.listening(), stdout: p.stdout }
 }
 
 t.test('two gateway processes on one Redis enforce exactly one budget', async (t) => {
   const url = await redisUrl()
-  const prefix = `test:${randomUUID()}:`
+  const prefix = keyPrefix()
   const admin = client(url)
   await admin.connect()
   t.teardown(async () => { await deleteKeys(admin, prefix); admin.disconnect() })
 
   const MAX = 20
   const env = { REDIS_URL: url, RATE_LIMIT_KEY_PREFIX: prefix, RATE_LIMIT_MAX: String(MAX), RATE_LIMIT_WINDOW: '60s', LOG_LEVEL: 'info' }
-  const [a, b] = await Promise.all([spawnGateway(t, env), spawnGateway(t, env)])
-  await until(async () => (await readyz(a.adminUrl)).status === 200 && (await readyz(b.adminUrl)).status === 200, 10_000, 'both processes ready (JWKS + Redis)', 50)
+  const [a, b] = await Promise.all([gatewayProcess(t, env), gatewayProcess(t, env)])
+  await Promise.all([untilReady(a, 10_000, 'process a ready (JWKS + Redis)'), untilReady(b, 10_000, 'process b ready (JWKS + Redis)')])
 
   const sub = randomSub('two-procs')
   const [token, warm] = await Promise.all([issuer.token({ sub }), issuer.token({ sub: randomSub('warm-up') })])
@@ -241,10 +162,10 @@ t.test('REDIS_URL with a password and a db number', async (t) => {
   const wrong = await startGateway(t, issuer, upstream, {
     env: { REDIS_URL: `redis://:wrong@127.0.0.1:${server.port}/5`, RATE_LIMIT_KEY_PREFIX: g.prefix, RATE_LIMIT_MAX: '2', RATE_LIMIT_WINDOW: '10s' }
   })
-  const r = await readyz(wrong.adminUrl)
+  const r = await readyz(wrong, ANSWER_WITHIN_MS)
   // policy open (default): still ready, the redis check names the problem
   t.equal(r.status, 200, 'policy open: a wrong password keeps the replica ready')
-  t.match(r.checks.redis, { ok: true, detail: /^degraded: .*WRONGPASS/ }, `and shows in /readyz: ${String(r.checks.redis?.detail)}`)
+  t.match(r.body.checks.redis, { ok: true, detail: /^degraded: .*WRONGPASS/ }, `and shows in /readyz: ${String(r.body.checks.redis?.detail)}`)
   const a = await request(wrong.url, '/api/pw', await issuer.token({ sub: randomSub('pw2') }))
   t.equal(a.status, 200, 'and requests are still answered (fallback)')
   t.ok(a.ms < ANSWER_WITHIN_MS, `within ${ANSWER_WITHIN_MS} ms (${a.ms.toFixed(0)} ms)`)
@@ -298,10 +219,10 @@ t.test('Redis killed and restarted (policy open + RATE_LIMIT_FALLBACK_MAX)', asy
   t.comment(`latency while Redis is down: median ${med.toFixed(1)} ms, max ${Math.max(...latencies).toFixed(1)} ms over ${latencies.length} requests`)
   t.ok(Math.max(...latencies) < ANSWER_WITHIN_MS, `every request within ${ANSWER_WITHIN_MS} ms`)
 
-  const r = await readyz(g.adminUrl)
+  const r = await readyz(g, ANSWER_WITHIN_MS)
   t.equal(r.status, 200, '/readyz stays 200 while Redis is down (policy open: the site keeps serving)')
-  t.equal(r.checks.redis?.ok, true, 'with a passing redis check')
-  t.match(r.checks.redis?.detail, /^degraded: .*(redis|connect|ECONNREFUSED|closed)/i, `that reports the outage: ${String(r.checks.redis?.detail)}`)
+  t.equal(r.body.checks.redis?.ok, true, 'with a passing redis check')
+  t.match(r.body.checks.redis?.detail, /^degraded: .*(redis|connect|ECONNREFUSED|closed)/i, `that reports the outage: ${String(r.body.checks.redis?.detail)}`)
   t.ok(await scrapeMetric(g.adminUrl, 'resonance_rate_limit_store_errors_total') > 0, 'resonance_rate_limit_store_errors_total > 0')
   t.equal(await scrapeMetric(g.adminUrl, 'resonance_rate_limit_store_degraded'), 1, 'resonance_rate_limit_store_degraded 1')
   t.equal(msgs(g, STORE_UNAVAILABLE), 1, `exactly one '${STORE_UNAVAILABLE}' line for the outage (${latencies.length + during.length} requests)`)
@@ -319,13 +240,13 @@ t.test('Redis killed and restarted (policy open + RATE_LIMIT_FALLBACK_MAX)', asy
   await assertRecovers(t, 'after kill + restart', () => request(g.url, '/api/outage', probeToken),
     async () => (await scanKeys(fresh, g.prefix)).some((k) => k.includes(probe)))
   t.comment(`a counter appeared in the restarted Redis ${Date.now() - back} ms after the restart`)
-  await until(async () => { const c = (await readyz(g.adminUrl)).checks.redis; return c?.ok === true && !String(c.detail).startsWith('degraded') }, 5000, 'redis check clean again', 50)
+  await until(async () => await redisClean(g), 5000, 'redis check clean again', 50)
   t.equal(msgs(g, STORE_BACK), 1, `one '${STORE_BACK}' line`)
   t.equal(await scrapeMetric(g.adminUrl, 'resonance_rate_limit_store_degraded'), 0, 'degraded gauge back to 0')
   t.equal(msgs(g, STORE_UNAVAILABLE), 1, 'still exactly one outage line')
 
   // both replicas back on the shared budget: the sum over both is exactly MAX again
-  await until(async () => { const c = (await readyz(g2.adminUrl)).checks.redis; return c?.ok === true && !String(c.detail).startsWith('degraded') }, 5000, 'replica 2 on Redis again', 50)
+  await until(async () => await redisClean(g2), 5000, 'replica 2 on Redis again', 50)
   const shared = randomSub('shared')
   const sharedToken = await issuer.token({ sub: shared })
   let okCount = 0
@@ -352,13 +273,13 @@ t.test('a frozen Redis (SIGSTOP: slow, not down) never hangs requests', async (t
   t.comment(`latency with a frozen Redis: ${answers.map((a) => a.ms.toFixed(0)).join(', ')} ms`)
   for (const [i, a] of answers.entries()) t.ok(a.ms < ANSWER_WITHIN_MS, `request ${i + 1} answered in ${a.ms.toFixed(0)} ms (command timeout, no hang)`)
   t.same(answers.map((a) => a.status), [200, 200, 429, 429, 429], 'fallback limit (2) while Redis does not answer')
-  const r = await readyz(g.adminUrl)
+  const r = await readyz(g, ANSWER_WITHIN_MS)
   t.equal(r.status, 200, '/readyz stays 200 (policy open)')
-  t.match(r.checks.redis, { ok: true, detail: /^degraded: / }, `the PING timing out is reported: ${String(r.checks.redis?.detail)}`)
+  t.match(r.body.checks.redis, { ok: true, detail: /^degraded: / }, `the PING timing out is reported: ${String(r.body.checks.redis?.detail)}`)
   t.equal(msgs(g, STORE_UNAVAILABLE), 1, 'logged once')
 
   server.process.kill('SIGCONT')
-  await until(async () => { const c = (await readyz(g.adminUrl)).checks.redis; return c?.ok === true && !String(c.detail).startsWith('degraded') }, 5000, 'redis check clean again after SIGCONT', 50)
+  await until(async () => await redisClean(g), 5000, 'redis check clean again after SIGCONT', 50)
   const other = await issuer.token({ sub: randomSub('thawed') })
   await assertRecovers(t, 'after SIGCONT', () => request(g.url, '/api/f', other), () => msgs(g, STORE_BACK) === 1)
   t.equal(msgs(g, STORE_BACK), 1, 'recovery logged once')
@@ -383,9 +304,9 @@ t.test('policy closed: 503 + Retry-After while Redis is down, served again when 
     t.equal((JSON.parse(a.body) as { error?: string }).error, 'unavailable')
   }
   t.equal(upstream.requests.filter((r) => r.url.startsWith(path)).length, 0, 'nothing reached the app')
-  const r = await readyz(g.adminUrl)
+  const r = await readyz(g, ANSWER_WITHIN_MS)
   t.equal(r.status, 503, '/readyz 503 while Redis is down')
-  t.equal(r.checks.redis?.ok, false, 'redis check failing')
+  t.equal(r.body.checks.redis?.ok, false, 'redis check failing')
   t.equal(msgs(g, STORE_UNAVAILABLE), 1, 'the outage logged once')
   t.match(g.logs().find((l) => typeof l.msg === 'string' && l.msg.startsWith(STORE_UNAVAILABLE)), { policy: 'closed' })
   t.ok(await scrapeMetric(g.adminUrl, 'resonance_rate_limit_store_errors_total') >= 5, 'store errors counted')

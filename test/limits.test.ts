@@ -7,45 +7,26 @@
 //
 // Every gateway gets its own RATE_LIMIT_KEY_PREFIX (test:<uuid>:) and only those keys are deleted afterwards.
 import { randomUUID } from 'node:crypto'
-import type { IncomingMessage } from 'node:http'
 import t, { type Test } from 'tap'
-import WebSocket from 'ws'
-import { Redis } from 'ioredis'
-import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
-import { startUpstream, type TestUpstream } from './helpers/upstream.js'
-import { startGateway, type LogLine, type TestGateway } from './helpers/gateway.js'
-import { deleteKeys, redisUrl, scanKeys } from './helpers/redis.js'
+import { randomSub } from './helpers/issuer.js'
+import { startBackends, startGateway, untilReady, type LogLine, type TestGateway } from './helpers/gateway.js'
+import { scanKeys, sharedRedis } from './helpers/redis.js'
 import { scrapeMetric, until } from './helpers/wait.js'
+import { upgrade, type WsOutcome } from './helpers/ws-client.js'
 
 interface Answer { status: number, headers: Record<string, string>, body: string }
 
-let issuer: TestIssuer
-let upstream: TestUpstream
-let redis: Redis
-let url: string
+const { url, client: redis, freshPrefix } = await sharedRedis(t)
+const { issuer, upstream } = await startBackends(t)
 
-t.before(async () => {
-  url = await redisUrl()
-  redis = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 1 })
-  await redis.connect()
-  issuer = await startIssuer()
-  upstream = await startUpstream()
-})
-t.teardown(async () => {
-  redis.disconnect()
-  await upstream.close()
-  await issuer.close()
-})
-
-/** A gateway on the shared Redis with its own key prefix; its keys are deleted in teardown. */
+/** A gateway on the shared Redis with its own key prefix; its keys are deleted when the file ends. */
 async function gateway (tt: Test, env: Record<string, string> = {}, yaml = '', withRedis = true): Promise<TestGateway & { prefix: string }> {
-  const prefix = `test:${randomUUID()}:`
-  tt.teardown(async () => { await deleteKeys(redis, prefix) })
+  const prefix = freshPrefix()
   const g = await startGateway(tt, issuer, upstream, {
     env: { RATE_LIMIT_KEY_PREFIX: prefix, ...(withRedis ? { REDIS_URL: url } : {}), ...env },
     yaml
   })
-  if (withRedis) await until(() => g.gw.readiness.evaluate().then((r) => r.ready), 5000, 'gateway ready (JWKS + Redis)')
+  if (withRedis) await untilReady(g, 5000, 'gateway ready (JWKS + Redis)')
   return Object.assign(g, { prefix })
 }
 
@@ -70,26 +51,9 @@ async function failuresCounted (prefix: string, ip: string, n: number): Promise<
   }, 2000, `${n} auth failures of ${ip} counted in Redis`)
 }
 
-type WsResult = { kind: 'open', ws: WebSocket } | { kind: 'refused', status: number, headers: Record<string, string>, body: string }
-
-function upgrade (tt: Test, g: TestGateway, path: string, token: string, headers: Record<string, string> = {}): Promise<WsResult> {
-  const ws = new WebSocket(g.wsUrl + path, { headers: { authorization: `Bearer ${token}`, ...headers }, handshakeTimeout: 5000 })
-  tt.teardown(() => ws.terminate())
-  return new Promise((resolve, reject) => {
-    ws.once('open', () => resolve({ kind: 'open', ws }))
-    ws.once('unexpected-response', (_req, res: IncomingMessage) => {
-      let body = ''
-      res.setEncoding('utf8')
-      res.on('data', (c: string) => { body += c })
-      res.on('end', () => {
-        ws.on('error', () => {})
-        ws.terminate()
-        resolve({ kind: 'refused', status: res.statusCode ?? 0, headers: res.headers as Record<string, string>, body })
-      })
-    })
-    ws.once('error', reject)
-  })
-}
+/** An upgrade of `path` with `token` as bearer (5 s handshake timeout). */
+const upgradeAs = (tt: Test, g: TestGateway, path: string, token: string, headers: Record<string, string> = {}): Promise<WsOutcome> =>
+  upgrade(tt, g.wsUrl + path, { headers: { authorization: `Bearer ${token}`, ...headers }, handshakeTimeout: 5000 })
 
 const triggered = (g: TestGateway, transport: 'http' | 'ws'): Promise<number> =>
   scrapeMetric(g.adminUrl, 'resonance_rate_limit_triggered_total', { transport })
@@ -189,14 +153,14 @@ t.test('GET, POST, other paths and WebSocket upgrades of one user share one budg
   t.equal(post.status, 200, 'POST 2/4')
   t.equal(post.headers['x-ratelimit-remaining'], '2', 'POST counted against the same budget as GET')
   t.equal((await request(g, `${path}/c`, { token, method: 'DELETE' })).status, 200, 'DELETE 3/4')
-  const ws = await upgrade(t, g, '/ws/room', token)
+  const ws = await upgradeAs(t, g, '/ws/room', token)
   t.equal(ws.kind, 'open', 'WebSocket upgrade 4/4 is allowed and counted')
   if (ws.kind === 'open') ws.ws.close()
 
   t.equal((await request(g, `${path}/a`, { token })).status, 429, 'GET over the budget')
   t.equal((await request(g, `${path}/b`, { token, method: 'POST', body: '{}', headers: { 'content-type': 'application/json' } })).status, 429, 'POST over the budget')
 
-  const refused = await upgrade(t, g, '/ws/room', token)
+  const refused = await upgradeAs(t, g, '/ws/room', token)
   t.equal(refused.kind, 'refused', 'the next upgrade is refused before any 101')
   if (refused.kind === 'refused') {
     t.equal(refused.status, 429, 'upgrade answered 429 (unexpected-response)')
@@ -315,7 +279,7 @@ rateLimit:
   t.same(await statuses(g, '/other', bySub, 3), Array(3).fill(200), 'exempt sub: no user limit')
   t.same(await statuses(g, '/other', byRole, 6), Array(6).fill(200), 'exempt role: no limit')
   for (let i = 0; i < 3; i++) {
-    const ws = await upgrade(t, g, '/ws/svc', byRole)
+    const ws = await upgradeAs(t, g, '/ws/svc', byRole)
     t.equal(ws.kind, 'open', `exempt role: upgrade ${i + 1} allowed`)
     if (ws.kind === 'open') ws.ws.close()
   }
@@ -432,10 +396,10 @@ t.test('failed tokens are limited per client IP; no token and valid tokens never
 
   // upgrades: a valid token opens, a bad one is refused with 429, audited as transport ws
   const fresh = await issuer.token({ sub })
-  const ok = await upgrade(t, g, '/ws/x', fresh, bad.headers)
+  const ok = await upgradeAs(t, g, '/ws/x', fresh, bad.headers)
   t.match(ok, { kind: 'open' }, 'WebSocket upgrade with a valid token from the blocked IP: opens')
   if (ok.kind === 'open') ok.ws.close()
-  const ws = await upgrade(t, g, '/ws/x', await madeUp(100), bad.headers)
+  const ws = await upgradeAs(t, g, '/ws/x', await madeUp(100), bad.headers)
   t.match(ws, { kind: 'refused', status: 429 }, 'WebSocket upgrade with a made-up kid from the blocked IP: 429')
   t.ok(g.audits().some((l) => l.reason === 'auth_failures' && l.transport === 'ws'), 'audited with transport ws')
 })

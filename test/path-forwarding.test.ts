@@ -5,9 +5,8 @@
 import { randomBytes } from 'node:crypto'
 import net from 'node:net'
 import t, { type Test } from 'tap'
-import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
-import { startUpstream, type TestUpstream } from './helpers/upstream.js'
-import { startGateway, type TestGateway } from './helpers/gateway.js'
+import { randomSub } from './helpers/issuer.js'
+import { startBackends, startGateway } from './helpers/gateway.js'
 import { until } from './helpers/wait.js'
 
 const YAML = `
@@ -29,19 +28,8 @@ rateLimit:
       window: 60s
 `
 
-let issuer: TestIssuer
-let upstream: TestUpstream
-let g: TestGateway
-
-t.before(async () => {
-  issuer = await startIssuer()
-  upstream = await startUpstream()
-  g = await startGateway(t, issuer, upstream, { yaml: YAML, env: { WS_MAX_CONNECTIONS_PER_USER: '2' } })
-})
-t.teardown(async () => {
-  await upstream?.close()
-  await issuer?.close()
-})
+const { issuer, upstream } = await startBackends(t)
+const g = await startGateway(t, issuer, upstream, { yaml: YAML, env: { WS_MAX_CONNECTIONS_PER_USER: '2' } })
 
 interface RawAnswer { status: number, head: string }
 

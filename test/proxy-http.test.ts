@@ -3,15 +3,10 @@
 import { createServer } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import t from 'tap'
-import { startIssuer } from './helpers/issuer.js'
-import { startUpstream } from './helpers/upstream.js'
-import { startGateway } from './helpers/gateway.js'
+import { startBackends, startGateway } from './helpers/gateway.js'
 
 t.test('HTTP proxying', async (t) => {
-  const issuer = await startIssuer()
-  t.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
+  const { issuer, upstream } = await startBackends(t)
   const g = await startGateway(t, issuer, upstream)
   const token = await issuer.token({ sub: 'alice', realmRoles: ['user', 'premium'], username: 'alice.w' })
   const auth = { authorization: `Bearer ${token}` }
@@ -103,10 +98,7 @@ t.test('HTTP proxying', async (t) => {
 })
 
 t.test('upstream failures: 502 when down, 504 when slow, fast and JSON', async (t) => {
-  const issuer = await startIssuer()
-  t.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
+  const { issuer, upstream } = await startBackends(t)
 
   // A port with nothing listening: bind, note it, close.
   const closed = createServer()
@@ -141,10 +133,7 @@ t.test('upstream failures: 502 when down, 504 when slow, fast and JSON', async (
 // Both paths must give the client exactly what the app sent, and an app that breaks off mid-body must not leak
 // half an answer (or its headers) to the client.
 t.test('answer bodies: buffered when small and sized, streamed otherwise, 502 on a broken-off body', async (t) => {
-  const issuer = await startIssuer()
-  t.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
+  const { issuer, upstream } = await startBackends(t)
   const bytes = (n: number): Buffer => Buffer.from(Array.from({ length: n }, (_v, i) => i % 251))
   const app = createServer((req, res) => {
     const n = Number(new URL(req.url ?? '/', 'http://x').searchParams.get('n') ?? 0)

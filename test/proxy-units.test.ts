@@ -5,34 +5,10 @@ import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
 import t from 'tap'
 import { upstreamHeaders, upstreamWsHeaders, type ForwardContext } from '../src/proxy/headers.js'
-import type { Identity } from '../src/auth/identity.js'
+import { ALICE, forwardContext as ctx } from './helpers/units.js'
 
 // A well-formed compact JWS; the content is never verified here.
 const JWT = 'eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl'
-
-const ALICE: Identity = {
-  sub: 'f3a1-user',
-  username: 'alice',
-  roles: ['admin', 'app:read'],
-  exp: 2_000_000_000,
-  iat: 1_900_000_000,
-  jti: 'j1',
-  azp: 'web'
-}
-
-function ctx (over: Partial<ForwardContext> = {}): ForwardContext {
-  return {
-    identity: ALICE,
-    requestId: 'req-1',
-    clientIp: '203.0.113.7',
-    remoteAddress: '10.1.2.3',
-    protocol: 'https',
-    host: 'gw.example.com',
-    trustProxy: false,
-    forwardAuthorization: false,
-    ...over
-  }
-}
 
 const identityHeaders = (h: Record<string, unknown>): string[] => Object.keys(h).filter((k) => k.toLowerCase().startsWith('x-user-'))
 

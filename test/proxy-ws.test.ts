@@ -5,9 +5,7 @@ import { connect, type AddressInfo, type Socket } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t from 'tap'
 import WebSocket from 'ws'
-import { startIssuer } from './helpers/issuer.js'
-import { startUpstream } from './helpers/upstream.js'
-import { startGateway } from './helpers/gateway.js'
+import { startBackends, startGateway } from './helpers/gateway.js'
 import { freePort } from './helpers/ports.js'
 import { until } from './helpers/wait.js'
 
@@ -36,10 +34,7 @@ function closed (ws: WebSocket): Promise<{ code: number, reason: string }> {
 }
 
 t.test('WebSocket proxying', async (t) => {
-  const issuer = await startIssuer()
-  t.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
+  const { issuer, upstream } = await startBackends(t)
   const g = await startGateway(t, issuer, upstream)
   const token = await issuer.token({ sub: 'wsuser', realmRoles: ['user'], username: 'ws.user' })
 
@@ -140,10 +135,7 @@ t.test('WebSocket proxying', async (t) => {
 })
 
 t.test('upstream WebSocket failures surface before the 101', async (t) => {
-  const issuer = await startIssuer()
-  t.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
+  const { issuer, upstream } = await startBackends(t)
 
   // An app that refuses every upgrade with 403, like an Express app with an origin check.
   const refusing = createServer((_req, res) => res.end('ok'))
@@ -167,10 +159,7 @@ t.test('upstream WebSocket failures surface before the 101', async (t) => {
 })
 
 t.test('a client that resets its upgrade during pending auth does not crash the gateway', async (t) => {
-  const issuer = await startIssuer()
-  t.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
+  const { issuer, upstream } = await startBackends(t)
   // Make auth slow: with no refetch interval a made-up kid forces a JWKS refetch, and the JWKS endpoint hangs.
   const g = await startGateway(t, issuer, upstream, { env: { JWKS_MIN_REFRESH_INTERVAL: '0', JWKS_FETCH_TIMEOUT: '1500ms' } })
   issuer.setJwksMode('hang')
@@ -193,10 +182,7 @@ t.test('a client that resets its upgrade during pending auth does not crash the 
 })
 
 t.test('messages the app sends right after the upgrade are not lost', async (t) => {
-  const issuer = await startIssuer()
-  t.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
+  const { issuer, upstream } = await startBackends(t)
   // An app that greets in the same TCP chunk as its 101, as many servers do.
   const { WebSocketServer } = await import('ws')
   const greeter = createServer()

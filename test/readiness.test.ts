@@ -9,14 +9,13 @@
 //   - the revocation check itself waits for a load that a frozen (SIGSTOP) Redis holds up, and passes once it ran.
 import { randomUUID } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
-import t, { type Test } from 'tap'
+import t from 'tap'
 import { Redis } from 'ioredis'
 import pino from 'pino'
-import { startIssuer, type TestIssuer } from './helpers/issuer.js'
-import { startUpstream, type TestUpstream } from './helpers/upstream.js'
-import { startGateway, type TestGateway } from './helpers/gateway.js'
+import { startIssuer } from './helpers/issuer.js'
+import { getAs, readyz, startBackends, startGateway, untilReady, type Readyz, type TestGateway } from './helpers/gateway.js'
 import { freePort } from './helpers/ports.js'
-import { startRedisServer, type RedisServer } from './helpers/redis.js'
+import { keyPrefix, ownRedis } from './helpers/redis.js'
 import { audits, claims, metric, until } from './helpers/wait.js'
 import { Revocations } from '../src/auth/revocation.js'
 import { Readiness } from '../src/admin/readiness.js'
@@ -25,42 +24,11 @@ import { connectRedis, createRedis } from '../src/limits/redis.js'
 const STORE_UNAVAILABLE = 'rate-limit store unavailable'
 const STORE_BACK = 'rate-limit store available again'
 
-let issuer: TestIssuer
-let upstream: TestUpstream
-
-t.before(async () => {
-  issuer = await startIssuer()
-  upstream = await startUpstream()
-})
-t.teardown(async () => {
-  await upstream.close()
-  await issuer.close()
-})
-
-interface Check { ok: boolean, detail?: string }
-interface Ready { status: number, body: { status: string, checks: Record<string, Check> } }
-
-async function readyz (g: TestGateway): Promise<Ready> {
-  const res = await fetch(`${g.adminUrl}/readyz`, { signal: AbortSignal.timeout(5_000) })
-  return { status: res.status, body: await res.json() as Ready['body'] }
-}
-
-async function get (g: TestGateway, token: string): Promise<number> {
-  const res = await fetch(`${g.url}/api/${randomUUID()}`, { headers: { authorization: `Bearer ${token}` }, signal: AbortSignal.timeout(5_000) })
-  await res.arrayBuffer()
-  return res.status
-}
-
+const { issuer, upstream } = await startBackends(t)
 const lines = (g: TestGateway, prefix: string): number => g.logs().filter((l) => typeof l.msg === 'string' && l.msg.startsWith(prefix)).length
 
-async function ownRedis (tt: Test, port?: number): Promise<RedisServer> {
-  const server = await startRedisServer(port)
-  tt.teardown(() => server.kill())
-  return server
-}
-
 function gatewayEnv (redisUrl: string, policy: 'open' | 'closed'): Record<string, string> {
-  return { REDIS_URL: redisUrl, RATE_LIMIT_ON_STORE_ERROR: policy, RATE_LIMIT_KEY_PREFIX: `test:${randomUUID()}:` }
+  return { REDIS_URL: redisUrl, RATE_LIMIT_ON_STORE_ERROR: policy, RATE_LIMIT_KEY_PREFIX: keyPrefix() }
 }
 
 // --- item 1: a Redis outage and the policy --------------------------------------------------------------------------------
@@ -78,7 +46,7 @@ t.test('Redis down from the start, policy open: ready (degraded), gauge 1 withou
   t.equal(lines(g, STORE_UNAVAILABLE), 1, 'one log line for the outage')
   t.match(g.logs().find((l) => typeof l.msg === 'string' && l.msg.startsWith(STORE_UNAVAILABLE)), { level: 50, component: 'rate-limit', policy: 'open' })
   const token = await issuer.token({ sub: `open-${randomUUID().slice(0, 8)}` })
-  for (let i = 0; i < 3; i++) t.equal(await get(g, token), 200, `request ${i + 1} served (per-process limits)`)
+  for (let i = 0; i < 3; i++) t.equal((await getAs(g, token)).status, 200, `request ${i + 1} served (per-process limits)`)
   t.equal((await readyz(g)).status, 200, 'still ready after traffic')
   t.equal(lines(g, STORE_UNAVAILABLE), 1, 'still one log line')
 })
@@ -92,13 +60,13 @@ t.test('Redis down from the start, policy closed: not ready, requests refused', 
   t.match(r.body, { status: 'not_ready', checks: { jwks: { ok: true }, redis: { ok: false }, revocations: { ok: false } } })
   t.match(r.body.checks.redis?.detail, /redis \w+.*RATE_LIMIT_ON_STORE_ERROR=closed/, `redis: ${String(r.body.checks.redis?.detail)}`)
   t.equal(await metric(g, 'resonance_rate_limit_store_degraded'), 1, 'gauge 1')
-  t.equal(await get(g, await issuer.token({ sub: `closed-${randomUUID().slice(0, 8)}` })), 503, 'requests get 503')
+  t.equal((await getAs(g, await issuer.token({ sub: `closed-${randomUUID().slice(0, 8)}` }))).status, 503, 'requests get 503')
 })
 
 t.test('Redis stopped while serving, policy open: /readyz stays 200, the outage is reported, and ends', async (t) => {
   const server = await ownRedis(t)
   const g = await startGateway(t, issuer, upstream, { env: gatewayEnv(server.url, 'open') })
-  await until(async () => (await readyz(g)).status === 200, 5_000, 'ready with Redis up')
+  await untilReady(g, 5_000, 'ready with Redis up')
   const up = await readyz(g)
   t.match(up.body.checks, { redis: { ok: true }, revocations: { ok: true } })
   t.notMatch(up.body.checks.redis?.detail ?? '', /degraded/)
@@ -110,7 +78,7 @@ t.test('Redis stopped while serving, policy open: /readyz stays 200, the outage 
   t.equal(down.status, 200, '/readyz stays 200 while Redis is down')
   t.match(down.body.checks.redis, { ok: true, detail: /^degraded: / }, `redis: ${String(down.body.checks.redis?.detail)}`)
   t.match(down.body.checks.revocations, { ok: true }, 'the revocations loaded at start stay in force')
-  t.equal(await get(g, await issuer.token({ sub: `during-${randomUUID().slice(0, 8)}` })), 200, 'requests served')
+  t.equal((await getAs(g, await issuer.token({ sub: `during-${randomUUID().slice(0, 8)}` }))).status, 200, 'requests served')
   t.equal(lines(g, STORE_UNAVAILABLE), 1, 'one log line for the outage')
 
   await ownRedis(t, server.port)
@@ -125,12 +93,12 @@ t.test('Redis stopped while serving, policy open: /readyz stays 200, the outage 
 t.test('Redis stopped while serving, policy closed: /readyz 503 until it is back', async (t) => {
   const server = await ownRedis(t)
   const g = await startGateway(t, issuer, upstream, { env: gatewayEnv(server.url, 'closed') })
-  await until(async () => (await readyz(g)).status === 200, 5_000, 'ready with Redis up')
+  await untilReady(g, 5_000, 'ready with Redis up')
   await server.stop()
   await until(async () => (await readyz(g)).status === 503, 5_000, '/readyz 503 while Redis is down')
   t.match((await readyz(g)).body.checks, { redis: { ok: false }, revocations: { ok: true } }, 'the redis check fails; revocations stay loaded')
   await ownRedis(t, server.port)
-  await until(async () => (await readyz(g)).status === 200, 10_000, '/readyz 200 once Redis is back')
+  await untilReady(g, 10_000, '/readyz 200 once Redis is back')
   t.match((await readyz(g)).body.checks, { redis: { ok: true }, revocations: { ok: true } }, 'ready again: the redis check passes, revocations still loaded')
 })
 
@@ -146,7 +114,7 @@ t.test('policy open never hides a JWKS that has not loaded, nor draining', async
   t.match(r.body.checks, { jwks: { ok: false, detail: /openid-configuration/ }, redis: { ok: true } })
 
   const ok = await startGateway(t, issuer, upstream, { env: gatewayEnv(`redis://127.0.0.1:${port}/0`, 'open') })
-  await until(async () => (await readyz(ok)).status === 200, 5_000, 'ready (degraded)')
+  await untilReady(ok, 5_000, 'ready (degraded)')
   ok.gw.readiness.draining = true
   const draining = await readyz(ok)
   t.equal(draining.status, 503, 'draining: 503 whatever the store policy')
@@ -158,7 +126,7 @@ t.test('policy open never hides a JWKS that has not loaded, nor draining', async
 
 t.test('/readyz is never 200 before the revocations in Redis are loaded', async (t) => {
   const server = await ownRedis(t)
-  const prefix = `test:${randomUUID()}:`
+  const prefix = keyPrefix()
   const rc = new Redis(server.url, { lazyConnect: true })
   await rc.connect()
   t.teardown(() => rc.disconnect())
@@ -180,7 +148,7 @@ t.test('/readyz is never 200 before the revocations in Redis are loaded', async 
   const g = await startGateway(t, issuer, upstream, { env: { REDIS_URL: server.url, RATE_LIMIT_KEY_PREFIX: prefix }, noStart: true })
   const starting = g.gw.start()
   let polls = 0
-  let first: Ready | undefined
+  let first: Readyz | undefined
   const deadline = Date.now() + 20_000
   while (Date.now() < deadline) {
     polls++
@@ -189,18 +157,18 @@ t.test('/readyz is never 200 before the revocations in Redis are loaded', async 
   }
   t.ok(first !== undefined, `/readyz turned 200 (after ${polls} polls)`)
   // At once, before anything else can load: every revoked token must be refused.
-  const statuses = await Promise.all(revoked.map((tok) => get(g, tok)))
+  const statuses = await Promise.all(revoked.map(async (tok) => (await getAs(g, tok)).status))
   t.same(statuses, revoked.map(() => 401), `all ${revoked.length} revoked tokens refused at the first 200: ${JSON.stringify(statuses)}`)
   await starting
   t.equal(g.gw.revocations.size, FILLER + revoked.length, 'the whole set is loaded')
   t.match(first?.body.checks.revocations, { ok: true }, `revocations check: ${String(first?.body.checks.revocations?.detail)}`)
   t.equal(audits(g, { reason: 'revoked' }).length, revoked.length, 'audited as revoked')
-  t.equal(await get(g, fine), 200, 'a token that is not revoked is served')
+  t.equal((await getAs(g, fine)).status, 200, 'a token that is not revoked is served')
 })
 
 t.test('the revocation check waits for a load that a frozen Redis holds up', async (t) => {
   const server = await ownRedis(t)
-  const prefix = `test:${randomUUID()}:`
+  const prefix = keyPrefix()
   const rc = new Redis(server.url, { lazyConnect: true })
   await rc.connect()
   t.teardown(() => rc.disconnect())

@@ -1,22 +1,14 @@
 // Config without restarts: SIGHUP (and the opt-in file watch) apply new limits, rules and public paths to new
 // requests, keep open connections, and reject an invalid file while the old config stays in force.
-import { spawn } from 'node:child_process'
-import { existsSync, writeFileSync } from 'node:fs'
-import { execFile } from 'node:child_process'
-import { promisify } from 'node:util'
+import { writeFileSync } from 'node:fs'
 import t from 'tap'
 import WebSocket from 'ws'
-import { startIssuer } from './helpers/issuer.js'
-import { startUpstream } from './helpers/upstream.js'
-import { baseEnv, startGateway, writeYaml } from './helpers/gateway.js'
-import { freePort } from './helpers/ports.js'
+import { baseEnv, startBackends, startGateway, untilReady, writeYaml } from './helpers/gateway.js'
+import { ensureBuilt, spawnGateway } from './helpers/process.js'
 import { until } from './helpers/wait.js'
 
 t.test('reload applies new policy to new requests and keeps open WebSockets', async (t) => {
-  const issuer = await startIssuer()
-  t.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
+  const { issuer, upstream } = await startBackends(t)
   const file = writeYaml('auth:\n  publicPaths: []\nrateLimit:\n  max: 3\n  window: 60s\n')
   const g = await startGateway(t, issuer, upstream, { env: { CONFIG_FILE: file } })
   const auth = { authorization: `Bearer ${await issuer.token({ sub: 'reloader' })}` }
@@ -60,10 +52,7 @@ t.test('reload applies new policy to new requests and keeps open WebSockets', as
 })
 
 t.test('CONFIG_WATCH=true reloads when the file changes', async (t) => {
-  const issuer = await startIssuer()
-  t.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
+  const { issuer, upstream } = await startBackends(t)
   const file = writeYaml('auth:\n  publicPaths: []\n')
   const g = await startGateway(t, issuer, upstream, { env: { CONFIG_FILE: file, CONFIG_WATCH: 'true' } })
   t.equal((await fetch(`${g.url}/open/x`)).status, 401)
@@ -73,27 +62,16 @@ t.test('CONFIG_WATCH=true reloads when the file changes', async (t) => {
 })
 
 t.test('SIGHUP reloads a running gateway process', async (t) => {
-  if (!existsSync('dist/server.js')) await promisify(execFile)('npm', ['run', 'build'])
-  const issuer = await startIssuer()
-  t.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
+  ensureBuilt()
+  const { issuer, upstream } = await startBackends(t)
   const file = writeYaml('auth:\n  publicPaths: []\n')
-  const port = await freePort()
-  const adminPort = await freePort()
-  const child = spawn(process.execPath, ['dist/server.js'], {
-    env: { PATH: process.env.PATH ?? '', ...baseEnv(issuer, upstream), CONFIG_FILE: file, PORT: String(port), ADMIN_PORT: String(adminPort) },
-    stdio: ['ignore', 'pipe', 'pipe']
-  })
-  let out = ''
-  child.stdout.on('data', (d) => { out += String(d) })
-  t.teardown(() => { child.kill('SIGKILL') })
-  const url = `http://127.0.0.1:${port}`
-  await until(async () => (await fetch(`http://127.0.0.1:${adminPort}/readyz`).catch(() => undefined))?.status === 200, 10_000, 'the spawned gateway answers /readyz 200', 25)
+  const p = spawnGateway(t, { ...baseEnv(issuer, upstream), CONFIG_FILE: file })
+  const { url, adminUrl } = await p.listening()
+  await untilReady({ adminUrl }, 10_000, 'the spawned gateway answers /readyz 200')
   t.equal((await fetch(`${url}/open/x`)).status, 401)
   writeFileSync(file, 'auth:\n  publicPaths: [/open/**]\n')
-  child.kill('SIGHUP')
+  p.child.kill('SIGHUP')
   await until(async () => (await fetch(`${url}/open/x`)).status === 200, 5000, '/open/x public after the reload', 25)
-  t.match(out, /"msg":"config reloaded"/)
-  t.equal(child.exitCode, null, 'still running')
+  t.match(p.stdout(), /"msg":"config reloaded"/)
+  t.equal(p.child.exitCode, null, 'still running')
 })

@@ -8,53 +8,23 @@
 // One RATE_LIMIT_KEY_PREFIX per gateway on the shared Redis; only those keys are deleted.
 import { randomUUID } from 'node:crypto'
 import t, { type Test } from 'tap'
-import { Redis } from 'ioredis'
-import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
+import { randomSub } from './helpers/issuer.js'
 import { claims } from './helpers/forge.js'
-import { startUpstream, type TestUpstream } from './helpers/upstream.js'
-import { startGateway, type TestGateway } from './helpers/gateway.js'
-import { deleteKeys, redisUrl } from './helpers/redis.js'
+import { getAs, startBackends, startGateway, untilReady, type TestGateway } from './helpers/gateway.js'
+import { sharedRedis } from './helpers/redis.js'
 import { audits, claims as claimsOf, until } from './helpers/wait.js'
 import { MAX_REVOCATION_TTL_MS, revocationTtlMs } from '../src/auth/revocation.js'
 
 const ADMIN_TOKEN = `admin-${randomUUID()}`
 const TOLERANCE_MS = 5000 // JWT_CLOCK_TOLERANCE default
 
-let issuer: TestIssuer
-let upstream: TestUpstream
-let redis: string
-let rc: Redis
-const prefixes: string[] = []
-
-t.before(async () => {
-  issuer = await startIssuer()
-  upstream = await startUpstream()
-  redis = await redisUrl()
-  rc = new Redis(redis, { lazyConnect: true, maxRetriesPerRequest: 1 })
-  await rc.connect()
-})
-t.teardown(async () => {
-  for (const p of prefixes) await deleteKeys(rc, p)
-  rc.disconnect()
-  await upstream.close()
-  await issuer.close()
-})
-
-function freshPrefix (): string {
-  const p = `test:${randomUUID()}:`
-  prefixes.push(p)
-  return p
-}
+const { issuer, upstream } = await startBackends(t)
+const { url: redis, client: rc, freshPrefix } = await sharedRedis(t)
 
 async function gateway (tt: Test, env: Record<string, string>): Promise<TestGateway> {
   const g = await startGateway(tt, issuer, upstream, { env: { ADMIN_TOKEN, ...env } })
-  await until(async () => (await fetch(`${g.adminUrl}/readyz`)).status === 200, 5000, 'gateway ready')
+  await untilReady(g)
   return g
-}
-
-async function get (g: TestGateway, token: string): Promise<{ status: number, body: string }> {
-  const res = await fetch(`${g.url}/api/${randomUUID()}`, { headers: { authorization: `Bearer ${token}` } })
-  return { status: res.status, body: await res.text() }
 }
 
 async function revoke (g: TestGateway, body: Record<string, string>): Promise<{ status: number, body: string }> {
@@ -84,7 +54,7 @@ const EXPS: Array<[string, () => number]> = [
 
 async function scenario (tt: Test, g: TestGateway, exp: number, pttl: ((jti: string) => Promise<number>) | undefined): Promise<void> {
   const odd = await tokenWithExp(exp)
-  tt.equal((await get(g, odd.token)).status, 200, 'the token is accepted')
+  tt.equal((await getAs(g, odd.token)).status, 200, 'the token is accepted')
 
   // Revoking this very token, and a later, ordinary one, both work.
   const r = await revoke(g, { jti: odd.jti })
@@ -93,14 +63,14 @@ async function scenario (tt: Test, g: TestGateway, exp: number, pttl: ((jti: str
     const expiresAt = Date.parse((JSON.parse(r.body) as { expiresAt: string }).expiresAt)
     tt.ok(expiresAt <= Date.now() + MAX_REVOCATION_TTL_MS + TOLERANCE_MS, 'the revocation\'s lifetime is capped')
   }
-  const denied = await get(g, odd.token)
+  const denied = await getAs(g, odd.token)
   tt.equal(denied.status, 401, 'the revoked token is refused')
   tt.match(denied.body, /revoked/, 'as revoked')
 
   const normal = await tokenWithExp(nowSec() + 300)
-  tt.equal((await get(g, normal.token)).status, 200)
+  tt.equal((await getAs(g, normal.token)).status, 200)
   tt.equal((await revoke(g, { sub: normal.sub })).status, 201, 'a later revocation by sub succeeds')
-  tt.equal((await get(g, normal.token)).status, 401, 'the user\'s token is refused')
+  tt.equal((await getAs(g, normal.token)).status, 401, 'the user\'s token is refused')
   tt.equal(audits(g, { reason: 'revoked' }).length, 2, 'both refusals audited as revoked')
 
   if (pttl !== undefined) {
@@ -132,10 +102,10 @@ t.test('an absurd rev:maxexp already in Redis (an older replica wrote it) is cap
   await rc.set(`${prefix}rev:maxexp`, '9000000000000000.5')
   const g = await gateway(tt, { REDIS_URL: redis, RATE_LIMIT_KEY_PREFIX: prefix })
   const user = await tokenWithExp(nowSec() + 300)
-  tt.equal((await get(g, user.token)).status, 200)
+  tt.equal((await getAs(g, user.token)).status, 200)
   const r = await revoke(g, { jti: user.jti })
   tt.equal(r.status, 201, `POST /revocations succeeds (${r.body})`)
-  tt.equal((await get(g, user.token)).status, 401, 'the revoked token is refused')
+  tt.equal((await getAs(g, user.token)).status, 401, 'the revoked token is refused')
   const ms = await rc.pttl(`${prefix}rev:jti:${user.jti}`)
   tt.ok(ms > 0 && ms <= MAX_REVOCATION_TTL_MS + TOLERANCE_MS, `capped TTL in Redis (${ms} ms)`)
   // The token's own exp replaced the absurd shared value.

@@ -14,50 +14,25 @@ import type { AddressInfo, Socket } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import WebSocket, { WebSocketServer } from 'ws'
-import { Redis } from 'ioredis'
-import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
-import { startUpstream, type TestUpstream } from './helpers/upstream.js'
-import { startGateway, type TestGateway } from './helpers/gateway.js'
-import { deleteKeys, redisUrl, scanKeys } from './helpers/redis.js'
+import { randomSub } from './helpers/issuer.js'
+import { getAs, startBackends, startGateway, untilReady, type Answer, type TestGateway } from './helpers/gateway.js'
+import { scanKeys, sharedRedis } from './helpers/redis.js'
+import { connect, echo, refusal, type Closed } from './helpers/ws-client.js'
 import { audits, claims, metric, pingPong, until, within } from './helpers/wait.js'
 
 const ADMIN_TOKEN = `admin-${randomUUID()}`
 
-let issuer: TestIssuer
-let upstream: TestUpstream
-let redis: string
-let rc: Redis
-const prefixes: string[] = []
-
-t.before(async () => {
-  issuer = await startIssuer()
-  upstream = await startUpstream()
-  redis = await redisUrl()
-  rc = new Redis(redis, { lazyConnect: true, maxRetriesPerRequest: 1 })
-  await rc.connect()
-})
-t.teardown(async () => {
-  for (const p of prefixes) await deleteKeys(rc, p)
-  rc.disconnect()
-  await upstream.close()
-  await issuer.close()
-})
+const { issuer, upstream } = await startBackends(t)
+// Deleted after every subtest and its gateways ended: this file's prefixes only.
+const { url: redis, client: rc, freshPrefix } = await sharedRedis(t)
 
 // --- helpers -----------------------------------------------------------------------------------------------------------
 
-function freshPrefix (): string {
-  const p = `test:${randomUUID()}:`
-  prefixes.push(p)
-  return p
-}
-
 async function gateway (tt: Test, prefix: string, env: Record<string, string> = {}): Promise<TestGateway> {
   const g = await startGateway(tt, issuer, upstream, { env: { REDIS_URL: redis, RATE_LIMIT_KEY_PREFIX: prefix, ADMIN_TOKEN, ...env } })
-  await until(async () => (await fetch(`${g.adminUrl}/readyz`)).status === 200, 5000, 'gateway ready')
+  await untilReady(g)
   return g
 }
-
-interface Answer { status: number, headers: Headers, body: string }
 
 async function revoke (g: TestGateway, body: unknown, opts: { auth?: string | null, raw?: string, type?: string } = {}): Promise<Answer> {
   const headers: Record<string, string> = { 'content-type': opts.type ?? 'application/json' }
@@ -65,45 +40,6 @@ async function revoke (g: TestGateway, body: unknown, opts: { auth?: string | nu
   if (auth !== null) headers.authorization = auth
   const res = await fetch(`${g.adminUrl}/revocations`, { method: 'POST', headers, body: opts.raw ?? JSON.stringify(body) })
   return { status: res.status, headers: res.headers, body: await res.text() }
-}
-
-async function get (g: TestGateway, token: string): Promise<Answer> {
-  const res = await fetch(`${g.url}/api/${randomUUID()}`, { headers: { authorization: `Bearer ${token}` } })
-  return { status: res.status, headers: res.headers, body: await res.text() }
-}
-
-interface Closed { code: number, reason: string, at: number }
-interface Conn { ws: WebSocket, path: string, texts: string[], closed: Promise<Closed> }
-
-async function connect (g: TestGateway, token: string): Promise<Conn> {
-  const path = `/ws/${randomUUID()}`
-  const ws = new WebSocket(`${g.wsUrl}${path}`, { headers: { authorization: `Bearer ${token}` } })
-  const texts: string[] = []
-  ws.on('message', (d) => texts.push((d as Buffer).toString()))
-  const closed = new Promise<Closed>((resolve) => ws.once('close', (code, reason) => resolve({ code, reason: reason.toString(), at: Date.now() })))
-  await new Promise<void>((resolve, reject) => {
-    ws.once('open', () => resolve())
-    ws.once('error', reject)
-    ws.once('unexpected-response', (_req, res: IncomingMessage) => { res.resume(); reject(new Error(`upgrade refused with ${res.statusCode}`)) })
-  })
-  ws.on('error', () => {})
-  return { ws, path, texts, closed }
-}
-
-async function refusedStatus (g: TestGateway, token: string): Promise<{ status: number, upgraded: boolean }> {
-  const ws = new WebSocket(`${g.wsUrl}/ws/${randomUUID()}`, { headers: { authorization: `Bearer ${token}` } })
-  let upgraded = false
-  ws.on('upgrade', () => { upgraded = true })
-  return await within(new Promise((resolve, reject) => {
-    ws.once('open', () => { ws.terminate(); reject(new Error('the upgrade was accepted')) })
-    ws.once('unexpected-response', (_req, res: IncomingMessage) => { res.resume(); resolve({ status: res.statusCode ?? 0, upgraded }) })
-    ws.on('error', () => {})
-  }), 5000, 'refusal')
-}
-
-async function echo (c: Conn, text: string): Promise<void> {
-  c.ws.send(text)
-  await until(() => c.texts.includes(text), 3000, `echo of ${text}`)
 }
 
 const M = {
@@ -168,8 +104,8 @@ t.test('revocation across two replicas sharing Redis', async (t) => {
     const onA = await connect(a, old)
     const bystander = await connect(b, await issuer.token({ sub: randomSub('bystander') }))
     await echo(onB, 'before')
-    t.equal((await get(a, old)).status, 200, 'valid on A before')
-    t.equal((await get(b, old)).status, 200, 'valid on B before')
+    t.equal((await getAs(a, old)).status, 200, 'valid on A before')
+    t.equal((await getAs(b, old)).status, 200, 'valid on B before')
     const before = { closes: await metric(b, M.revokedCloses), ws: await metric(b, M.revokedWs), http: await metric(b, M.revokedHttp) }
 
     const started = Date.now()
@@ -180,7 +116,7 @@ t.test('revocation across two replicas sharing Redis', async (t) => {
     issuedBefore = answer.issuedBefore
     t.ok(Date.parse(answer.expiresAt) > Date.now(), 'expires in the future')
     // HTTP first, "at once": no waiting on either replica
-    const [httpA, httpB] = await Promise.all([get(a, old), get(b, old)])
+    const [httpA, httpB] = await Promise.all([getAs(a, old), getAs(b, old)])
     t.equal(httpA.status, 401, 'A refuses the old token at once')
     t.equal(httpB.status, 401, 'B refuses the old token at once')
     t.match(httpB.headers.get('www-authenticate'), /error="invalid_token"/)
@@ -199,7 +135,7 @@ t.test('revocation across two replicas sharing Redis', async (t) => {
     t.equal(await metric(b, M.revokedHttp) - before.http, 1, 'resonance_auth_failures_total{reason="revoked",transport="http"}')
     await until(() => upstream.wsConnections.find((r) => r.url === onB.path)?.closed !== undefined, 2000, 'the app side closed too')
 
-    t.match(await refusedStatus(b, old), { status: 401, upgraded: false }, 'a new upgrade with the old token: 401 before any 101')
+    t.match(await refusal(b, old), { status: 401, upgraded: false }, 'a new upgrade with the old token: 401 before any 101')
     await echo(bystander, 'unaffected')
     t.equal(bystander.ws.readyState, WebSocket.OPEN, 'another user\'s connection on B stays')
     bystander.ws.close()
@@ -212,8 +148,8 @@ t.test('revocation across two replicas sharing Redis', async (t) => {
     await sleep(Math.max(0, (issuedBefore + 1) * 1000 + 100 - Date.now()))
     const fresh = await issuer.token({ sub })
     t.ok(claims(fresh).iat > issuedBefore)
-    t.equal((await get(a, fresh)).status, 200, 'A accepts it')
-    t.equal((await get(b, fresh)).status, 200, 'B accepts it')
+    t.equal((await getAs(a, fresh)).status, 200, 'A accepts it')
+    t.equal((await getAs(b, fresh)).status, 200, 'B accepts it')
     const c = await connect(b, fresh)
     await echo(c, 'welcome back')
     // time-based by nature ("no close within 300 ms"): the gateway answers a connection it keeps with no event
@@ -234,7 +170,7 @@ t.test('revocation across two replicas sharing Redis', async (t) => {
     const c2a = await connect(a, j2)
     const started = Date.now()
     t.equal((await revoke(a, { jti: claims(j1).jti })).status, 201)
-    const [h1a, h1b] = await Promise.all([get(a, j1), get(b, j1)])
+    const [h1a, h1b] = await Promise.all([getAs(a, j1), getAs(b, j1)])
     t.equal(h1a.status, 401, 'A refuses the revoked token')
     t.equal(h1b.status, 401, 'B refuses the revoked token')
     const closed = await within(c1.closed, 1500, 'the revoked token\'s connection on B')
@@ -248,8 +184,8 @@ t.test('revocation across two replicas sharing Redis', async (t) => {
       t.equal(c.ws.readyState, WebSocket.OPEN, 'the other token\'s connection stays open')
       await echo(c, `still here ${c.path}`)
     }
-    t.equal((await get(a, j2)).status, 200, 'the other token works on A')
-    t.equal((await get(b, j2)).status, 200, 'and on B')
+    t.equal((await getAs(a, j2)).status, 200, 'the other token works on A')
+    t.equal((await getAs(b, j2)).status, 200, 'and on B')
     t.ok(await rc.pttl(`${prefix}rev:jti:${claims(j1).jti}`) > 0, 'stored in Redis with a TTL')
     c2.ws.close()
     c2a.ws.close()
@@ -257,13 +193,13 @@ t.test('revocation across two replicas sharing Redis', async (t) => {
 
   await t.test('a replica started later loads the revocations from Redis', async (t) => {
     const c = await gateway(t, prefix)
-    t.equal((await get(c, old)).status, 401, 'the sub revocation applies')
+    t.equal((await getAs(c, old)).status, 401, 'the sub revocation applies')
     t.match(audits(c, { event: 'auth_failure', reason: 'revoked', transport: 'http', sub }), [{ status: 401 }])
-    t.equal((await get(c, j1)).status, 401, 'the jti revocation applies')
-    t.equal((await get(c, j2)).status, 200, 'the other token does not')
-    t.equal((await get(c, await issuer.token({ sub }))).status, 200, 'nor a token issued after the sub revocation')
-    t.match(await refusedStatus(c, old), { status: 401, upgraded: false }, 'WebSocket upgrades too')
-    t.match(await refusedStatus(c, j1), { status: 401, upgraded: false })
+    t.equal((await getAs(c, j1)).status, 401, 'the jti revocation applies')
+    t.equal((await getAs(c, j2)).status, 200, 'the other token does not')
+    t.equal((await getAs(c, await issuer.token({ sub }))).status, 200, 'nor a token issued after the sub revocation')
+    t.match(await refusal(c, old), { status: 401, upgraded: false }, 'WebSocket upgrades too')
+    t.match(await refusal(c, j1), { status: 401, upgraded: false })
   })
 })
 

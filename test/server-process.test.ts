@@ -1,31 +1,17 @@
 // The real entrypoint (`node dist/server.js`, as the container runs it), configured by environment only: invalid
 // configuration exits 1 before binding any port; a valid one serves the admin endpoints on the admin port only and
 // shuts down gracefully on SIGTERM (readiness fails first, then exit 0).
-import { execFileSync, spawn, type ChildProcessWithoutNullStreams } from 'node:child_process'
 import { once } from 'node:events'
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import http from 'node:http'
 import net, { type AddressInfo } from 'node:net'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
-import { fileURLToPath } from 'node:url'
-import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import { canBind, freePort } from './helpers/ports.js'
-import { within } from './helpers/wait.js'
+import { ensureBuilt, spawnGateway, unreachableBackendsEnv } from './helpers/process.js'
+import { until, within } from './helpers/wait.js'
 
-const ROOT = fileURLToPath(new URL('..', import.meta.url))
-const ENTRY = join(ROOT, 'dist', 'server.js')
 const LOOPBACK = '127.0.0.1'
 
-t.before(() => {
-  if (!existsSync(ENTRY)) execFileSync('npm', ['run', 'build'], { cwd: ROOT, stdio: 'ignore' })
-})
-
-const dir = mkdtempSync(join(tmpdir(), 'gw-process-test-'))
-t.teardown(() => rmSync(dir, { recursive: true, force: true }))
-const EMPTY_YAML = join(dir, 'gateway.yaml')
-writeFileSync(EMPTY_YAML, '')
+t.before(ensureBuilt)
 
 /** Holds a port for the duration of the test, counting connections. */
 async function holdPort (t: Test): Promise<{ port: number, connections: () => number }> {
@@ -35,65 +21,6 @@ async function holdPort (t: Test): Promise<{ port: number, connections: () => nu
   await once(srv, 'listening')
   t.teardown(() => { srv.close() })
   return { port: (srv.address() as AddressInfo).port, connections: () => n }
-}
-
-interface Proc {
-  child: ChildProcessWithoutNullStreams
-  stdout: () => string
-  stderr: () => string
-  exited: Promise<{ code: number | null, signal: NodeJS.Signals | null, at: number }>
-  /** Resolves when a stdout line satisfies `pred` (or rejects after `ms`). */
-  waitForLog: (pred: (line: Record<string, unknown>) => boolean, ms: number) => Promise<Record<string, unknown>>
-}
-
-function startGateway (t: Test, env: Record<string, string>): Proc {
-  // A clean environment: nothing from the test runner (NODE_OPTIONS loaders, coverage) or the developer's shell.
-  const child = spawn(process.execPath, [ENTRY], {
-    cwd: ROOT,
-    env: { PATH: process.env.PATH ?? '/usr/bin:/bin', CONFIG_FILE: EMPTY_YAML, ...env },
-    stdio: ['pipe', 'pipe', 'pipe']
-  })
-  let out = ''
-  let err = ''
-  const waiters: Array<{ pred: (l: Record<string, unknown>) => boolean, resolve: (l: Record<string, unknown>) => void }> = []
-  const check = (): void => {
-    for (const line of out.split('\n')) {
-      if (line === '') continue
-      let parsed: Record<string, unknown>
-      try { parsed = JSON.parse(line) as Record<string, unknown> } catch { continue }
-      for (const w of [...waiters]) {
-        if (w.pred(parsed)) {
-          waiters.splice(waiters.indexOf(w), 1)
-          w.resolve(parsed)
-        }
-      }
-    }
-  }
-  child.stdout.setEncoding('utf8')
-  child.stderr.setEncoding('utf8')
-  child.stdout.on('data', (c: string) => { out += c; check() })
-  child.stderr.on('data', (c: string) => { err += c })
-  const exited = new Promise<{ code: number | null, signal: NodeJS.Signals | null, at: number }>((resolve) => {
-    child.on('exit', (code, signal) => resolve({ code, signal, at: Date.now() }))
-  })
-  t.teardown(async () => {
-    if (child.exitCode === null && child.signalCode === null) {
-      child.kill('SIGKILL')
-      await exited
-    }
-  })
-  return {
-    child,
-    stdout: () => out,
-    stderr: () => err,
-    exited,
-    waitForLog: async (pred, ms) => await new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`no matching log line within ${ms} ms; stdout:\n${out}\nstderr:\n${err}`)), ms)
-      waiters.push({ pred, resolve: (l) => { clearTimeout(timer); resolve(l) } })
-      exited.then(({ code }) => { clearTimeout(timer); reject(new Error(`exited (${String(code)}) before the log line; stderr:\n${err}`)) }, () => {})
-      check()
-    })
-  }
 }
 
 interface Res { status: number, headers: http.IncomingHttpHeaders, body: string }
@@ -118,7 +45,7 @@ const NO_STACK = /^\s+at\s/m
 t.test('invalid configuration: exit 1 before binding, every problem on stderr, no stack', async (t) => {
   const admin = await freePort()
   const started = Date.now()
-  const p = startGateway(t, { PORT: 'abc', ADMIN_PORT: String(admin), HOST: LOOPBACK, ADMIN_HOST: LOOPBACK, JWT_AUDIENCE: 'gw' })
+  const p = spawnGateway(t, { PORT: 'abc', ADMIN_PORT: String(admin), HOST: LOOPBACK, ADMIN_HOST: LOOPBACK, JWT_AUDIENCE: 'gw' })
   const { code, signal, at } = await within(p.exited, 5_000, 'exit')
   t.equal(code, 1, 'exit code 1')
   t.equal(signal, null)
@@ -137,7 +64,7 @@ t.test('invalid configuration with both ports valid: neither port is bound', asy
   const port = await freePort()
   const admin = await freePort()
   const started = Date.now()
-  const p = startGateway(t, { PORT: String(port), ADMIN_PORT: String(admin), HOST: LOOPBACK, ADMIN_HOST: LOOPBACK, JWT_AUDIENCE: 'gw' })
+  const p = spawnGateway(t, { PORT: String(port), ADMIN_PORT: String(admin), HOST: LOOPBACK, ADMIN_HOST: LOOPBACK, JWT_AUDIENCE: 'gw' })
   const { code, at } = await within(p.exited, 5_000, 'exit')
   t.equal(code, 1)
   t.ok(at - started < 5_000, `exited in ${at - started} ms`)
@@ -151,7 +78,7 @@ t.test('invalid configuration never attempts to listen, even on ports someone el
   // Had the process tried to listen, it would fail with EADDRINUSE instead of reporting the configuration.
   const pub = await holdPort(t)
   const adm = await holdPort(t)
-  const p = startGateway(t, { PORT: String(pub.port), ADMIN_PORT: String(adm.port), HOST: LOOPBACK, ADMIN_HOST: LOOPBACK, JWT_ISSUER: 'https://id.example.com/realms/r' })
+  const p = spawnGateway(t, { PORT: String(pub.port), ADMIN_PORT: String(adm.port), HOST: LOOPBACK, ADMIN_HOST: LOOPBACK, JWT_ISSUER: 'https://id.example.com/realms/r' })
   const { code } = await within(p.exited, 5_000, 'exit')
   t.equal(code, 1)
   t.match(p.stderr(), 'auth.audience (JWT_AUDIENCE)')
@@ -160,18 +87,9 @@ t.test('invalid configuration never attempts to listen, even on ports someone el
 })
 
 t.test('a valid config: admin endpoints, public port guarded, graceful SIGTERM', async (t) => {
-  const port = await freePort()
-  const admin = await freePort()
-  const closed = await freePort() // nothing listens here: the JWKS cannot load
-  const p = startGateway(t, {
-    HOST: LOOPBACK,
-    PORT: String(port),
-    ADMIN_HOST: LOOPBACK,
-    ADMIN_PORT: String(admin),
-    JWT_ISSUER: `http://${LOOPBACK}:${closed}/realms/test`,
-    JWT_AUDIENCE: 'gw',
-    UPSTREAM_URL: `http://${LOOPBACK}:${closed}`,
-    ALLOW_INSECURE_HTTP: 'true',
+  const { port, admin, env } = await unreachableBackendsEnv() // the JWKS cannot load
+  const p = spawnGateway(t, {
+    ...env,
     SHUTDOWN_DELAY: '300ms',
     SHUTDOWN_TIMEOUT: '5s',
     LOG_LEVEL: 'info'
@@ -209,17 +127,15 @@ t.test('a valid config: admin endpoints, public port guarded, graceful SIGTERM',
     t.ok(p.child.kill('SIGTERM'), 'signal sent')
     let sawDraining = false
     let publicDuringDelay: number | undefined
-    while (Date.now() - signalled < 5_000) {
+    await until(async () => {
       const res = await get(admin, '/readyz').catch(() => undefined)
-      if (res === undefined) break // admin listener closed: the delay is over
+      if (res === undefined) return true // admin listener closed: the delay is over (sawDraining says whether it was seen)
       const body = JSON.parse(res.body) as { checks: Record<string, { ok: boolean }> }
-      if (res.status === 503 && body.checks.draining?.ok === false) {
-        sawDraining = true
-        publicDuringDelay = (await get(port, '/anything').catch(() => undefined))?.status
-        break
-      }
-      await sleep(10)
-    }
+      if (res.status !== 503 || body.checks.draining?.ok !== false) return false
+      sawDraining = true
+      publicDuringDelay = (await get(port, '/anything').catch(() => undefined))?.status
+      return true
+    }, 5_000, '/readyz draining, or the admin listener closed', 10)
     t.ok(sawDraining, '/readyz answered 503 with the draining check failed')
     t.equal(publicDuringDelay, 401, 'the public port still answers during the delay')
     const { code, signal, at } = await within(p.exited, 6_000, 'exit after SIGTERM')

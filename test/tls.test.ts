@@ -1,32 +1,13 @@
 // TLS termination in the gateway: with TLS_CERT/TLS_KEY it serves HTTPS (and WSS), and tokens are accepted there
 // without ALLOW_INSECURE_HTTP, while the same token over plain HTTP (another gateway without TLS) is refused.
-import { execFileSync } from 'node:child_process'
-import { mkdtempSync } from 'node:fs'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import t from 'tap'
 import { Agent, request } from 'undici'
 import WebSocket from 'ws'
-import { startIssuer } from './helpers/issuer.js'
-import { startUpstream } from './helpers/upstream.js'
-import { startGateway } from './helpers/gateway.js'
-
-/** A throwaway self-signed certificate for 127.0.0.1, generated per run (never committed). */
-function selfSigned (): { cert: string, key: string } {
-  const dir = mkdtempSync(join(tmpdir(), 'gw-tls-'))
-  const cert = join(dir, 'cert.pem')
-  const key = join(dir, 'key.pem')
-  execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1', '-subj', '/CN=127.0.0.1',
-    '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', key, '-out', cert], { stdio: 'ignore' })
-  return { cert, key }
-}
+import { selfSignedCert, startBackends, startGateway } from './helpers/gateway.js'
 
 t.test('HTTPS with TLS_CERT/TLS_KEY', async (t) => {
-  const issuer = await startIssuer()
-  t.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
-  const { cert, key } = selfSigned()
+  const { issuer, upstream } = await startBackends(t)
+  const { cert, key } = selfSignedCert()
   const g = await startGateway(t, issuer, upstream, { env: { TLS_CERT: cert, TLS_KEY: key, ALLOW_INSECURE_HTTP: 'false' } })
   const port = new URL(g.url).port
   const dispatcher = new Agent({ connect: { rejectUnauthorized: false } })
@@ -54,10 +35,7 @@ t.test('HTTPS with TLS_CERT/TLS_KEY', async (t) => {
 })
 
 t.test('without TLS the same token over plain HTTP is refused', async (t) => {
-  const issuer = await startIssuer()
-  t.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
+  const { issuer, upstream } = await startBackends(t)
   const g = await startGateway(t, issuer, upstream, { env: { ALLOW_INSECURE_HTTP: 'false' } })
   const res = await fetch(`${g.url}/api/resonance/x`, { headers: { authorization: `Bearer ${await issuer.token()}` } })
   t.equal(res.status, 401)

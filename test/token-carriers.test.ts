@@ -2,47 +2,20 @@
 // be hit by a header that does not say Bearer, two query tokens are two tokens, and no spelling of access_token in
 // the query reaches the app, on plain HTTP and on WebSocket upgrades.
 import t from 'tap'
-import WebSocket from 'ws'
-import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
-import { startUpstream, type TestUpstream } from './helpers/upstream.js'
-import { startGateway, type TestGateway } from './helpers/gateway.js'
+import { randomSub } from './helpers/issuer.js'
+import { startBackends, startGateway } from './helpers/gateway.js'
 import { until } from './helpers/wait.js'
+import { upgrade } from './helpers/ws-client.js'
 
-let issuer: TestIssuer
-let upstream: TestUpstream
-let g: TestGateway
-
-t.before(async () => {
-  issuer = await startIssuer()
-  upstream = await startUpstream()
-  g = await startGateway(t, issuer, upstream)
-})
-t.teardown(async () => {
-  await upstream?.close()
-  await issuer?.close()
-})
-
-/** Opens a WebSocket and resolves with it once open, or with the refusal status. */
-function upgrade (url: string, opts: { protocols?: string[], headers?: Record<string, string> } = {}): Promise<{ ws?: WebSocket, status?: number }> {
-  const ws = new WebSocket(url, opts.protocols ?? [], { headers: opts.headers })
-  t.teardown(() => ws.terminate())
-  return new Promise((resolve, reject) => {
-    ws.once('open', () => resolve({ ws }))
-    ws.once('unexpected-response', (_req, res) => {
-      res.resume()
-      ws.on('error', () => {})
-      resolve({ status: res.statusCode })
-    })
-    ws.once('error', reject)
-  })
-}
+const { issuer, upstream } = await startBackends(t)
+const g = await startGateway(t, issuer, upstream)
 
 t.test('a token seen in ?access_token= does not make a bare `Authorization: <jwt>` acceptable', async (t) => {
   const token = await issuer.token({ sub: randomSub('query') })
   upstream.reset()
-  const opened = await upgrade(`${g.wsUrl}/ws/chat?access_token=${token}`)
-  t.ok(opened.ws, 'the upgrade with the query token opens (and is cached)')
-  opened.ws?.close()
+  const opened = await upgrade(t, `${g.wsUrl}/ws/chat?access_token=${token}`)
+  t.equal(opened.status, 101, 'the upgrade with the query token opens (and is cached)')
+  if (opened.kind === 'open') opened.ws.close()
   const bare = await fetch(`${g.url}/api/x`, { headers: { authorization: token } })
   t.equal(bare.status, 401, 'a bare token without the Bearer scheme is no token at all')
   t.equal(upstream.requests.length, 0, 'the app never saw it')
@@ -54,7 +27,7 @@ t.test('a token seen in ?access_token= does not make a bare `Authorization: <jwt
 t.test('two access_token parameters on an upgrade are two tokens: 400 multiple_tokens', async (t) => {
   const a = await issuer.token({ sub: randomSub('twice') })
   upstream.reset()
-  const refused = await upgrade(`${g.wsUrl}/ws/chat?access_token=${a}&access_token=${a}`)
+  const refused = await upgrade(t, `${g.wsUrl}/ws/chat?access_token=${a}&access_token=${a}`)
   t.equal(refused.status, 400)
   t.equal(upstream.wsConnections.length, 0, 'the app saw no WebSocket')
 })
@@ -72,11 +45,11 @@ t.test('no spelling of access_token reaches the app', async (t) => {
   t.equal(upstream.requests[0]?.url, '/api/x?a=1&b=2&c=3', 'every spelling removed, the rest kept byte for byte')
 
   upstream.reset()
-  const opened = await upgrade(`${g.wsUrl}/ws/chat?access_token=${token}&${query}`)
-  t.ok(opened.ws, 'the upgrade opens with its one real query token')
+  const opened = await upgrade(t, `${g.wsUrl}/ws/chat?access_token=${token}&${query}`)
+  t.equal(opened.status, 101, 'the upgrade opens with its one real query token')
   await until(() => upstream.wsConnections.length === 1, 5000, 'the app got the WebSocket')
   t.equal(upstream.wsConnections[0]?.url, '/ws/chat?a=1&b=2&c=3', 'the WebSocket handshake the app got carries no token either')
   t.notOk(JSON.stringify(upstream.wsConnections[0]?.headers).includes(token), 'nor does any header')
-  opened.ws?.close()
+  if (opened.kind === 'open') opened.ws.close()
   await until(() => g.gw.ws.open === 0, 5000, 'the test socket closed')
 })

@@ -2,15 +2,12 @@
 // and forged tokens, ?access_token= where it is not accepted, denials of every kind, upstream and JWKS failures), then
 // every captured log line is grepped for every raw token, its payload and signature parts, Authorization values and
 // "Bearer ". The app never receives a token either.
-import http from 'node:http'
 import { once } from 'node:events'
-import t, { type Test } from 'tap'
-import WebSocket from 'ws'
+import t from 'tap'
 import { decodeJwt, generateKeyPair } from 'jose'
-import { startIssuer } from './helpers/issuer.js'
 import { claims, flipSignatureChar, foreignRsaKey, forgeToken } from './helpers/forge.js'
-import { startUpstream } from './helpers/upstream.js'
-import { startGateway } from './helpers/gateway.js'
+import { sendVerbatim, startBackends, startGateway } from './helpers/gateway.js'
+import { exchange, upgrade } from './helpers/ws-client.js'
 import { until } from './helpers/wait.js'
 
 const YAML = `
@@ -24,45 +21,8 @@ auth:
 
 const HTTPS = { 'x-forwarded-proto': 'https' }
 
-function raw (base: string, method: string, path: string, headers: Record<string, string>): Promise<number> {
-  const { hostname, port } = new URL(base)
-  return new Promise((resolve, reject) => {
-    const req = http.request({ host: hostname, port, method, path, headers, agent: false }, (res) => {
-      res.resume()
-      res.on('end', () => resolve(res.statusCode ?? 0))
-    })
-    req.on('error', reject)
-    req.end()
-  })
-}
-
-/** Opens a WebSocket; resolves with it, or with the refusal status. */
-function ws (tt: Test, url: string, protocols: string[], headers: Record<string, string>): Promise<WebSocket | number> {
-  const socket = new WebSocket(url, protocols, { headers })
-  tt.teardown(() => socket.terminate())
-  return new Promise((resolve, reject) => {
-    socket.once('open', () => resolve(socket))
-    socket.once('unexpected-response', (_req, res) => {
-      res.resume()
-      socket.on('error', () => {})
-      socket.terminate()
-      resolve(res.statusCode ?? 0)
-    })
-    socket.once('error', reject)
-  })
-}
-
-async function echo (socket: WebSocket, text: string): Promise<string> {
-  const reply = new Promise<string>((resolve) => socket.once('message', (d) => resolve(String(d))))
-  socket.send(text)
-  return await reply
-}
-
 t.test('no token, token part or Authorization value ever reaches a log line (LOG_LEVEL=trace)', async (t) => {
-  const issuer = await startIssuer()
-  t.teardown(() => issuer.close())
-  const upstream = await startUpstream()
-  t.teardown(() => upstream.close())
+  const { issuer, upstream } = await startBackends(t)
   const env = {
     LOG_LEVEL: 'trace',
     ALLOW_INSECURE_HTTP: 'false',
@@ -127,8 +87,8 @@ t.test('no token, token part or Authorization value ever reaches a log line (LOG
   await call('forbidden', '/api/resonance/admin/x', { ...HTTPS, authorization: `Bearer ${valid}` }, 'POST')
   await call('admin allowed', '/api/resonance/admin/x', { ...HTTPS, authorization: `Bearer ${admin}` }, 'POST')
   await call('public with a token', '/public/x', { ...HTTPS, authorization: `Bearer ${valid}` })
-  statuses['invalid path'] = await raw(g.url, 'GET', '/../etc/passwd', { ...HTTPS, authorization: `Bearer ${valid}` })
-  statuses['bad percent-encoding'] = await raw(g.url, 'GET', `/api/%zz?access_token=${validQuery}`, { ...HTTPS, authorization: `Bearer ${valid}` })
+  statuses['invalid path'] = (await sendVerbatim(g.url, 'GET', '/../etc/passwd', { ...HTTPS, authorization: `Bearer ${valid}` })).status
+  statuses['bad percent-encoding'] = (await sendVerbatim(g.url, 'GET', `/api/%zz?access_token=${validQuery}`, { ...HTTPS, authorization: `Bearer ${valid}` })).status
   await call('upstream timeout', `/slow?ms=3000&access_token=${validQuery}`, { ...HTTPS, authorization: `Bearer ${valid}` })
 
   // JWKS failing while an unknown kid forces a refresh (the refresh error is logged)
@@ -142,29 +102,30 @@ t.test('no token, token part or Authorization value ever reaches a log line (LOG
   issuer.setJwksMode('ok')
 
   // --- WebSocket ------------------------------------------------------------------------------------------------------
-  const q = await ws(t, `${g.wsUrl}/ws/chat?access_token=${validQuery}&room=1`, [], HTTPS)
-  if (typeof q === 'number') t.fail(`?access_token upgrade refused: ${q}`)
+  const q = await upgrade(t, `${g.wsUrl}/ws/chat?access_token=${validQuery}&room=1`, { headers: HTTPS })
+  if (q.kind === 'refused') t.fail(`?access_token upgrade refused: ${q.status}`)
   else {
-    t.equal(await echo(q, 'hello'), 'hello')
-    q.close(1000, 'done')
-    await once(q, 'close')
+    t.equal(await exchange(q.ws, 'hello'), 'hello')
+    q.ws.close(1000, 'done')
+    await once(q.ws, 'close')
   }
-  const p = await ws(t, `${g.wsUrl}/ws/chat`, ['bearer', validProto, 'chat.v1'], HTTPS)
-  if (typeof p === 'number') t.fail(`protocol upgrade refused: ${p}`)
+  const p = await upgrade(t, `${g.wsUrl}/ws/chat`, { protocols: ['bearer', validProto, 'chat.v1'], headers: HTTPS })
+  if (p.kind === 'refused') t.fail(`protocol upgrade refused: ${p.status}`)
   else {
-    t.equal(await echo(p, 'ping'), 'ping')
-    const closed = once(p, 'close')
-    p.send('close:4001:bye') // the app closes
+    t.equal(await exchange(p.ws, 'ping'), 'ping')
+    const closed = once(p.ws, 'close')
+    p.ws.send('close:4001:bye') // the app closes
     await closed
   }
-  const abrupt = await ws(t, `${g.wsUrl}/ws/chat?access_token=${validQuery}`, [], HTTPS)
-  if (typeof abrupt !== 'number') abrupt.terminate()
-  statuses['ws expired'] = await ws(t, `${g.wsUrl}/ws/chat?access_token=${invalid[0] ?? ''}`, [], HTTPS) as number
-  statuses['ws two tokens'] = await ws(t, `${g.wsUrl}/ws/chat?access_token=${validQuery}`, [], { ...HTTPS, authorization: `Bearer ${valid}` }) as number
-  statuses['ws plaintext'] = await ws(t, `${g.wsUrl}/ws/chat?access_token=${validQuery}`, [], {}) as number
-  statuses['ws bearer marker without token'] = await ws(t, `${g.wsUrl}/ws/chat`, ['bearer'], HTTPS) as number
-  statuses['ws forged in protocol'] = await ws(t, `${g.wsUrl}/ws/chat`, ['bearer', invalid[5] ?? ''], HTTPS) as number
-  statuses['ws no token'] = await ws(t, `${g.wsUrl}/ws/chat`, [], HTTPS) as number
+  const abrupt = await upgrade(t, `${g.wsUrl}/ws/chat?access_token=${validQuery}`, { headers: HTTPS })
+  if (abrupt.kind === 'open') abrupt.ws.terminate()
+  // an upgrade that opened instead shows as 101
+  statuses['ws expired'] = (await upgrade(t, `${g.wsUrl}/ws/chat?access_token=${invalid[0] ?? ''}`, { headers: HTTPS })).status
+  statuses['ws two tokens'] = (await upgrade(t, `${g.wsUrl}/ws/chat?access_token=${validQuery}`, { headers: { ...HTTPS, authorization: `Bearer ${valid}` } })).status
+  statuses['ws plaintext'] = (await upgrade(t, `${g.wsUrl}/ws/chat?access_token=${validQuery}`)).status
+  statuses['ws bearer marker without token'] = (await upgrade(t, `${g.wsUrl}/ws/chat`, { protocols: ['bearer'], headers: HTTPS })).status
+  statuses['ws forged in protocol'] = (await upgrade(t, `${g.wsUrl}/ws/chat`, { protocols: ['bearer', invalid[5] ?? ''], headers: HTTPS })).status
+  statuses['ws no token'] = (await upgrade(t, `${g.wsUrl}/ws/chat`, { headers: HTTPS })).status
 
   // let the closes settle (upstream records them) so their log lines are in; the test fails if one never arrives
   await until(() => upstream.wsConnections.every((c) => c.closed !== undefined), 3_000, 'the app recorded the close of every WebSocket', 20)

@@ -2,22 +2,11 @@
 // client address (limits, audit, X-Real-IP) and for X-Forwarded-Proto (the plaintext guard), where Fastify 5.12 alone
 // trusts nothing for a number.
 import t from 'tap'
-import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
-import { startUpstream, type TestUpstream } from './helpers/upstream.js'
-import { startGateway } from './helpers/gateway.js'
+import { randomSub } from './helpers/issuer.js'
+import { startBackends, startGateway } from './helpers/gateway.js'
 import { until } from './helpers/wait.js'
 
-let issuer: TestIssuer
-let upstream: TestUpstream
-
-t.before(async () => {
-  issuer = await startIssuer()
-  upstream = await startUpstream()
-})
-t.teardown(async () => {
-  await upstream?.close()
-  await issuer?.close()
-})
+const { issuer, upstream } = await startBackends(t)
 
 const BAD = 'eyJhbGciOiJSUzI1NiIsImtpZCI6Im5vcGUifQ.eyJzdWIiOiJ4In0.c2ln'
 

@@ -18,23 +18,12 @@ import type { AddressInfo } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import { decodeProtectedHeader, type JWK } from 'jose'
-import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
+import { randomSub } from './helpers/issuer.js'
 import { claims as forgedClaims, foreignRsaKey, forgeToken } from './helpers/forge.js'
-import { startUpstream, type TestUpstream } from './helpers/upstream.js'
-import { startGateway, writeYaml, type TestGateway } from './helpers/gateway.js'
+import { startBackends, startGateway, writeYaml, type TestGateway } from './helpers/gateway.js'
 import { audits, claims, until } from './helpers/wait.js'
 
-let issuer: TestIssuer
-let upstream: TestUpstream
-
-t.before(async () => {
-  issuer = await startIssuer()
-  upstream = await startUpstream()
-})
-t.teardown(async () => {
-  await upstream.close()
-  await issuer.close()
-})
+const { issuer, upstream } = await startBackends(t)
 
 // --- helpers -----------------------------------------------------------------------------------------------------------
 

@@ -10,64 +10,33 @@
 //     reading stops the gateway pulling from the client, and the gateway's memory does not follow the flood;
 //   - shutdown: readiness fails before sockets get 1001 (in-process close, and SIGTERM on the real entrypoint).
 // Every test uses its own RATE_LIMIT_KEY_PREFIX on the shared Redis and deletes only its own keys.
-import { spawn } from 'node:child_process'
 import { randomUUID } from 'node:crypto'
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
-import http, { type IncomingMessage } from 'node:http'
+import http from 'node:http'
 import type { AddressInfo } from 'node:net'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
-import { fileURLToPath } from 'node:url'
 import { setTimeout as sleep } from 'node:timers/promises'
 import v8 from 'node:v8'
 import vm from 'node:vm'
 import t, { type Test } from 'tap'
-import WebSocket, { WebSocketServer, type ClientOptions } from 'ws'
-import { Redis } from 'ioredis'
-import { randomSub, startIssuer, type TestIssuer } from './helpers/issuer.js'
-import { startUpstream, type RecordedWs, type TestUpstream } from './helpers/upstream.js'
-import { startGateway, type TestGateway } from './helpers/gateway.js'
-import { freePort } from './helpers/ports.js'
-import { deleteKeys, redisUrl } from './helpers/redis.js'
+import WebSocket, { WebSocketServer } from 'ws'
+import { randomSub } from './helpers/issuer.js'
+import type { RecordedWs } from './helpers/upstream.js'
+import { baseEnv, readyz, startBackends, startGateway, untilReady, type TestGateway } from './helpers/gateway.js'
+import { spawnGateway } from './helpers/process.js'
+import { sharedRedis } from './helpers/redis.js'
+import { connect, echo, refusal } from './helpers/ws-client.js'
 import { audits, claims, metric, pingPong, until, within } from './helpers/wait.js'
 
-const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const KiB = 1024
 const MiB = 1024 * KiB
 
 v8.setFlagsFromString('--expose-gc')
 const gc = vm.runInNewContext('gc') as () => void
 
-let issuer: TestIssuer
-let upstream: TestUpstream
-let redis: string
-let rc: Redis
-const prefixes: string[] = []
-const tmp = mkdtempSync(join(tmpdir(), 'gw-ws-sessions-'))
-
-t.before(async () => {
-  issuer = await startIssuer()
-  upstream = await startUpstream()
-  redis = await redisUrl()
-  rc = new Redis(redis, { lazyConnect: true, maxRetriesPerRequest: 1 })
-  await rc.connect()
-})
-t.teardown(async () => {
-  // After every subtest (and its gateways) ended: only this file's prefixes, never anything else.
-  for (const p of prefixes) await deleteKeys(rc, p)
-  rc.disconnect()
-  await upstream.close()
-  await issuer.close()
-  rmSync(tmp, { recursive: true, force: true })
-})
+const { issuer, upstream } = await startBackends(t)
+// After every subtest (and its gateways) ended: only this file's prefixes are deleted, never anything else.
+const { url: redis, client: rc, freshPrefix } = await sharedRedis(t)
 
 // --- helpers -----------------------------------------------------------------------------------------------------------
-
-function freshPrefix (): string {
-  const p = `test:${randomUUID()}:`
-  prefixes.push(p)
-  return p
-}
 
 type Gw = TestGateway & { prefix: string }
 
@@ -77,7 +46,7 @@ async function gateway (tt: Test, env: Record<string, string> = {}, opts: { pref
   const g = await startGateway(tt, issuer, upstream, {
     env: { REDIS_URL: redis, RATE_LIMIT_KEY_PREFIX: prefix, ...(opts.upstreamUrl !== undefined ? { UPSTREAM_URL: opts.upstreamUrl } : {}), ...env }
   })
-  await until(async () => (await fetch(`${g.adminUrl}/readyz`)).status === 200, 5000, 'gateway ready')
+  await untilReady(g)
   return Object.assign(g, { prefix })
 }
 
@@ -90,67 +59,11 @@ const M = {
   authFailures: (reason: string, transport: string) => `resonance_auth_failures_total{reason="${reason}",transport="${transport}"}`
 }
 
-interface Closed { code: number, reason: string, at: number }
-interface Conn {
-  ws: WebSocket
-  path: string
-  /** Every message the client received, as text (binary ones too). */
-  texts: string[]
-  closed: Promise<Closed>
-}
-
-type Carrier = 'header' | 'query' | 'protocol'
-
-/** Opens a WebSocket through the gateway on a path unique to this connection; the token in a header (default), the query or the subprotocol. */
-async function connect (g: TestGateway, token: string, opts: { path?: string, ws?: ClientOptions, collect?: boolean, carrier?: Carrier } = {}): Promise<Conn> {
-  const path = opts.path ?? `/ws/${randomUUID()}`
-  const carrier = opts.carrier ?? 'header'
-  const url = `${g.wsUrl}${path}${carrier === 'query' ? `?access_token=${token}` : ''}`
-  const ws = carrier === 'protocol'
-    ? new WebSocket(url, ['bearer', token], { ...opts.ws })
-    : new WebSocket(url, { ...(carrier === 'header' ? { headers: { authorization: `Bearer ${token}` } } : {}), ...opts.ws })
-  const texts: string[] = []
-  if (opts.collect !== false) ws.on('message', (d) => texts.push((d as Buffer).toString()))
-  const closed = new Promise<Closed>((resolve) => ws.once('close', (code, reason) => resolve({ code, reason: reason.toString(), at: Date.now() })))
-  await new Promise<void>((resolve, reject) => {
-    ws.once('open', () => resolve())
-    ws.once('error', reject)
-    ws.once('unexpected-response', (_req, res: IncomingMessage) => { res.resume(); reject(new Error(`upgrade refused with ${res.statusCode}`)) })
-  })
-  ws.on('error', () => {})
-  return { ws, path, texts, closed }
-}
-
-interface Refusal { status: number, headers: IncomingMessage['headers'], body: string, upgraded: boolean }
-
-/** An upgrade the gateway must refuse with an HTTP status (no 101). */
-async function refusal (g: TestGateway, token: string, path = `/ws/${randomUUID()}`): Promise<Refusal> {
-  const ws = new WebSocket(`${g.wsUrl}${path}`, { headers: { authorization: `Bearer ${token}` } })
-  let upgraded = false
-  ws.on('upgrade', () => { upgraded = true })
-  return await within(new Promise<Refusal>((resolve, reject) => {
-    ws.once('open', () => { ws.terminate(); reject(new Error('the upgrade was accepted')) })
-    ws.once('unexpected-response', (_req, res: IncomingMessage) => {
-      let body = ''
-      res.setEncoding('utf8')
-      res.on('data', (c: string) => { body += c })
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body, upgraded }))
-    })
-    ws.on('error', () => {})
-  }), 5000, 'refusal')
-}
-
 /** What the app recorded for the connection on `path`. */
 function appSide (path: string): RecordedWs | undefined {
   return upstream.wsConnections.find((r) => r.url === path)
 }
 const appMessages = (path: string): string[] => (appSide(path)?.messages ?? []).map((m) => m.data)
-
-async function echo (c: Conn, text: string): Promise<void> {
-  const n = c.texts.filter((x) => x === text).length
-  c.ws.send(text)
-  await until(() => c.texts.filter((x) => x === text).length > n, 3000, `echo of ${text}`)
-}
 
 const memory = (): number => {
   gc()
@@ -605,49 +518,18 @@ t.test('shutdown (in-process close): readiness has failed before WebSockets get 
 })
 
 t.test('SIGTERM on the real entrypoint: /readyz 503 first, WebSockets keep working during SHUTDOWN_DELAY, then 1001', async (t) => {
-  const port = await freePort()
-  const adminPort = await freePort()
-  const yaml = join(tmp, 'gateway.yaml')
-  writeFileSync(yaml, '')
   // src/server.ts through the same TypeScript loader tap uses: the code under test, no build step.
-  const child = spawn(process.execPath, ['--import=@tapjs/typescript/import', join(ROOT, 'src', 'server.ts')], {
-    cwd: ROOT,
-    env: {
-      PATH: process.env.PATH ?? '/usr/bin:/bin',
-      TS_NODE_TRANSPILE_ONLY: '1',
-      CONFIG_FILE: yaml,
-      JWT_ISSUER: issuer.issuer,
-      JWT_AUDIENCE: issuer.audience,
-      UPSTREAM_URL: upstream.url,
-      HOST: '127.0.0.1',
-      PORT: String(port),
-      ADMIN_HOST: '127.0.0.1',
-      ADMIN_PORT: String(adminPort),
-      ALLOW_INSECURE_HTTP: 'true',
-      SHUTDOWN_DELAY: '1s',
-      SHUTDOWN_TIMEOUT: '10s',
-      LOG_LEVEL: 'warn'
-    },
-    stdio: ['ignore', 'ignore', 'pipe']
-  })
-  let stderr = ''
-  child.stderr.setEncoding('utf8')
-  child.stderr.on('data', (c: string) => { stderr += c })
-  const exited = new Promise<{ code: number | null, at: number }>((resolve) => child.once('exit', (code) => resolve({ code, at: Date.now() })))
-  t.teardown(async () => {
-    if (child.exitCode === null && child.signalCode === null) { child.kill('SIGKILL'); await exited }
-  })
-  const readyz = async (): Promise<number | undefined> => (await fetch(`http://127.0.0.1:${adminPort}/readyz`).catch(() => undefined))?.status
-  await until(async () => (await readyz()) === 200, 20_000, `the process got ready; stderr: ${stderr}`)
+  const p = spawnGateway(t, { ...baseEnv(issuer, upstream), SHUTDOWN_DELAY: '1s', SHUTDOWN_TIMEOUT: '10s' }, { entry: 'src' })
+  const proc = await p.listening(20_000)
+  await untilReady(proc, 20_000, 'the process got ready')
 
-  const fake = { wsUrl: `ws://127.0.0.1:${port}` } as TestGateway
-  const c = await connect(fake, await issuer.token({ sub: randomSub('sigterm') }))
+  const c = await connect(proc, await issuer.token({ sub: randomSub('sigterm') }))
   await echo(c, 'before')
   const signalled = Date.now()
-  child.kill('SIGTERM')
+  p.child.kill('SIGTERM')
   let notReadyAt: number | undefined
   await until(async () => {
-    if ((await readyz()) === 503) notReadyAt = Date.now()
+    if ((await readyz(proc).catch(() => undefined))?.status === 503) notReadyAt = Date.now()
     return notReadyAt !== undefined
   }, 2000, '/readyz 503')
   t.ok(notReadyAt !== undefined)
@@ -658,6 +540,6 @@ t.test('SIGTERM on the real entrypoint: /readyz 503 first, WebSockets keep worki
   t.equal(closed.code, 1001, 'closed with 1001 going away')
   t.ok(closed.at > (notReadyAt ?? Infinity), `1001 came ${closed.at - (notReadyAt ?? 0)} ms after /readyz failed`)
   t.ok(closed.at - signalled >= 900, `after SHUTDOWN_DELAY (${closed.at - signalled} ms after SIGTERM)`)
-  const { code } = await within(exited, 10_000, 'exit')
+  const { code } = await within(p.exited, 10_000, 'exit')
   t.equal(code, 0, 'exit 0')
 })

@@ -1,14 +1,19 @@
 // The gateway under test, built from the same code as `npm start` (buildGateway), listening on ephemeral loopback
-// ports, with every log line captured for assertions (audit lines, token-leak grep).
+// ports, with every log line captured for assertions (audit lines, token-leak grep); the issuer and app it stands
+// between (startBackends), and the requests every test makes of it (/readyz, an authenticated GET).
+import { execFileSync } from 'node:child_process'
+import { randomUUID } from 'node:crypto'
 import { mkdtempSync, writeFileSync } from 'node:fs'
+import http from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Writable } from 'node:stream'
 import type { AddressInfo } from 'node:net'
 import { buildGateway, type Gateway } from '../../src/app.js'
 import { loadConfig } from '../../src/config/load.js'
-import type { TestIssuer } from './issuer.js'
-import type { TestUpstream } from './upstream.js'
+import { startIssuer, type TestIssuer } from './issuer.js'
+import { startUpstream, type TestUpstream } from './upstream.js'
+import { until } from './wait.js'
 
 export interface LogLine { level: number, msg: string, [k: string]: unknown }
 
@@ -35,11 +40,30 @@ export interface GatewayOptions {
 
 interface Teardown { teardown (fn: () => unknown): void }
 
+/** A real issuer and a recording app, both closed when `t` ends (for a whole file: pass the root `t`). */
+export async function startBackends (t: Teardown): Promise<{ issuer: TestIssuer, upstream: TestUpstream }> {
+  const issuer = await startIssuer()
+  t.teardown(() => issuer.close())
+  const upstream = await startUpstream()
+  t.teardown(() => upstream.close())
+  return { issuer, upstream }
+}
+
 export function writeYaml (yaml: string): string {
   const dir = mkdtempSync(join(tmpdir(), 'gw-config-'))
   const file = join(dir, 'gateway.yaml')
   writeFileSync(file, yaml)
   return file
+}
+
+/** A throwaway self-signed certificate for 127.0.0.1 (TLS_CERT, TLS_KEY), generated per call (never committed). */
+export function selfSignedCert (): { cert: string, key: string } {
+  const dir = mkdtempSync(join(tmpdir(), 'gw-tls-'))
+  const cert = join(dir, 'cert.pem')
+  const key = join(dir, 'key.pem')
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1', '-subj', '/CN=127.0.0.1',
+    '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', key, '-out', cert], { stdio: 'ignore' })
+  return { cert, key }
 }
 
 export function baseEnv (issuer: TestIssuer, upstream: TestUpstream): Record<string, string> {
@@ -101,4 +125,50 @@ export async function startGateway (t: Teardown, issuer: TestIssuer, upstream: T
     audits: () => logs().filter((l) => l.component === 'audit'),
     close
   }
+}
+
+export interface Check { ok: boolean, detail?: string }
+export interface Readyz { status: number, body: { status: string, checks: Record<string, Check> } }
+
+/** GET /readyz of an admin listener (a TestGateway, or a spawned gateway process). */
+export async function readyz (g: { adminUrl: string }, timeoutMs = 5000): Promise<Readyz> {
+  const res = await fetch(`${g.adminUrl}/readyz`, { signal: AbortSignal.timeout(timeoutMs) })
+  return { status: res.status, body: await res.json() as Readyz['body'] }
+}
+
+/** Waits until /readyz answers 200 (keys loaded; Redis and revocations ready when configured); no answer yet counts as not ready. */
+export async function untilReady (g: { adminUrl: string }, ms = 5000, what = 'gateway ready'): Promise<void> {
+  await until(async () => (await readyz(g).catch(() => undefined))?.status === 200, ms, what, 25)
+}
+
+export interface Answer { status: number, headers: Headers, body: string }
+
+/** GET `path` (by default a fresh /api/<uuid>) through the gateway with `token` as bearer; the whole body read. */
+export async function getAs (g: { url: string }, token: string, path = `/api/${randomUUID()}`): Promise<Answer> {
+  const res = await fetch(`${g.url}${path}`, { headers: { authorization: `Bearer ${token}` }, signal: AbortSignal.timeout(5000) })
+  return { status: res.status, headers: res.headers, body: await res.text() }
+}
+
+export interface VerbatimAnswer { status: number, headers: Record<string, string | undefined>, body: string }
+
+/**
+ * One request on a fresh connection with the target sent verbatim (node:http; fetch would resolve dot segments and
+ * normalise the target before sending); repeated response headers joined with ", ".
+ */
+export function sendVerbatim (base: string, method: string, path: string, headers: Record<string, string> = {}): Promise<VerbatimAnswer> {
+  const { hostname, port } = new URL(base)
+  return new Promise((resolve, reject) => {
+    const req = http.request({ host: hostname, port, method, path, headers, agent: false }, (res) => {
+      const chunks: Buffer[] = []
+      res.on('data', (c: Buffer) => chunks.push(c))
+      res.on('end', () => {
+        const h: Record<string, string | undefined> = {}
+        for (const [k, v] of Object.entries(res.headers)) h[k] = Array.isArray(v) ? v.join(', ') : v
+        resolve({ status: res.statusCode ?? 0, headers: h, body: Buffer.concat(chunks).toString('utf8') })
+      })
+      res.on('error', reject)
+    })
+    req.on('error', reject)
+    req.end()
+  })
 }

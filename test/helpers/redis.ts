@@ -2,13 +2,14 @@
 // pick DB 11 and their own key prefixes, and flush only their own keys); otherwise a private `redis-server` is started
 // on a free loopback port for this test process. Tests that kill Redis always start their own with startRedisServer().
 import { spawn, type ChildProcess } from 'node:child_process'
+import { randomUUID } from 'node:crypto'
 import { mkdtempSync } from 'node:fs'
 import { connect } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { Redis } from 'ioredis'
 import { freePort } from './ports.js'
-import type { Redis } from 'ioredis'
 
 export const TEST_DB = 11
 
@@ -59,6 +60,57 @@ export async function startRedisServer (port?: number, extraArgs: string[] = [])
     process: child,
     async stop () { child.kill('SIGTERM'); await exited; process.removeListener('exit', onExit) },
     async kill () { child.kill('SIGKILL'); await exited; process.removeListener('exit', onExit) }
+  }
+}
+
+interface Teardown { teardown (fn: () => unknown): void }
+
+/** A private redis-server (startRedisServer), the only kind a test may stop, freeze or kill; killed when `t` ends. */
+export async function ownRedis (t: Teardown, port?: number, extraArgs: string[] = []): Promise<RedisServer> {
+  const server = await startRedisServer(port, extraArgs)
+  t.teardown(async () => {
+    if (server.process.exitCode !== null || server.process.signalCode !== null) return
+    server.process.kill('SIGCONT') // a test may have frozen it (SIGSTOP)
+    await server.kill()
+  })
+  return server
+}
+
+/** A RATE_LIMIT_KEY_PREFIX of its own (`test:<uuid>:`), so tests on one Redis never share a key. */
+export function keyPrefix (): string {
+  return `test:${randomUUID()}:`
+}
+
+export interface SharedRedis {
+  /** The Redis of redisUrl(). */
+  url: string
+  /** A connected client to it (one retry per request). */
+  client: Redis
+  /** A new key prefix (keyPrefix()) whose keys, and only those, are deleted when `t` ends. */
+  freshPrefix (): string
+}
+
+/**
+ * The Redis for ordinary tests, for the life of `t` (a whole file: the root `t`): a client, and key prefixes whose keys
+ * are deleted at the end, after every subtest and its gateways ended.
+ */
+export async function sharedRedis (t: Teardown): Promise<SharedRedis> {
+  const url = await redisUrl()
+  const client = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 1 })
+  await client.connect()
+  const prefixes: string[] = []
+  t.teardown(async () => {
+    for (const p of prefixes) await deleteKeys(client, p)
+    client.disconnect()
+  })
+  return {
+    url,
+    client,
+    freshPrefix () {
+      const p = keyPrefix()
+      prefixes.push(p)
+      return p
+    }
   }
 }
 

@@ -2,6 +2,7 @@
 import { once } from 'node:events'
 import { setTimeout as sleep } from 'node:timers/promises'
 import type { WebSocket } from 'ws'
+import type { Metrics } from '../../src/observability/metrics.js'
 import type { TestGateway } from './gateway.js'
 
 /** Polls `cond` every `everyMs` until it holds; fails after `ms` naming `what` (a function is called at that moment). */
@@ -20,9 +21,10 @@ export async function within<T> (p: Promise<T>, ms: number, what: string): Promi
   try { return await Promise.race([p, deadline]) } finally { clearTimeout(timer) }
 }
 
-/** The value of one exact series (`name{labels}`) in the gateway's registry; 0 when absent. */
-export async function metric (g: TestGateway, series: string): Promise<number> {
-  const text = await g.gw.metrics.registry.metrics()
+/** The value of one exact series (`name{labels}`) in a gateway's registry (or a unit test's Metrics); 0 when absent. */
+export async function metric (source: TestGateway | Metrics, series: string): Promise<number> {
+  const registry = 'gw' in source ? source.gw.metrics.registry : source.registry
+  const text = await registry.metrics()
   const line = text.split('\n').find((l) => l.startsWith(`${series} `))
   return line === undefined ? 0 : Number(line.slice(series.length + 1))
 }
