@@ -63,7 +63,7 @@ t.test('close lets in-flight requests finish and refuses new ones', async (t) =>
   const auth = { authorization: `Bearer ${await issuer.token()}` }
 
   const inflight = fetch(`${g.url}/slow?ms=600`, { headers: auth })
-  await until(() => upstream.requests.some((r) => r.url.startsWith('/slow')), 2000, 'the request reached the app')
+  await until(() => upstream.requests.some((r) => r.url.startsWith('/slow')), 10_000, 'the request reached the app')
   const closing = g.close()
   t.equal(g.gw.readiness.draining, true, 'readiness fails first')
   const res = await inflight
