@@ -5,6 +5,8 @@ import { createHmac, X509Certificate } from 'node:crypto'
 import { once } from 'node:events'
 import { execFileSync } from 'node:child_process'
 import { existsSync, readFileSync } from 'node:fs'
+import http from 'node:http'
+import type { AddressInfo } from 'node:net'
 import t from 'tap'
 import { Redis } from 'ioredis'
 import {
@@ -19,8 +21,16 @@ import {
   type JSONWebKeySet
 } from 'jose'
 import WebSocket from 'ws'
-import { startIssuer, type TestIssuer } from './helpers/issuer.js'
-import { claims, foreignRsaKey, forgeToken } from './helpers/forge.js'
+import {
+  BACKCHANNEL_LOGOUT_EVENT,
+  DEFAULT_SUB,
+  LOGOUT_CLIENT_ID,
+  LOGOUT_SUB_ONLY_CLIENT_ID,
+  LOGOUT_TOKEN_TTL_SECONDS,
+  startIssuer,
+  type TestIssuer
+} from './helpers/issuer.js'
+import { claims, flipSignatureChar, foreignRsaKey, forgeToken } from './helpers/forge.js'
 import { until } from './helpers/wait.js'
 import { respondHeaders, startUpstream, type TestUpstream } from './helpers/upstream.js'
 import { getAs, readyz, selfSignedCert, sendVerbatim, startBackends, startGateway, untilReady } from './helpers/gateway.js'
@@ -173,6 +183,154 @@ t.test('issuer: close() works while a request hangs', async (t) => {
   await until(() => issuer.stats.jwks > 0, 3000, 'the issuer received the JWKS request')
   await issuer.close()
   t.equal(await pending, 'failed', 'the hung request fails once the issuer closes')
+})
+
+interface Received { method: string, url: string, headers: http.IncomingHttpHeaders, body: string }
+
+/** A back-channel logout receiver: records every request and answers `status` (settable). */
+async function startReceiver (t: { teardown (fn: () => unknown): void }): Promise<{ url: string, received: Received[], status: number }> {
+  const rp = { url: '', received: [] as Received[], status: 200 }
+  const server = http.createServer((req, res) => {
+    let body = ''
+    req.setEncoding('utf8')
+    req.on('data', (c: string) => { body += c })
+    req.on('end', () => {
+      rp.received.push({ method: req.method ?? '', url: req.url ?? '', headers: req.headers, body })
+      res.writeHead(rp.status, { 'cache-control': 'no-store' }).end()
+    })
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise<void>((resolve) => { server.closeAllConnections(); server.close(() => resolve()) }))
+  rp.url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+  return rp
+}
+
+t.test('issuer: back-channel logout: the provider signs and POSTs real logout tokens; sid and azp in access tokens', async (t) => {
+  const issuer = await startIssuer()
+  t.teardown(() => issuer.close())
+  // a fresh key set each time: jose caches a remote JWKS, and rotate() below adds a key
+  const jwks = async (...args: Parameters<ReturnType<typeof createRemoteJWKSet>>) => await createRemoteJWKSet(new URL(issuer.jwksUrl))(...args)
+  const rp = await startReceiver(t)
+  const nowSec = () => Math.floor(Date.now() / 1000)
+
+  const doc = await getJson<Record<string, unknown>>(`${issuer.issuer}/.well-known/openid-configuration`)
+  t.equal(doc.backchannel_logout_supported, true, 'discovery: backchannel_logout_supported')
+  t.equal(doc.backchannel_logout_session_supported, true, 'discovery: backchannel_logout_session_supported')
+
+  await t.rejects(issuer.backchannelLogout({ sub: 'alice', sid: 'S-1' }), /no back-channel logout URI/, 'no URI set: rejects')
+  t.throws(() => issuer.setBackchannelLogoutUri('not a url'), TypeError, 'a malformed URI is refused at once')
+
+  await t.test('session required (LOGOUT_CLIENT_ID): sub and sid, POSTed as a form to the URI set', async (t) => {
+    issuer.setBackchannelLogoutUri(`${rp.url}/backchannel-logout`)
+    rp.received.length = 0
+    let onPostAt: number | undefined
+    const before = Date.now()
+    const res = await issuer.backchannelLogout({ sub: 'alice', sid: 'S-1', onPost: (at) => { onPostAt = at } })
+    t.match(res, { ok: true, status: 200, error: undefined, logoutToken: String })
+    t.ok(res.postedAt !== undefined && res.postedAt >= before && res.postedAt <= res.answeredAt, 'postedAt: between the call and the answer')
+    t.equal(onPostAt, res.postedAt, 'onPost is called with postedAt')
+
+    t.equal(rp.received.length, 1, 'exactly one POST')
+    const [req] = rp.received
+    t.equal(req?.method, 'POST')
+    t.equal(req?.url, '/backchannel-logout')
+    t.match(req?.headers['content-type'], /^application\/x-www-form-urlencoded/)
+    const form = new URLSearchParams(req?.body)
+    t.same([...form.keys()], ['logout_token'], 'one form field: logout_token')
+    t.equal(form.get('logout_token'), res.logoutToken, 'logoutToken: what was sent')
+
+    const token = res.logoutToken ?? ''
+    t.same(decodeProtectedHeader(token), { alg: 'RS256', typ: 'logout+jwt', kid: issuer.currentKid() }, 'header: typ logout+jwt, current kid')
+    const { payload } = await jwtVerify(token, jwks, { issuer: issuer.issuer, audience: LOGOUT_CLIENT_ID, typ: 'logout+jwt', algorithms: ['RS256'] })
+    t.same(Object.keys(payload).sort(), ['aud', 'events', 'exp', 'iat', 'iss', 'jti', 'sid', 'sub'], 'exactly the claims Keycloak sends (no nonce)')
+    t.match(payload, { sub: 'alice', sid: 'S-1', aud: LOGOUT_CLIENT_ID, iss: issuer.issuer, jti: String })
+    t.same(payload.events, { [BACKCHANNEL_LOGOUT_EVENT]: {} }, 'events: the back-channel-logout member, an empty object')
+    t.equal((payload.exp ?? 0) - (payload.iat ?? 0), LOGOUT_TOKEN_TTL_SECONDS, 'exp = iat + 120')
+    t.ok(Math.abs((payload.iat ?? 0) - nowSec()) <= 2, 'iat: now')
+
+    const again = await issuer.backchannelLogout({ sub: 'alice', sid: 'S-1' })
+    t.not(decodeJwt(again.logoutToken ?? '').jti, payload.jti, 'every logout token has its own jti')
+  })
+
+  await t.test('session not required (LOGOUT_SUB_ONLY_CLIENT_ID): sub only', async (t) => {
+    const res = await issuer.backchannelLogout({ sub: 'bob', sid: 'ignored', clientId: LOGOUT_SUB_ONLY_CLIENT_ID })
+    t.equal(res.ok, true)
+    const payload = decodeJwt(res.logoutToken ?? '')
+    t.notOk('sid' in payload, 'no sid')
+    t.match(payload, { sub: 'bob', aud: LOGOUT_SUB_ONLY_CLIENT_ID, events: { [BACKCHANNEL_LOGOUT_EVENT]: {} } })
+    await t.rejects(issuer.backchannelLogout({ sub: 'bob', clientId: 'not a client!' }), TypeError, 'an invalid client id rejects')
+  })
+
+  await t.test('what happened: refusals and network errors resolve, with the status and the provider\'s error', async (t) => {
+    rp.status = 400
+    const refused = await issuer.backchannelLogout({ sub: 'alice', sid: 'S-2' })
+    t.match(refused, { ok: false, status: 400, logoutToken: String })
+    t.match(refused.error, /^expected 200 OK from http:\/\/127\.0\.0\.1:\d+\/backchannel-logout, got: 400 Bad Request$/)
+    rp.status = 204
+    t.match(await issuer.backchannelLogout({ sub: 'alice', sid: 'S-3' }), { ok: true, status: 204 }, '204 counts as success')
+    rp.status = 200
+
+    const closed = http.createServer()
+    await new Promise<void>((resolve) => closed.listen(0, '127.0.0.1', resolve))
+    const port = (closed.address() as AddressInfo).port
+    await new Promise<void>((resolve) => closed.close(() => resolve()))
+    issuer.setBackchannelLogoutUri(`http://127.0.0.1:${port}/backchannel-logout`)
+    const unreachable = await issuer.backchannelLogout({ sub: 'alice', sid: 'S-4' })
+    t.match(unreachable, { ok: false, status: undefined, error: /fetch failed/ }, 'nothing listening: not ok, no status')
+    t.notMatch(unreachable.error, /special-use IP/, 'not the SSRF guard: the fetch override removed it')
+
+    issuer.setBackchannelLogoutUri(undefined)
+    await t.rejects(issuer.backchannelLogout({ sub: 'alice', sid: 'S-5' }), /no back-channel logout URI/, 'unset again: rejects')
+    issuer.setBackchannelLogoutUri(`${rp.url}/backchannel-logout`)
+  })
+
+  await t.test('after rotate() the provider signs with the new key', async (t) => {
+    await issuer.rotate()
+    const res = await issuer.backchannelLogout({ sub: 'alice', sid: 'S-6' })
+    t.equal(res.ok, true)
+    t.equal(decodeProtectedHeader(res.logoutToken ?? '').kid, issuer.currentKid())
+    await jwtVerify(res.logoutToken ?? '', jwks, { issuer: issuer.issuer, audience: LOGOUT_CLIENT_ID })
+  })
+
+  await t.test('startIssuer({ backchannelLogoutUri })', async (t) => {
+    const other = await startIssuer({ backchannelLogoutUri: `${rp.url}/other` })
+    t.teardown(() => other.close())
+    rp.received.length = 0
+    t.equal((await other.backchannelLogout({ sub: 'carol', sid: 'S-7' })).ok, true)
+    t.equal(rp.received[0]?.url, '/other')
+  })
+
+  await t.test('access tokens: sid, and azp as Keycloak sets it', async (t) => {
+    const withSid = decodeJwt(await issuer.token({ sub: 'alice', sid: 'S-1' }))
+    t.match(withSid, { sub: 'alice', sid: 'S-1', azp: LOGOUT_CLIENT_ID, aud: issuer.audience }, 'sid, azp = the login client')
+    t.match(decodeJwt(await issuer.token({ sub: 'alice', sid: 'S-1', azp: 'other-app' })), { sid: 'S-1', azp: 'other-app' }, 'azp given')
+    t.match(decodeJwt(await issuer.token({ sub: 'alice', azp: 'other-app' })), { azp: 'other-app' })
+    const plain = decodeJwt(await issuer.token({ sub: 'alice' }))
+    t.notOk('sid' in plain, 'no sid unless asked')
+    t.equal(plain.azp, 'alice', 'azp without sid: the client id (= sub), as before')
+  })
+
+  await t.test('logoutToken(): provider-shaped defaults, overrides, undefined deletes', async (t) => {
+    const token = await issuer.logoutToken()
+    t.same(decodeProtectedHeader(token), { alg: 'RS256', typ: 'logout+jwt', kid: issuer.currentKid() })
+    const { payload } = await jwtVerify(token, jwks, { issuer: issuer.issuer, audience: LOGOUT_CLIENT_ID, typ: 'logout+jwt' })
+    t.same(Object.keys(payload).sort(), ['aud', 'events', 'exp', 'iat', 'iss', 'jti', 'sid', 'sub'], 'the claims the provider sends')
+    t.match(payload, { sub: DEFAULT_SUB, sid: String, jti: String, events: { [BACKCHANNEL_LOGOUT_EVENT]: {} } })
+    t.equal((payload.exp ?? 0) - (payload.iat ?? 0), LOGOUT_TOKEN_TTL_SECONDS)
+    t.not(decodeJwt(await issuer.logoutToken()).jti, payload.jti, 'a fresh jti each time')
+
+    const custom = await issuer.logoutToken({ sub: 'x', sid: undefined, events: undefined, nonce: 'n', aud: ['a', 'b'] }, { typ: 'JWT' })
+    t.same(Object.keys(decodeJwt(custom)).sort(), ['aud', 'exp', 'iat', 'iss', 'jti', 'nonce', 'sub'], 'claims replaced, added and deleted')
+    t.match(decodeJwt(custom), { sub: 'x', nonce: 'n', aud: ['a', 'b'], iss: issuer.issuer })
+    t.notOk('sid' in decodeJwt(custom), 'sid deleted')
+    t.notOk('events' in decodeJwt(custom), 'events deleted')
+    t.equal(decodeProtectedHeader(custom).typ, 'JWT')
+    t.same(decodeProtectedHeader(await issuer.logoutToken({}, { typ: undefined })), { alg: 'RS256', kid: issuer.currentKid() }, 'typ dropped from the header')
+    await jwtVerify(custom, jwks, { issuer: issuer.issuer, audience: 'a' })
+
+    const forged = flipSignatureChar(token)
+    await t.rejects(jwtVerify(forged, jwks), { code: 'ERR_JWS_SIGNATURE_VERIFICATION_FAILED' }, 'flipSignatureChar: a forged signature')
+  })
 })
 
 t.test('forge: attack tokens carry the intended header', async (t) => {

@@ -11,6 +11,16 @@
 // travel as extra form fields of the token request; oidc-provider strips unknown fields from `ctx.oidc.params` but keeps
 // the parsed body in `ctx.oidc.body`, where `extraTokenClaims` and `getResourceServerInfo` read them. The token is
 // still minted and signed by the provider's own token endpoint.
+//
+// Back-Channel Logout (OIDC Back-Channel Logout 1.0), as Keycloak does it for a login client: two dedicated client
+// ids, LOGOUT_CLIENT_ID (backchannel_logout_session_required: true, the token carries `sid`) and
+// LOGOUT_SUB_ONLY_CLIENT_ID (false: `sub` only), POST their logout tokens to the URI a test sets with
+// setBackchannelLogoutUri(). backchannelLogout() makes the provider itself sign and POST one (oidc-provider's own
+// Client#backchannelLogout: header typ logout+jwt, events, jti, aud = the client id, iat, exp = iat + 120, iss, sub,
+// sid when session required). The provider's SSRF guard refuses loopback addresses; the `fetch` override removes it.
+// Access tokens model a login session through TokenOptions.sid (claim `sid`, with `azp` = LOGOUT_CLIENT_ID as in a
+// Keycloak token of that client). logoutToken() signs any logout-shaped payload for the invalid cases.
+import { AsyncLocalStorage } from 'node:async_hooks'
 import { createPrivateKey, generateKeyPair, randomBytes, sign as rsaSign, type KeyObject } from 'node:crypto'
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
@@ -24,6 +34,35 @@ export interface TokenOptions {
   username?: string
   ttlSeconds?: number
   audience?: string
+  /** Claim `sid` (a Keycloak user-session id). With it, `azp` defaults to LOGOUT_CLIENT_ID. */
+  sid?: string
+  /** Claim `azp` (Keycloak: the client the user logged in to); default: LOGOUT_CLIENT_ID with `sid`, else the sub. */
+  azp?: string
+}
+
+/** What a back-channel logout POST made by the provider came to. */
+export interface BackchannelLogoutResult {
+  /** The receiver answered 200 or 204 (the provider's own success test). */
+  ok: boolean
+  /** The receiver's HTTP status; undefined when no answer came (connection refused, 2.5 s timeout). */
+  status: number | undefined
+  /** The provider's error message when not ok, e.g. "expected 200 OK from <uri>, got: 400 Bad Request". */
+  error: string | undefined
+  /** The logout token the provider sent (undefined when it failed before the POST). */
+  logoutToken: string | undefined
+  /** Date.now() when the provider started the POST (after signing), and when the answer (or failure) came. */
+  postedAt: number | undefined
+  answeredAt: number
+}
+
+export interface BackchannelLogoutOptions {
+  sub: string
+  /** Sent only by a client with backchannel_logout_session_required (LOGOUT_CLIENT_ID, not LOGOUT_SUB_ONLY_CLIENT_ID). */
+  sid?: string
+  /** Default LOGOUT_CLIENT_ID. */
+  clientId?: string
+  /** Called with Date.now() at the moment the provider starts the POST. */
+  onPost?: (at: number) => void
 }
 
 // 'error': HTTP 500; 'unavailable': HTTP 503 with Retry-After (an overloaded or restarting Keycloak);
@@ -38,7 +77,8 @@ export interface TestIssuer {
   /**
    * Signs an arbitrary payload with the CURRENT real private signing key (RS256). The header is
    * `{ alg: 'RS256', typ: 'JWT', kid: currentKid() }` merged with `header`, so it may override (even lie about)
-   * any field; the signature is always RS256 over exactly the header and payload given.
+   * any field, or drop it with an undefined value; the signature is always RS256 over exactly the header and payload
+   * given.
    */
   sign (payload: Record<string, unknown>, header?: Record<string, unknown>): Promise<string>
   currentKid (): string
@@ -46,6 +86,25 @@ export interface TestIssuer {
   rotate (): Promise<void>
   dropOldKeys (): Promise<void>
   setJwksMode (mode: JwksMode): void
+  /**
+   * Where the provider POSTs logout tokens for LOGOUT_CLIENT_ID and LOGOUT_SUB_ONLY_CLIENT_ID (registered as their
+   * backchannel_logout_uri); undefined unregisters it. Also settable with startIssuer({ backchannelLogoutUri }).
+   */
+  setBackchannelLogoutUri (uri: string | undefined): void
+  /**
+   * The provider itself signs a logout token for `clientId` (default LOGOUT_CLIENT_ID) and POSTs it to the back-channel
+   * logout URI. Resolves with what happened; never rejects for a refusal or a network error (rejects only when no URI
+   * is set or the client id is not valid).
+   */
+  backchannelLogout (opts: BackchannelLogoutOptions): Promise<BackchannelLogoutResult>
+  /**
+   * A logout token signed with the current key (via sign()). Defaults are what the provider sends for LOGOUT_CLIENT_ID:
+   * header `{ alg: 'RS256', typ: 'logout+jwt', kid }`, payload `{ iss, aud: LOGOUT_CLIENT_ID, sub: DEFAULT_SUB,
+   * sid: <random>, iat: now, exp: now + 120, jti: <random>, events: { [BACKCHANNEL_LOGOUT_EVENT]: {} } }`. `claims`
+   * and `header` are merged over them; an `undefined` value deletes that member (e.g. `{ events: undefined }`,
+   * header `{ typ: undefined }`).
+   */
+  logoutToken (claims?: Record<string, unknown>, header?: Record<string, unknown>): Promise<string>
   readonly stats: { discovery: number, jwks: number }
   close (): Promise<void>
 }
@@ -56,6 +115,14 @@ export const DEFAULT_SUB = 'test-user'
 export const DEFAULT_TTL_SECONDS = 300
 export const TEST_CLIENT_SECRET = 'test-client-secret-shared-by-every-client'
 export const TOKEN_SCOPE = 'profile email'
+/** The login client whose logout tokens carry `sid` (backchannel_logout_session_required: true). */
+export const LOGOUT_CLIENT_ID = 'resonance-web'
+/** A login client whose logout tokens carry `sub` only (backchannel_logout_session_required: false). */
+export const LOGOUT_SUB_ONLY_CLIENT_ID = 'resonance-web-sub-only'
+/** The member of `events` that makes a JWT a logout token. */
+export const BACKCHANNEL_LOGOUT_EVENT = 'http://schemas.openid.net/event/backchannel-logout'
+/** What Keycloak and oidc-provider put between a logout token's iat and exp. */
+export const LOGOUT_TOKEN_TTL_SECONDS = 120
 const SUB_PATTERN = /^[A-Za-z0-9._-]+$/
 // oidc-provider needs an absolute URI as resource indicator; the audience itself comes from getResourceServerInfo.
 const RESOURCE_INDICATOR = 'urn:resonance:test-resource'
@@ -78,7 +145,9 @@ const PARAM = {
   clientRoles: 'x_client_roles',
   username: 'x_username',
   ttl: 'x_ttl',
-  audience: 'x_audience'
+  audience: 'x_audience',
+  sid: 'x_sid',
+  azp: 'x_azp'
 } as const
 
 // --- the minimal slice of oidc-provider's (untyped) API used here -------------------------------------------------
@@ -89,9 +158,13 @@ interface ProviderContext {
 interface ProviderToken {
   clientId?: string
 }
+interface ProviderClient {
+  backchannelLogout (sub: string, sid: string | undefined): Promise<void>
+}
 interface OidcProvider {
   callback (): (req: http.IncomingMessage, res: http.ServerResponse) => void
   on (event: string, listener: (...args: unknown[]) => void): unknown
+  Client: { find (id: string): Promise<ProviderClient | undefined> }
 }
 type ProviderConstructor = new (issuer: string, configuration: Record<string, unknown>) => OidcProvider
 
@@ -143,8 +216,8 @@ async function newSigningKey (): Promise<SigningKey> {
 
 // --- adapter: answers for any client id, stores the rest in memory ------------------------------------------------
 
-function clientMetadata (clientId: string): Record<string, unknown> {
-  return {
+function clientMetadata (clientId: string, backchannelLogoutUri: string | undefined): Record<string, unknown> {
+  const metadata: Record<string, unknown> = {
     client_id: clientId,
     client_secret: TEST_CLIENT_SECRET,
     grant_types: ['client_credentials'],
@@ -152,9 +225,14 @@ function clientMetadata (clientId: string): Record<string, unknown> {
     redirect_uris: [],
     token_endpoint_auth_method: 'client_secret_basic'
   }
+  if (clientId === LOGOUT_CLIENT_ID || clientId === LOGOUT_SUB_ONLY_CLIENT_ID) {
+    metadata.backchannel_logout_session_required = clientId === LOGOUT_CLIENT_ID
+    if (backchannelLogoutUri !== undefined) metadata.backchannel_logout_uri = backchannelLogoutUri
+  }
+  return metadata
 }
 
-function createAdapter () {
+function createAdapter (logoutUri: () => string | undefined) {
   // shared by every provider instance this issuer builds (rotation rebuilds the provider)
   const store = new Map<string, { payload: Record<string, unknown>, expiresAt: number }>()
   const live = (key: string) => {
@@ -179,7 +257,7 @@ function createAdapter () {
     }
 
     async find (id: string): Promise<Record<string, unknown> | undefined> {
-      if (this.model === 'Client') return SUB_PATTERN.test(id) ? clientMetadata(id) : undefined
+      if (this.model === 'Client') return SUB_PATTERN.test(id) ? clientMetadata(id, logoutUri()) : undefined
       return live(`${this.model}:${id}`)?.payload
     }
 
@@ -222,13 +300,41 @@ function jsonParam<T> (ctx: ProviderContext, name: string): T | undefined {
 
 // --- the issuer ---------------------------------------------------------------------------------------------------
 
-export async function startIssuer (opts: { realm?: string, audience?: string } = {}): Promise<TestIssuer> {
+// One provider-driven back-channel POST in flight: the fetch override fills it in (found through AsyncLocalStorage, so
+// concurrent calls do not mix; a POST the provider makes on its own, e.g. from end_session, has none).
+interface PostRecord { postedAt?: number, status?: number, logoutToken?: string, onPost?: (at: number) => void }
+
+function logoutTokenOf (body: unknown): string | undefined {
+  if (body instanceof URLSearchParams) return body.get('logout_token') ?? undefined
+  if (typeof body === 'string') return new URLSearchParams(body).get('logout_token') ?? undefined
+  return undefined
+}
+
+function merged (base: Record<string, unknown>, over: Record<string, unknown>): Record<string, unknown> {
+  const out = { ...base }
+  for (const [name, value] of Object.entries(over)) {
+    if (value === undefined) delete out[name]
+    else out[name] = value
+  }
+  return out
+}
+
+export interface IssuerOptions {
+  realm?: string
+  audience?: string
+  /** The initial back-channel logout URI of LOGOUT_CLIENT_ID and LOGOUT_SUB_ONLY_CLIENT_ID (see setBackchannelLogoutUri). */
+  backchannelLogoutUri?: string
+}
+
+export async function startIssuer (opts: IssuerOptions = {}): Promise<TestIssuer> {
   const realm = opts.realm ?? DEFAULT_REALM
   const audience = opts.audience ?? DEFAULT_AUDIENCE
   if (!SUB_PATTERN.test(realm)) throw new TypeError(`startIssuer: invalid realm name ${JSON.stringify(realm)}`)
 
   const Provider = await loadProvider()
-  const Adapter = createAdapter()
+  let backchannelLogoutUri = opts.backchannelLogoutUri
+  const Adapter = createAdapter(() => backchannelLogoutUri)
+  const posts = new AsyncLocalStorage<PostRecord>()
   const prefix = `/realms/${realm}`
 
   let keys: SigningKey[] = [await newSigningKey()]
@@ -298,8 +404,9 @@ export async function startIssuer (opts: { realm?: string, audience?: string } =
   }
 
   // Keycloak-like rotation = a new provider whose first signing key is the new one; older keys stay published.
+  let provider: OidcProvider | undefined
   const build = () => {
-    const provider = new Provider(issuer, {
+    const next = new Provider(issuer, {
       adapter: Adapter,
       jwks: { keys: keys.map((k) => k.privateJwk) },
       routes: ROUTES,
@@ -310,6 +417,7 @@ export async function startIssuer (opts: { realm?: string, audience?: string } =
         clientCredentials: { enabled: true },
         introspection: { enabled: false },
         revocation: { enabled: false },
+        backchannelLogout: { enabled: true },
         resourceIndicators: {
           enabled: true,
           defaultResource: async () => RESOURCE_INDICATOR,
@@ -329,10 +437,25 @@ export async function startIssuer (opts: { realm?: string, audience?: string } =
         ClientCredentials: (_ctx: unknown, token: { resourceServer?: { accessTokenTTL?: number } }) =>
           token.resourceServer?.accessTokenTTL ?? DEFAULT_TTL_SECONDS
       },
+      // The provider's outgoing requests (back-channel logout POSTs): without its SSRF guard, which refuses loopback
+      // addresses, and recorded for backchannelLogout().
+      fetch: async (url: string | URL, options: RequestInit & { dispatcher?: unknown }) => {
+        delete options.dispatcher
+        const record = posts.getStore()
+        if (record !== undefined) {
+          record.postedAt = Date.now()
+          record.logoutToken = logoutTokenOf(options.body)
+          record.onPost?.(record.postedAt)
+        }
+        const res = await globalThis.fetch(url, options)
+        if (record !== undefined) record.status = res.status
+        return res
+      },
       extraTokenClaims: async (ctx: ProviderContext, token: ProviderToken) => {
+        const sid = bodyParam(ctx, PARAM.sid)
         const claims: Record<string, unknown> = {
           typ: 'Bearer',
-          azp: token.clientId,
+          azp: bodyParam(ctx, PARAM.azp) ?? (sid !== undefined ? LOGOUT_CLIENT_ID : token.clientId),
           realm_access: { roles: jsonParam<string[]>(ctx, PARAM.realmRoles) ?? [] }
         }
         const clientRoles = jsonParam<Record<string, string[]>>(ctx, PARAM.clientRoles)
@@ -342,6 +465,7 @@ export async function startIssuer (opts: { realm?: string, audience?: string } =
         }
         const username = bodyParam(ctx, PARAM.username)
         if (username !== undefined) claims.preferred_username = username
+        if (sid !== undefined) claims.sid = sid
         return claims
       },
       formats: {
@@ -358,12 +482,22 @@ export async function startIssuer (opts: { realm?: string, audience?: string } =
         ctx.body = out
       }
     })
-    provider.on('server_error', (_ctx: unknown, err: unknown) => { lastServerError = err })
-    handler = provider.callback()
+    next.on('server_error', (_ctx: unknown, err: unknown) => { lastServerError = err })
+    handler = next.callback()
+    provider = next
   }
   build()
 
   const tokenUrl = `${issuer}${ROUTES.token}`
+
+  // The header is `{ alg: 'RS256', typ: 'JWT', kid }` merged with `header`; an undefined value there drops the member.
+  async function sign (payload: Record<string, unknown>, header: Record<string, unknown> = {}): Promise<string> {
+    const key = current()
+    const fullHeader = merged({ alg: 'RS256', typ: 'JWT', kid: key.kid }, header)
+    const signingInput = `${base64url.encode(JSON.stringify(fullHeader))}.${base64url.encode(JSON.stringify(payload))}`
+    const privateKey = createPrivateKey({ key: { ...key.privateJwk }, format: 'jwk' })
+    return `${signingInput}.${base64url.encode(rsaSign('sha256', Buffer.from(signingInput), privateKey))}`
+  }
 
   return {
     issuer,
@@ -383,6 +517,8 @@ export async function startIssuer (opts: { realm?: string, audience?: string } =
       if (o.username !== undefined) form.set(PARAM.username, o.username)
       if (o.ttlSeconds !== undefined) form.set(PARAM.ttl, String(o.ttlSeconds))
       if (o.audience !== undefined) form.set(PARAM.audience, o.audience)
+      if (o.sid !== undefined) form.set(PARAM.sid, o.sid)
+      if (o.azp !== undefined) form.set(PARAM.azp, o.azp)
 
       const basic = Buffer.from(`${encodeURIComponent(sub)}:${encodeURIComponent(TEST_CLIENT_SECRET)}`).toString('base64')
       const res = await fetch(tokenUrl, {
@@ -399,13 +535,7 @@ export async function startIssuer (opts: { realm?: string, audience?: string } =
       return body.access_token
     },
 
-    async sign (payload: Record<string, unknown>, header: Record<string, unknown> = {}): Promise<string> {
-      const key = current()
-      const fullHeader = { alg: 'RS256', typ: 'JWT', kid: key.kid, ...header }
-      const signingInput = `${base64url.encode(JSON.stringify(fullHeader))}.${base64url.encode(JSON.stringify(payload))}`
-      const privateKey = createPrivateKey({ key: { ...key.privateJwk }, format: 'jwk' })
-      return `${signingInput}.${base64url.encode(rsaSign('sha256', Buffer.from(signingInput), privateKey))}`
-    },
+    sign,
 
     currentKid: () => current().kid,
     publicKeyPem: () => current().publicPem,
@@ -422,6 +552,52 @@ export async function startIssuer (opts: { realm?: string, audience?: string } =
 
     setJwksMode (next: JwksMode): void {
       mode = next
+    },
+
+    setBackchannelLogoutUri (uri: string | undefined): void {
+      if (uri !== undefined) new URL(uri) // eslint-disable-line no-new -- throws on a malformed URI, here rather than in the provider
+      backchannelLogoutUri = uri
+    },
+
+    async backchannelLogout (o: BackchannelLogoutOptions): Promise<BackchannelLogoutResult> {
+      const clientId = o.clientId ?? LOGOUT_CLIENT_ID
+      if (backchannelLogoutUri === undefined) throw new Error('backchannelLogout: no back-channel logout URI set (setBackchannelLogoutUri)')
+      const p = provider
+      if (p === undefined) throw new Error('issuer has no provider')
+      const client = await p.Client.find(clientId)
+      if (client === undefined) throw new TypeError(`backchannelLogout: no client ${JSON.stringify(clientId)}`)
+      const record: PostRecord = { ...(o.onPost !== undefined ? { onPost: o.onPost } : {}) }
+      let error: string | undefined
+      try {
+        await posts.run(record, () => client.backchannelLogout(o.sub, o.sid))
+      } catch (err) {
+        const cause = err instanceof Error && err.cause instanceof Error ? ` (${err.cause.message})` : ''
+        error = err instanceof Error ? `${err.message}${cause}` : String(err)
+      }
+      return {
+        ok: error === undefined,
+        status: record.status,
+        error,
+        logoutToken: record.logoutToken,
+        postedAt: record.postedAt,
+        answeredAt: Date.now()
+      }
+    },
+
+    async logoutToken (over: Record<string, unknown> = {}, header: Record<string, unknown> = {}): Promise<string> {
+      const now = Math.floor(Date.now() / 1000)
+      const payload = merged({
+        iss: issuer,
+        aud: LOGOUT_CLIENT_ID,
+        sub: DEFAULT_SUB,
+        sid: randomBytes(12).toString('base64url'),
+        iat: now,
+        exp: now + LOGOUT_TOKEN_TTL_SECONDS,
+        jti: randomBytes(16).toString('base64url'),
+        events: { [BACKCHANNEL_LOGOUT_EVENT]: {} }
+      }, over)
+      // spread, not merged(): an undefined typ must reach sign() to drop its default 'JWT'
+      return await sign(payload, { typ: 'logout+jwt', ...header })
     },
 
     close (): Promise<void> {
