@@ -19,6 +19,7 @@ import { createMetrics, type Metrics } from './observability/metrics.js'
 import { auditDestination, createAudit, type Audit } from './observability/audit.js'
 import { KeyStore } from './auth/keys.js'
 import authPlugin from './auth/plugin.js'
+import { registerBackchannelLogout } from './auth/logout.js'
 import { authAnswer, clientErrorAnswer, INTERNAL_ERROR, METHOD_NOT_ALLOWED, send, UNROUTABLE } from './http/answers.js'
 import { isWebSocketHandshake, proxyTrust } from './auth/transport.js'
 import { registerHttpProxy } from './proxy/http.js'
@@ -102,6 +103,12 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
   // After auth: a verified caller's connection stops counting as unauthenticated.
   app.addHook('onRequest', connections.afterAuth)
 
+  // The issuer's back-channel logout (auth/logout.ts), when configured: on the public listener here
+  // (the auth hook lets it through by its route mark), or on the admin listener below.
+  const logout = config.auth.backchannelLogout
+  const logoutDeps = { config, keys, revocations, audit, failures, redis }
+  if (logout.path !== undefined && logout.listener === 'public') await registerBackchannelLogout(app, logout.path, logoutDeps)
+
   // --- limits: preHandler, so the verified sub exists; before the proxy ------
   await registerHttpLimits(app, { live, store, audit })
   // Last root hook before the proxy: auth, roles and limits have all passed (100 Continue goes out here).
@@ -121,6 +128,7 @@ export async function buildGateway (config: Config, deps: GatewayDeps = {}): Pro
   // --- admin listener -------------------------------------------------------
   const readiness = readinessChecks(config, shared)
   const admin = buildAdmin({ logger: app.log, metrics, audit, readiness, revocations, adminToken: config.admin.token })
+  if (logout.path !== undefined && logout.listener === 'admin') await registerBackchannelLogout(admin, logout.path, logoutDeps)
   return gateway({ app, admin, config, keys, metrics, audit, readiness, ws, revocations, live }, { redis, slots })
 }
 

@@ -2,13 +2,14 @@
 /**
  * resonance-gateway [serve]                 run the gateway (same as `npm start`)
  * resonance-gateway check-config [--file F] validate config (file + env), print effective values, secrets masked
- * resonance-gateway revoke --sub S | --jti J [--admin-url URL]
+ * resonance-gateway revoke --sub S | --jti J | --sid S [--admin-url URL]
  *                                           revoke through a running gateway's admin API (token: ADMIN_TOKEN env)
  * resonance-gateway <command> --help          the command's usage (exit 0)
  * Exit codes: 0 ok, 1 failed, 2 usage.
  */
 import { loadConfig, type Config } from './config/load.js'
 import { CONFIG_FILE, fieldPath, LEAVES, type LeafPath } from './config/settings.js'
+import { REVOCATION_KINDS, type RevocationKind } from './auth/revocation.js'
 
 const ADMIN_HOST = LEAVES['admin.host']
 const ADMIN_PORT = LEAVES['admin.port']
@@ -17,7 +18,7 @@ const ADMIN_TOKEN = LEAVES['admin.token']
 const USAGE = `usage:
   resonance-gateway [serve]
   resonance-gateway check-config [--file <gateway.yaml>]
-  resonance-gateway revoke (--sub <sub> | --jti <jti>) [--admin-url <http://${ADMIN_HOST.default}:${ADMIN_PORT.default}>]
+  resonance-gateway revoke (--sub <sub> | --jti <jti> | --sid <sid>) [--admin-url <http://${ADMIN_HOST.default}:${ADMIN_PORT.default}>]
       the admin token is read from the ${ADMIN_TOKEN.env} environment variable
   resonance-gateway <command> --help
 `
@@ -33,8 +34,9 @@ const COMMAND_USAGE: Record<string, string> = {
   value with its environment variable, secrets masked. Exit 0 when valid, 1 when not.
   --file <path>   the YAML file (default: ${CONFIG_FILE.env}, then ${CONFIG_FILE.default})
 `,
-  revoke: `usage: resonance-gateway revoke (--sub <sub> | --jti <jti>) [--admin-url <url>]
-  Revokes every token of a user (--sub) or one token (--jti) through a running gateway's admin
+  revoke: `usage: resonance-gateway revoke (--sub <sub> | --jti <jti> | --sid <sid>) [--admin-url <url>]
+  Revokes every token of a user (--sub), one token (--jti) or every token of one login session
+  (--sid, the session id in the tokens' sid claim) through a running gateway's admin
   API (POST /revocations). The admin token is read from the ${ADMIN_TOKEN.env} environment variable.
   --admin-url <url>   the admin listener (default http://$${ADMIN_HOST.env}:$${ADMIN_PORT.env}, i.e. http://${ADMIN_HOST.default}:${ADMIN_PORT.default})
   Exit 0 when revoked, 1 when the gateway refused or could not be reached.
@@ -110,10 +112,10 @@ function effective (config: Config, path: LeafPath): unknown {
 async function revoke (args: string[]): Promise<number> {
   const f = flags(args)
   if (f.has(HELP)) return help('revoke')
-  for (const k of f.keys()) if (!['sub', 'jti', 'admin-url'].includes(k)) throw new Error(`unknown option --${k}`)
-  const sub = f.get('sub')
-  const jti = f.get('jti')
-  if ((sub === undefined) === (jti === undefined)) throw new Error('give exactly one of --sub or --jti')
+  for (const k of f.keys()) if (!['sub', 'jti', 'sid', 'admin-url'].includes(k)) throw new Error(`unknown option --${k}`)
+  const kinds = REVOCATION_KINDS.filter((k) => f.get(k) !== undefined)
+  if (kinds.length !== 1) throw new Error('give exactly one of --sub, --jti or --sid')
+  const kind = kinds[0] as RevocationKind
   const token = process.env[ADMIN_TOKEN.env]
   if (token === undefined || token === '') {
     process.stderr.write(`resonance-gateway revoke: set ${ADMIN_TOKEN.env} to the gateway's admin token\n`)
@@ -125,7 +127,7 @@ async function revoke (args: string[]): Promise<number> {
     res = await fetch(new URL('/revocations', adminUrl), {
       method: 'POST',
       headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
-      body: JSON.stringify(sub !== undefined ? { sub } : { jti }),
+      body: JSON.stringify({ [kind]: f.get(kind) }),
       signal: AbortSignal.timeout(10_000)
     })
   } catch (err) {

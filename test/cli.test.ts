@@ -68,7 +68,7 @@ t.test('--help and -h: usage on stdout, exit 0, for the program and for every co
   }
   const expected: Record<string, RegExp> = {
     'check-config': /usage: resonance-gateway check-config \[--file <gateway\.yaml>\]/,
-    revoke: /usage: resonance-gateway revoke \(--sub <sub> \| --jti <jti>\)/,
+    revoke: /usage: resonance-gateway revoke \(--sub <sub> \| --jti <jti> \| --sid <sid>\)/,
     serve: /usage: resonance-gateway \[serve\]/
   }
   for (const [command, usage] of Object.entries(expected)) {
@@ -117,4 +117,16 @@ t.test('revoke through the admin API', async (t) => {
   t.equal(after.status, 401)
   t.match(after.headers.get('www-authenticate'), /error="invalid_token"/)
   t.ok(g.audits().some((a) => a.reason === 'revoked' && a.sub === 'cli-victim'))
+
+  // --sid: one login session of a user ends, the user's other session keeps working.
+  const ended = await issuer.token({ sub: 'cli-sessions', sid: 'cli-session-1' })
+  const other = await issuer.token({ sub: 'cli-sessions', sid: 'cli-session-2' })
+  const bySid = await cli(['revoke', '--sid', 'cli-session-1', '--admin-url', g.adminUrl], { ADMIN_TOKEN })
+  t.equal(bySid.code, 0, bySid.stderr)
+  t.match(JSON.parse(bySid.stdout), { kind: 'sid', value: 'cli-session-1' })
+  t.equal((await fetch(`${g.url}/x`, { headers: { authorization: `Bearer ${ended}` } })).status, 401, 'the session\'s token is refused')
+  t.equal((await fetch(`${g.url}/x`, { headers: { authorization: `Bearer ${other}` } })).status, 200, 'the other session\'s token still works')
+  const two = await cli(['revoke', '--sid', 'a', '--sub', 'b', '--admin-url', g.adminUrl], { ADMIN_TOKEN })
+  t.equal(two.code, 2, 'two kinds at once: a usage error')
+  t.match(two.stderr, /exactly one of --sub, --jti or --sid/)
 })

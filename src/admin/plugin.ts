@@ -8,7 +8,7 @@ import { timingSafeEqual, createHash } from 'node:crypto'
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify'
 import type { Metrics } from '../observability/metrics.js'
 import type { Audit } from '../observability/audit.js'
-import type { Revocations } from '../auth/revocation.js'
+import { REVOCATION_KINDS, type RevocationKind, type Revocations } from '../auth/revocation.js'
 import type { Readiness } from './readiness.js'
 import { ADMIN_DISABLED, ADMIN_UNAUTHORIZED, badRevocationAnswer, REVOCATIONS_UNAVAILABLE, send } from '../http/answers.js'
 
@@ -72,19 +72,18 @@ export function buildAdmin (opts: AdminOptions): FastifyInstance {
         maxProperties: 1,
         properties: {
           jti: { type: 'string', minLength: 1, maxLength: 512 },
-          sub: { type: 'string', minLength: 1, maxLength: 512 }
+          sub: { type: 'string', minLength: 1, maxLength: 512 },
+          sid: { type: 'string', minLength: 1, maxLength: 512 }
         }
       }
     }
   }, async (request, reply) => {
-    const body = request.body as { jti?: unknown, sub?: unknown }
-    if (typeof (body.jti ?? body.sub) !== 'string') {
-      return send(reply, badRevocationAnswer())
-    }
-    const kind = body.jti !== undefined ? 'jti' : 'sub'
-    const value = (body.jti ?? body.sub) as string
+    const body = request.body as Partial<Record<RevocationKind, unknown>>
+    const kind = REVOCATION_KINDS.find((k) => body[k] !== undefined)
+    const value = kind !== undefined ? body[kind] : undefined
+    if (kind === undefined || typeof value !== 'string') return send(reply, badRevocationAnswer())
     const r = await revocations.revoke(kind, value)
-    audit.admin(request, 'revoked', { kind, sub: kind === 'sub' ? value : undefined }, 'token revocation')
+    audit.admin(request, 'revoked', { kind, sub: kind === 'sub' ? value : undefined, sid: kind === 'sid' ? value : undefined }, 'token revocation')
     return reply.code(201).send({ kind: r.kind, value: r.value, issuedBefore: r.at, expiresAt: new Date(r.expiresAt).toISOString() })
   })
 

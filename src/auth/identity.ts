@@ -15,6 +15,8 @@ export interface Identity {
   iat: number | undefined
   jti: string | undefined
   azp: string | undefined
+  /** The login session (Keycloak's user-session id): back-channel logout revokes by it. */
+  sid: string | undefined
 }
 
 export type Claims = Record<string, unknown>
@@ -44,7 +46,8 @@ export function checkClaims (auth: Config['auth'], header: Claims, claims: Claim
     exp,
     iat: typeof claims.iat === 'number' ? claims.iat : undefined,
     jti: typeof claims.jti === 'string' ? claims.jti : undefined,
-    azp: typeof claims.azp === 'string' ? claims.azp : undefined
+    azp: typeof claims.azp === 'string' ? claims.azp : undefined,
+    sid: typeof claims.sid === 'string' && claims.sid.length > 0 ? claims.sid : undefined
   }
 }
 

@@ -19,6 +19,7 @@ import { checkClaims, type Claims, type Identity } from './identity.js'
 import type { KeyResult, KeyStore } from './keys.js'
 import { extractToken, tokenHeader } from './token.js'
 import { canonicalTarget, rulePath, targetPath } from '../http/target.js'
+import { isOwnRoute } from '../http/own-route.js'
 import { VerifiedTokens, type VerifiedToken } from './verified.js'
 import { isWebSocketHandshake, transportAllowsToken } from './transport.js'
 import type { Revocations } from './revocation.js'
@@ -128,6 +129,8 @@ class Authenticator {
     const target = canonicalTarget(request.url)
     if (target === undefined) { this.deny(request, reply, 'invalid_path'); return }
     if (target !== request.raw.url) request.raw.url = target
+    // The gateway's own endpoints (back-channel logout) check their own credentials.
+    if (isOwnRoute(request)) { done(); return }
     const auth = this.opts.live.current.auth
     if (auth.publicPaths.length > 0 && auth.isPublic(targetPath(target))) { done(); return }
     const path = auth.routes.length > 0 ? rulePath(target) : undefined

@@ -1,6 +1,7 @@
 /**
- * Token revocation: one token (`jti`) or every token of a user issued up to
- * now (`sub`). Revocations live in Redis with a TTL equal to the longest
+ * Token revocation: one token (`jti`), every token of a user issued up to
+ * a moment (`sub`), or every token of one login session (`sid`, the session
+ * id Keycloak puts in its access tokens; back-channel logout). Revocations live in Redis with a TTL equal to the longest
  * remaining lifetime of any token the gateways have seen (at least
  * REVOCATION_MIN_TTL), and are announced on a pub/sub channel so every
  * replica applies them at once: HTTP requests with such tokens get 401
@@ -42,7 +43,8 @@ export const MAX_LOCAL_REVOCATIONS = 1_000_000
  */
 export const MAX_REVOCATION_TTL_MS = 30 * 24 * 3600_000
 
-export type RevocationKind = 'jti' | 'sub'
+export const REVOCATION_KINDS = ['jti', 'sub', 'sid'] as const
+export type RevocationKind = typeof REVOCATION_KINDS[number]
 export interface Revocation {
   kind: RevocationKind
   value: string
@@ -50,6 +52,24 @@ export interface Revocation {
   at: number
   /** Epoch ms when the revocation lapses (every token it covers has expired). */
   expiresAt: number
+  /** `logout`: the issuer ended the session (back-channel logout); WebSockets close with "session ended". */
+  cause?: 'logout'
+}
+
+export interface RevokeOptions {
+  /** Epoch ms of the revocation (default: now). */
+  now?: number
+  /** For `sub`: tokens issued at or before this second are revoked (default: `now`). */
+  at?: number
+  cause?: 'logout'
+  /** When Redis refuses, revoke in this process anyway (and still reject: the other replicas do not know). */
+  localOnFailure?: boolean
+}
+
+/** A revocation message from the pub/sub channel or Redis, checked field by field. */
+function isRevocation (r: Partial<Revocation>): r is Revocation {
+  return REVOCATION_KINDS.includes(r.kind as RevocationKind) && typeof r.value === 'string' &&
+    Number.isFinite(r.at) && Number.isFinite(r.expiresAt) && (r.cause === undefined || r.cause === 'logout')
 }
 
 // KEYS[1] = the shared maximum `exp` (seconds); ARGV = candidate exp, its PXAT (ms), the largest sane exp.
@@ -75,6 +95,7 @@ export interface RevocationOptions {
 
 export class Revocations {
   private readonly jtis = new Map<string, number>()
+  private readonly sids = new Map<string, number>()
   private readonly subs = new Map<string, { at: number, expiresAt: number }>()
   private readonly listeners: Array<(r: Revocation) => void> = []
   private readonly redis: Redis | Cluster | undefined
@@ -100,7 +121,7 @@ export class Revocations {
     this.redis?.on('ready', () => { this.redisDown = false })
   }
 
-  get size (): number { return this.jtis.size + this.subs.size }
+  get size (): number { return this.jtis.size + this.subs.size + this.sids.size }
   /** Whether the revocations stored in Redis have been loaded at least once. */
   get loaded (): boolean { return this.loadedOnce }
 
@@ -121,16 +142,11 @@ export class Revocations {
     return { ok: false, detail: `loading from redis${why}` }
   }
 
-  /** Per-request check: two Map lookups, nothing when there are no revocations. */
+  /** Per-request check: up to three Map lookups, nothing when there are no revocations. */
   isRevoked (id: Identity, now = Date.now()): boolean {
-    if (this.jtis.size === 0 && this.subs.size === 0) return false
-    if (id.jti !== undefined) {
-      const until = this.jtis.get(id.jti)
-      if (until !== undefined) {
-        if (until > now) return true
-        this.jtis.delete(id.jti)
-      }
-    }
+    if (this.jtis.size === 0 && this.subs.size === 0 && this.sids.size === 0) return false
+    if (id.jti !== undefined && live(this.jtis, id.jti, now)) return true
+    if (id.sid !== undefined && live(this.sids, id.sid, now)) return true
     const s = this.subs.get(id.sub)
     if (s !== undefined) {
       if (s.expiresAt <= now) { this.subs.delete(id.sub); return false }
@@ -160,22 +176,32 @@ export class Revocations {
 
   onRevoked (listener: (r: Revocation) => void): void { this.listeners.push(listener) }
 
-  /** Revokes and announces; resolves once stored (Redis) and applied locally. */
-  async revoke (kind: RevocationKind, value: string, now = Date.now()): Promise<Revocation> {
-    let maxExp = this.maxExpSeen
-    if (this.redis !== undefined) {
+  /**
+   * Revokes and announces; resolves once stored (Redis) and applied locally.
+   * Rejects when Redis refuses (applied locally first with `localOnFailure`).
+   */
+  async revoke (kind: RevocationKind, value: string, opts: RevokeOptions = {}): Promise<Revocation> {
+    const now = opts.now ?? Date.now()
+    const at = opts.at ?? Math.floor(now / 1000)
+    let r: Revocation = this.sized(kind, value, at, now, this.maxExpSeen, opts.cause)
+    if (this.redis === undefined) { this.apply(r); return r }
+    try {
       // The shared maximum may come from another replica (or an older version that stored any `exp`).
       const shared = Number(await MAXEXP.run(this.redis, [this.maxExpKey()], [0, Math.ceil(now) + 1000, saneMaxExp(now)]))
-      if (shared > maxExp) maxExp = shared
-    }
-    const ttlMs = revocationTtlMs(maxExp, now, this.opts.minTtlMs, this.opts.clockToleranceSec)
-    const r: Revocation = { kind, value, at: Math.floor(now / 1000), expiresAt: Math.ceil(now) + ttlMs }
-    if (this.redis !== undefined) {
-      await this.redis.set(this.key(kind, value), String(r.at), 'PX', ttlMs)
+      if (shared > this.maxExpSeen) r = this.sized(kind, value, at, now, shared, opts.cause)
+      await this.redis.set(this.key(kind, value), String(r.at), 'PX', r.expiresAt - Math.ceil(now))
       await this.redis.publish(this.channel, JSON.stringify(r))
+    } catch (err) {
+      if (opts.localOnFailure === true) this.apply(r)
+      throw err
     }
     this.apply(r)
     return r
+  }
+
+  private sized (kind: RevocationKind, value: string, at: number, now: number, maxExp: number, cause: 'logout' | undefined): Revocation {
+    const ttlMs = revocationTtlMs(maxExp, now, this.opts.minTtlMs, this.opts.clockToleranceSec)
+    return { kind, value, at, expiresAt: Math.ceil(now) + ttlMs, ...(cause !== undefined ? { cause } : {}) }
   }
 
   async start (): Promise<void> {
@@ -189,8 +215,8 @@ export class Revocations {
     sub.on('message', (channel: string, message: string) => {
       if (channel !== this.channel) return
       try {
-        const r = JSON.parse(message) as Revocation
-        if ((r.kind === 'jti' || r.kind === 'sub') && typeof r.value === 'string' && Number.isFinite(r.at) && Number.isFinite(r.expiresAt)) this.apply(r)
+        const r = JSON.parse(message) as Partial<Revocation>
+        if (isRevocation(r)) this.apply(r)
       } catch {}
     })
     sub.on('ready', () => { this.resync().catch(() => {}) })
@@ -231,8 +257,9 @@ export class Revocations {
 
   private apply (r: Revocation): void {
     if (r.expiresAt <= Date.now()) return
-    if (this.jtis.size + this.subs.size >= MAX_LOCAL_REVOCATIONS) this.sweep()
+    if (this.size >= MAX_LOCAL_REVOCATIONS) this.sweep()
     if (r.kind === 'jti') this.jtis.set(r.value, r.expiresAt)
+    else if (r.kind === 'sid') this.sids.set(r.value, r.expiresAt)
     else {
       const prev = this.subs.get(r.value)
       if (prev === undefined || prev.at < r.at) this.subs.set(r.value, { at: r.at, expiresAt: Math.max(r.expiresAt, prev?.expiresAt ?? 0) })
@@ -242,6 +269,7 @@ export class Revocations {
 
   private sweep (now = Date.now()): void {
     for (const [k, until] of this.jtis) if (until <= now) this.jtis.delete(k)
+    for (const [k, until] of this.sids) if (until <= now) this.sids.delete(k)
     for (const [k, s] of this.subs) if (s.expiresAt <= now) this.subs.delete(k)
   }
 
@@ -279,7 +307,7 @@ export class Revocations {
         const batch = node.pipeline()
         for (const key of keys) {
           const rest = key.slice(this.opts.keyPrefix.length + 4)
-          const kind = rest.startsWith('jti:') ? 'jti' : rest.startsWith('sub:') ? 'sub' : undefined
+          const kind = REVOCATION_KINDS.find((k) => rest.startsWith(`${k}:`))
           if (kind === undefined) continue
           found.push({ kind, value: rest.slice(4) })
           batch.get(key).pttl(key)
@@ -294,12 +322,21 @@ export class Revocations {
           if (ttlErr !== null) throw ttlErr
           if (at === null || typeof ttl !== 'number' || ttl <= 0) continue
           const r: Revocation = { kind, value, at: Number(at), expiresAt: now + ttl }
-          const known = kind === 'jti' ? this.jtis.has(r.value) : this.subs.get(r.value)?.at === r.at
+          const known = kind === 'jti' ? this.jtis.has(r.value) : kind === 'sid' ? this.sids.has(r.value) : this.subs.get(r.value)?.at === r.at
           if (!known) this.apply(r)
         }
       } while (cursor !== '0')
     }
   }
+}
+
+/** Whether `key` has a revocation in force at `now` (a lapsed one is dropped). */
+function live (revoked: Map<string, number>, key: string, now: number): boolean {
+  const until = revoked.get(key)
+  if (until === undefined) return false
+  if (until > now) return true
+  revoked.delete(key)
+  return false
 }
 
 /** The latest `exp` (whole seconds) that counts when sizing revocations at `now` (epoch ms). */

@@ -87,16 +87,20 @@ export class WsGuard<S extends GuardedSession> {
   private revoked (r: Revocation): void {
     const hit = (s: S): boolean => r.kind === 'jti'
       ? s.identity.jti === r.value
-      : s.identity.iat === undefined || s.identity.iat <= r.at
+      : r.kind === 'sid'
+        ? s.identity.sid === r.value
+        : s.identity.iat === undefined || s.identity.iat <= r.at
     const candidates = r.kind === 'sub' ? [...(this.bySub.get(r.value) ?? [])] : [...this.live]
     for (const s of candidates) {
-      if (hit(s)) this.close(s, 'revoked')
+      if (hit(s)) this.close(s, r.cause === 'logout' ? 'session_ended' : 'revoked')
     }
   }
 
-  private close (s: S, reason: 'revoked' | 'expired'): void {
+  private close (s: S, why: 'revoked' | 'session_ended' | 'expired'): void {
+    const reason = why === 'expired' ? 'expired' : 'revoked'
     this.audit.denied(s.request, { event: 'auth_failure', reason, transport: 'ws', status: CLOSE.policy, sub: s.identity.sub })
-    if (reason === 'revoked') s.terminate('revoked', CLOSE.policy, 'token revoked')
+    if (why === 'revoked') s.terminate('revoked', CLOSE.policy, 'token revoked')
+    else if (why === 'session_ended') s.terminate('session_ended', CLOSE.policy, 'session ended')
     else s.terminate('token_expired', CLOSE.policy, 'token expired')
   }
 }

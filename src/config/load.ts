@@ -168,7 +168,15 @@ function checkRelations (v: LeafValues, errors: string[]): void {
   if (requestTimeout !== undefined && headersTimeout !== undefined && headersTimeout > requestTimeout) {
     errors.push(`${labelOf('server.headersTimeout')}: must not be longer than server.requestTimeout (${LEAVES['server.requestTimeout'].env}, ${requestTimeout} ms)`)
   }
+
+  const logoutPath = v['auth.backchannelLogout.path']
+  if (logoutPath !== undefined && v['auth.backchannelLogout.listener'] === 'admin' && ADMIN_PATHS.includes(logoutPath)) {
+    errors.push(`${labelOf('auth.backchannelLogout.path')}: ${logoutPath} is an admin endpoint already (${ADMIN_PATHS.join(', ')})`)
+  }
 }
+
+/** The admin listener's own routes (admin/plugin.ts). */
+const ADMIN_PATHS = ['/healthz', '/readyz', '/metrics', '/revocations']
 
 /** The Config: the leaves at their field paths, plus the TLS pair, the rule lists and what derives from them. */
 function assemble (source: string | undefined, v: LeafValues, s: Structured): Config {

@@ -97,6 +97,12 @@ export const hostPort: Parser<string> = (raw) => {
   return m !== null && Number(m[2]) > 0 && Number(m[2]) <= 65_535 ? ok(raw.trim()) : fail('must be host:port')
 }
 
+/** An absolute request path for a route of the gateway's own: `/` and path characters, no query or fragment. */
+export const urlPath: Parser<string> = (raw) =>
+  typeof raw === 'string' && /^\/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$/.test(raw) && !raw.includes('//')
+    ? ok(raw)
+    : fail('must be a path such as /backchannel-logout (no query, no fragment, no //)')
+
 export function url (protocols: readonly string[]): Parser<string> {
   return (raw) => {
     if (typeof raw !== 'string' || raw.length === 0) return fail('must be a URL')

@@ -7,7 +7,7 @@
  * only and validated in load.ts.
  */
 import {
-  bool, duration, hostPort, int, secretToken, JWT_ALGORITHMS, list, LOG_LEVELS, oneOf, port, seconds, str, trustProxy, url,
+  bool, duration, hostPort, int, secretToken, JWT_ALGORITHMS, list, LOG_LEVELS, oneOf, port, seconds, str, trustProxy, url, urlPath,
   type JwtAlgorithm, type LogLevel, type Parser, type TrustProxy
 } from './parsers.js'
 
@@ -56,6 +56,8 @@ function optional<T, const F extends string | false | undefined = undefined> (de
 
 export const STORE_ERROR_POLICIES = ['open', 'closed'] as const
 export type StoreErrorPolicy = typeof STORE_ERROR_POLICIES[number]
+export const LOGOUT_LISTENERS = ['public', 'admin'] as const
+export type LogoutListener = typeof LOGOUT_LISTENERS[number]
 export const WS_LIMIT_ACTIONS = ['close', 'drop'] as const
 export type WsLimitAction = typeof WS_LIMIT_ACTIONS[number]
 
@@ -107,6 +109,9 @@ export const LEAVES = {
   'auth.jwks.minRefreshInterval': leaf({ env: 'JWKS_MIN_REFRESH_INTERVAL', field: 'minRefreshIntervalMs', reload: 'restart', parse: duration(), default: 10_000, doc: 'An unknown `kid` triggers at most one JWKS refetch per interval (single flight); other unknown kids are refused from a negative cache meanwhile. After a failed discovery or JWKS fetch the next attempt waits this long (1 s when 0), doubling per further failure up to `JWKS_CACHE_TTL` (and 5 min), whatever the request rate.' }),
   'auth.jwks.fetchTimeout': leaf({ env: 'JWKS_FETCH_TIMEOUT', field: 'fetchTimeoutMs', reload: 'restart', parse: duration(100), default: 5_000, doc: 'Connect, header and body timeout for discovery and JWKS fetches.' }),
   'auth.revocationMinTtl': leaf({ env: 'REVOCATION_MIN_TTL', field: 'revocationMinTtlMs', reload: 'restart', parse: duration(1000), default: 60 * 60_000, doc: 'A revocation is kept for the longest remaining lifetime of any token the gateways have seen, and at least this long (covers tokens issued but not yet presented).' }),
+  'auth.backchannelLogout.path': optional({ env: 'BACKCHANNEL_LOGOUT_PATH', reload: 'restart', parse: urlPath, doc: 'Path of the OpenID Connect Back-Channel Logout endpoint (e.g. `/backchannel-logout`): the issuer POSTs a signed `logout_token` there when a session ends, and the gateway refuses that session\'s tokens on every replica and closes its WebSockets (1008 `session ended`). Unset: off.' }),
+  'auth.backchannelLogout.listener': leaf({ env: 'BACKCHANNEL_LOGOUT_LISTENER', reload: 'restart', parse: oneOf(LOGOUT_LISTENERS), default: 'public' as LogoutListener, doc: 'Which listener serves the logout endpoint: `public` (the path is then never proxied and needs no bearer token) or `admin` (reachable only where the admin port is).' }),
+  'auth.backchannelLogout.audience': leaf({ env: 'BACKCHANNEL_LOGOUT_AUDIENCE', field: 'audiences', reload: 'restart', parse: list(str), default: [] as string[], doc: 'Client ids accepted in a logout token\'s `aud` (comma list). Keycloak addresses it to the client the user logged in to (the `azp` of its access tokens), not to the API. Empty: the `JWT_AUDIENCE` values.' }),
   'log.level': leaf({ env: 'LOG_LEVEL', reload: 'live', parse: oneOf(LOG_LEVELS), default: 'info' as LogLevel, doc: `Log level: ${LOG_LEVELS.join(', ')}.` }),
   'audit.log': leaf({ env: 'AUDIT_LOG', reload: 'restart', parse: str, default: 'stdout', doc: 'Where the audit trail goes: `stdout`, `stderr` or a file path (appended to, created if missing; its directory must exist and be writable). One JSON line per denial, marked `"log":"audit"`, written synchronously and never filtered by `LOG_LEVEL`. SIGHUP reopens the file (log rotation).' }),
   'redis.clusterNodes': leaf({ env: 'REDIS_CLUSTER_NODES', reload: 'restart', parse: list(hostPort), default: [] as string[], doc: 'Redis Cluster seed nodes (comma list of `host:port`); takes precedence over `REDIS_URL`, whose password/TLS/db settings still apply when it is also set.' }),

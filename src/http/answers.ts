@@ -93,6 +93,32 @@ export function authAnswer (reason: ChallengeReason): Answer {
 export const FORBIDDEN = answer(403, 'insufficient_scope', 'The token lacks a role this route requires',
   { noStore: true, challenge: bearerChallenge('insufficient_scope', 'The token lacks a role this route requires') })
 
+// --- back-channel logout (OpenID Connect Back-Channel Logout 1.0, section 2.8) -----------------
+
+/** The logout was applied: 200, no body. */
+export const LOGOUT_DONE: Answer = { status: 200, headers: { 'cache-control': 'no-store' }, body: '' }
+
+const LOGOUT_REFUSALS: Record<string, string> = {
+  malformed_request: 'Send one logout_token as application/x-www-form-urlencoded',
+  replayed: 'The logout token was already used',
+  store_unavailable: 'The logout applies to this replica only: the revocation store is unavailable'
+}
+const logoutRefusals = new Map<string, Answer>()
+/**
+ * 400 for a refused logout (the specification's status for an invalid request
+ * and for a logout that failed): invalid_request naming the kind of problem,
+ * or temporarily_unavailable when the revocation store failed.
+ */
+export function logoutAnswer (result: string): Answer {
+  let a = logoutRefusals.get(result)
+  if (a === undefined) {
+    const description = LOGOUT_REFUSALS[result] ?? `The logout token is invalid (${result})`
+    a = answer(400, result === 'store_unavailable' ? 'temporarily_unavailable' : 'invalid_request', description, { noStore: true })
+    logoutRefusals.set(result, a)
+  }
+  return a
+}
+
 // --- limits -----------------------------------------------------------------------
 // 429s and 503s go out with a Retry-After (send's third argument).
 
@@ -154,6 +180,6 @@ export const ADMIN_UNAUTHORIZED = answer(401, 'unauthorized', 'The admin token i
 export const ADMIN_DISABLED = answer(404, 'not_found', 'Set ADMIN_TOKEN to enable the admin API')
 /** A revocation request the API cannot read (400, or Fastify's 413/415). */
 export function badRevocationAnswer (status = 400): Answer {
-  return answer(status, 'bad_request', 'Send JSON {"jti": "..."} or {"sub": "..."}')
+  return answer(status, 'bad_request', 'Send JSON {"jti": "..."}, {"sub": "..."} or {"sid": "..."}')
 }
 export const REVOCATIONS_UNAVAILABLE = answer(503, 'unavailable', 'The revocation store is unavailable')

@@ -19,6 +19,7 @@ import type { LiveConfig } from '../config/live.js'
 import { ruleAppliesTo } from '../config/patterns.js'
 import { rulePath } from '../http/target.js'
 import { LIMITS_UNAVAILABLE, send, TOO_MANY_REQUESTS } from '../http/answers.js'
+import { isOwnRoute } from '../http/own-route.js'
 import type { Audit } from '../observability/audit.js'
 import type { Identity } from '../auth/identity.js'
 import { AuthFailureLimiter } from './auth-failures.js'
@@ -99,6 +100,8 @@ export async function registerHttpLimits (app: FastifyInstance, opts: HttpLimitO
   })
 
   app.addHook('preHandler', async (request, reply) => {
+    // The gateway's own endpoints: the logout endpoint's failures count in the per-IP failed-token limit instead.
+    if (isOwnRoute(request)) return
     let r
     try {
       r = await limiter(request)

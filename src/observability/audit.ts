@@ -9,13 +9,15 @@
  * Line schema (README, Operations > Logs): level (40), time, pid, hostname,
  * log ("audit"), component ("audit"), event, reason, sub, ip, method, path
  * (no query), transport, status, action (WebSocket message limit only), reqId,
- * msg. The admin API writes event "revoked" and "admin_denied" lines here too.
+ * msg. The admin API writes event "revoked" and "admin_denied" lines here too,
+ * and the back-channel logout endpoint one "logout" line per request (result,
+ * sub, sid).
  * Never a token or a header.
  */
 import { hostname } from 'node:os'
 import type { FastifyRequest } from 'fastify'
 import pino, { type DestinationStream, type Logger } from 'pino'
-import type { AuthFailureReason, Metrics, Transport } from './metrics.js'
+import type { AuthFailureReason, LogoutResult, Metrics, Transport } from './metrics.js'
 import { pathOf, REDACT_PATHS } from './logger.js'
 
 export type AuditEvent = 'auth_failure' | 'forbidden' | 'rate_limited'
@@ -44,10 +46,19 @@ export interface Denial {
 
 export type AdminEvent = 'revoked' | 'admin_denied'
 
+export interface LogoutOutcome {
+  result: LogoutResult
+  /** The logout token's claims when it was read far enough (never the token itself). */
+  sub?: string | undefined
+  sid?: string | undefined
+}
+
 export interface Audit {
   denied (request: FastifyRequest, denial: Denial): void
   /** An admin API event (no metric): a revocation, or a refused admin token. */
   admin (request: FastifyRequest, event: AdminEvent, fields: Record<string, unknown>, msg: string): void
+  /** A back-channel logout request and what became of it (and resonance_backchannel_logouts_total). */
+  logout (request: FastifyRequest, outcome: LogoutOutcome): void
   /** Writes anything still buffered (nothing is, with the synchronous destinations; kept for any other stream). */
   flush (): void
   /** Reopens a file destination (after log rotation moved it); no-op for stdout, stderr and streams. */
@@ -102,6 +113,10 @@ export function createAudit (metrics: Metrics, destination: DestinationStream): 
     },
     admin (request, event, fields, msg) {
       log.warn({ component: 'audit', event, ...fields, ip: request.ip, reqId: request.id }, msg)
+    },
+    logout (request, o) {
+      metrics.logouts.labels(o.result).inc()
+      log.warn({ component: 'audit', event: 'logout', result: o.result, sub: o.sub, sid: o.sid, ip: request.ip, reqId: request.id }, 'back-channel logout')
     },
     flush () {
       try { sonic.flushSync?.() } catch {}

@@ -49,6 +49,7 @@ export const WS_CLOSE_REASONS = [
   'client_error',
   'token_expired',
   'revoked',
+  'session_ended',
   'rate_limited',
   'idle_timeout',
   'ping_timeout',
@@ -60,6 +61,30 @@ export type WsCloseReason = typeof WS_CLOSE_REASONS[number]
 /** Why the public listener closed a new connection at once (resonance_connections_refused_total{reason}). */
 export const CONNECTION_REFUSAL_REASONS = ['global', 'per_ip'] as const
 export type ConnectionRefusalReason = typeof CONNECTION_REFUSAL_REASONS[number]
+
+/**
+ * What became of a back-channel logout request (resonance_backchannel_logouts_total{result}
+ * and the `result` of its audit line): accepted, or why it was refused.
+ */
+export const LOGOUT_RESULTS = [
+  'accepted',
+  'malformed_request',
+  'malformed',
+  'alg_not_allowed',
+  'unknown_kid',
+  'jwks_unavailable',
+  'bad_signature',
+  'expired',
+  'wrong_issuer',
+  'wrong_audience',
+  'missing_claim',
+  'wrong_token_type',
+  'missing_event',
+  'nonce_present',
+  'replayed',
+  'store_unavailable'
+] as const
+export type LogoutResult = typeof LOGOUT_RESULTS[number]
 
 const LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
 
@@ -85,7 +110,8 @@ export function createMetrics () {
     ...jwksMetrics(registry),
     ...storeMetrics(registry),
     ...wsMetrics(registry),
-    ...connectionMetrics(registry)
+    ...connectionMetrics(registry),
+    ...logoutMetrics(registry)
   }
 }
 
@@ -307,4 +333,16 @@ class StatusHistogram {
     this.sums.fill(0)
     this.counts.fill(0)
   }
+}
+
+/** Back-channel logouts received from the issuer (auth/logout.ts). */
+function logoutMetrics (registry: Registry) {
+  const logouts = new Counter({
+    name: 'resonance_backchannel_logouts_total',
+    help: 'Back-channel logout requests from the issuer, by result (accepted, or why the logout token was refused).',
+    labelNames: ['result'] as const,
+    registers: [registry]
+  })
+  for (const r of LOGOUT_RESULTS) logouts.labels(r).inc(0)
+  return { logouts }
 }

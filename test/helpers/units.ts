@@ -12,7 +12,8 @@ export const ALICE: Identity = {
   exp: 2_000_000_000,
   iat: 1_900_000_000,
   jti: 'j1',
-  azp: 'web'
+  azp: 'web',
+  sid: undefined
 }
 
 /** The context of one forwarded request of ALICE over HTTPS from an untrusted peer; `over` replaces fields. */
