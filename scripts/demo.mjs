@@ -2,8 +2,10 @@
 // `npm run demo`: the whole product in one command, on a fresh clone, without Docker, Keycloak or Redis.
 //
 //   1. a DEVELOPMENT ISSUER, in this process: an RSA key made at start, OIDC discovery, a JWKS and a token endpoint
-//      that mints Keycloak-shaped access tokens for any `sub`/`roles` it is asked for. It exists only here: `npm start`
-//      never starts it, and it binds 127.0.0.1 only.
+//      that mints Keycloak-shaped access tokens for any `sub`/`roles` it is asked for (each with a login session id,
+//      `sid`), and a logout endpoint that ends a session as Keycloak does: it POSTs a signed logout token to the
+//      gateway's back-channel logout endpoint. It exists only here: `npm start` never starts it, and it binds
+//      127.0.0.1 only.
 //   2. the stand-in app (deploy/standin-app/server.mjs): REST under /api/resonance, a WebSocket at /ws/resonance.
 //   3. the gateway, exactly as `npm start` runs it (`node dist/server.js`), configured by deploy/demo/gateway.yaml and
 //      the environment, with in-process limits (no REDIS_URL).
@@ -33,6 +35,10 @@ const ORPHAN_GUARD = pathToFileURL(join(ROOT, 'deploy', 'demo', 'orphan-guard.mj
 const HOST = '127.0.0.1'
 const REALM_PATH = '/realms/demo'
 const AUDIENCE = 'resonance-gateway'
+/** The client the demo's users "logged in to" (their tokens' azp); Keycloak addresses logout tokens to it. */
+const LOGIN_CLIENT = 'resonance-demo'
+const LOGOUT_PATH = '/backchannel-logout'
+const SID = /^[A-Za-z0-9._-]{1,64}$/
 const TOKEN_TTL_S = 3600
 const READY_TIMEOUT_MS = 30_000
 const STOP_TIMEOUT_MS = 5_000
@@ -67,12 +73,15 @@ async function startIssuer (port) {
   const jwks = JSON.stringify({ keys: [{ ...jwk, kid, alg: 'RS256', use: 'sig' }] })
   let issuer = ''
 
-  const mint = async ({ sub, roles, ttl }) => {
+  let logoutTarget // the gateway's back-channel logout URL, known once the gateway runs
+
+  const mint = async ({ sub, roles, ttl, sid = randomUUID() }) => {
     const now = Math.floor(Date.now() / 1000)
     // Shaped like a Keycloak access token of a client with an audience mapper.
     return await new SignJWT({
       typ: 'Bearer',
-      azp: 'resonance-demo',
+      azp: LOGIN_CLIENT,
+      sid,
       preferred_username: sub,
       realm_access: { roles },
       scope: 'openid profile email'
@@ -85,6 +94,21 @@ async function startIssuer (port) {
       .setExpirationTime(now + ttl)
       .setJti(randomUUID())
       .sign(privateKey)
+  }
+
+  /** Ends a login session as Keycloak does: a logout token (OIDC Back-Channel Logout 1.0) POSTed to the gateway. */
+  const logout = async ({ sub, sid }) => {
+    const now = Math.floor(Date.now() / 1000)
+    const claims = { events: { 'http://schemas.openid.net/event/backchannel-logout': {} }, ...(sid !== undefined ? { sid } : {}) }
+    let jwt = new SignJWT(claims).setProtectedHeader({ alg: 'RS256', typ: 'logout+jwt', kid })
+      .setIssuer(issuer).setAudience(LOGIN_CLIENT).setIssuedAt(now).setExpirationTime(now + 120).setJti(randomUUID())
+    if (sub !== undefined) jwt = jwt.setSubject(sub)
+    const res = await fetch(logoutTarget, {
+      method: 'POST',
+      body: new URLSearchParams({ logout_token: await jwt.sign(privateKey) }),
+      signal: AbortSignal.timeout(5000)
+    })
+    return { status: res.status, body: await res.text() }
   }
 
   const json = (res, status, body) => {
@@ -110,6 +134,19 @@ async function startIssuer (port) {
       res.writeHead(200, { 'content-type': 'application/json' })
       return res.end(jwks)
     }
+    if (req.method === 'POST' && path === `${REALM_PATH}/protocol/openid-connect/logout`) {
+      return readForm(req, (form) => {
+        const sid = form.get('sid') ?? undefined
+        const sub = form.get('sub') ?? undefined
+        if ((sid === undefined && sub === undefined) || (sid !== undefined && !SID.test(sid)) || (sub !== undefined && !SUB.test(sub))) {
+          return json(res, 400, { error: 'invalid_request', error_description: 'form fields: sid=<session id> and/or sub=<user>' })
+        }
+        logout({ sub, sid }).then(
+          (r) => json(res, 200, { logged_out: { sub, sid }, gateway: r.status }),
+          (err) => json(res, 502, { error: 'gateway_unreachable', error_description: err.message })
+        )
+      })
+    }
     if (req.method === 'POST' && path === `${REALM_PATH}/protocol/openid-connect/token`) {
       let body = ''
       req.setEncoding('utf8')
@@ -122,10 +159,11 @@ async function startIssuer (port) {
         const sub = form.get('sub') ?? form.get('username') ?? ''
         const roles = (form.get('roles') ?? '').split(',').map((r) => r.trim()).filter((r) => r !== '')
         const ttl = form.has('ttl') ? Number(form.get('ttl')) : TOKEN_TTL_S
-        if (!SUB.test(sub) || !roles.every((r) => ROLE.test(r)) || !Number.isInteger(ttl) || ttl < 1 || ttl > 86_400) {
-          return json(res, 400, { error: 'invalid_request', error_description: 'form fields: sub=<[A-Za-z0-9._@-]{1,64}>, roles=<comma list>, ttl=<1..86400 s>' })
+        const sid = form.get('sid') ?? undefined
+        if (!SUB.test(sub) || !roles.every((r) => ROLE.test(r)) || !Number.isInteger(ttl) || ttl < 1 || ttl > 86_400 || (sid !== undefined && !SID.test(sid))) {
+          return json(res, 400, { error: 'invalid_request', error_description: 'form fields: sub=<[A-Za-z0-9._@-]{1,64}>, roles=<comma list>, ttl=<1..86400 s>, sid=<session id, optional>' })
         }
-        mint({ sub, roles, ttl }).then(
+        mint({ sub, roles, ttl, sid }).then(
           (token) => json(res, 200, { access_token: token, token_type: 'Bearer', expires_in: ttl, scope: 'openid profile email' }),
           (err) => json(res, 500, { error: 'server_error', error_description: err.message })
         )
@@ -136,7 +174,18 @@ async function startIssuer (port) {
   })
   await listen(server, port)
   issuer = `http://${HOST}:${server.address().port}${REALM_PATH}`
-  return { issuer, server, mint }
+  return { issuer, server, mint, setLogoutTarget: (url) => { logoutTarget = url } }
+}
+
+/** A small form body (at most 8 KiB), parsed. */
+function readForm (req, then) {
+  let body = ''
+  req.setEncoding('utf8')
+  req.on('data', (c) => {
+    body += c
+    if (body.length > 8192) req.destroy()
+  })
+  req.on('end', () => then(new URLSearchParams(body)))
 }
 
 async function listen (server, port) {
@@ -327,15 +376,32 @@ async function main () {
     ADMIN_HOST: HOST,
     ADMIN_PORT: String(adminPort),
     ADMIN_TOKEN: adminToken,
-    LOG_LEVEL: logLevel
+    LOG_LEVEL: logLevel,
+    BACKCHANNEL_LOGOUT_PATH: LOGOUT_PATH,
+    BACKCHANNEL_LOGOUT_AUDIENCE: LOGIN_CLIENT
   })
   const gw = `http://${HOST}:${port}`
   const admin = `http://${HOST}:${adminPort}`
   await waitFor('gateway readiness (GET /readyz = 200)', async () => (await httpStatus(`${admin}/readyz`)) === 200 ? true : undefined, READY_TIMEOUT_MS)
+  issuer.setLogoutTarget(`${gw}${LOGOUT_PATH}`)
 
   const bob = await issuer.mint({ sub: 'bob', roles: [], ttl: TOKEN_TTL_S })
   const alice = await issuer.mint({ sub: 'alice', roles: ['premium'], ttl: TOKEN_TTL_S })
+  const erin = await issuer.mint({ sub: 'erin', roles: [], ttl: TOKEN_TTL_S, sid: 'erin-session-1' })
   const tokenUrl = `${issuer.issuer}/protocol/openid-connect/token`
+  const logoutUrl = `${issuer.issuer}/protocol/openid-connect/logout`
+  // Holds a WebSocket with erin's token, logs her session out at the issuer, shows the close, then one more request.
+  const logoutLine = 'node -e "' + [
+    `const WebSocket=require('ws');const T='${erin}'`,
+    `const ws=new WebSocket('ws://${HOST}:${port}/ws/resonance',['bearer',T]);let at`,
+    "ws.on('open',async()=>{console.log('WebSocket open');at=Date.now()",
+    `const r=await fetch('${logoutUrl}',{method:'POST',body:new URLSearchParams({sid:'erin-session-1'})});console.log('issuer logout: '+JSON.stringify(await r.json()))})`,
+    "ws.on('close',async(c,r)=>{console.log('WebSocket closed: '+c+' '+r+' ('+(Date.now()-at)+' ms after the logout)')",
+    `const h=await fetch('${gw}/api/resonance/entries',{headers:{authorization:'Bearer '+T}});console.log('next request: HTTP '+h.status+' '+h.headers.get('www-authenticate'));process.exit(0)})`,
+    "ws.on('unexpected-response',(q,r)=>{console.log('HTTP '+r.statusCode);process.exit(1)})",
+    "ws.on('error',(e)=>{console.error(e.message);process.exit(1)})",
+    'setTimeout(()=>process.exit(1),8000).unref()'
+  ].join(';') + '"'
   const wsLine = (token) => 'node -e "' + [
     `const WebSocket=require('ws');const ws=new WebSocket('ws://${HOST}:${port}/ws/resonance',['bearer','${token}'])`,
     "ws.on('open',()=>ws.send('hello from the demo'))",
@@ -364,6 +430,8 @@ async function main () {
       `curl -s ${admin}/metrics | grep '^resonance_' | grep -v ' 0$'`],
     ['new-token', 'a fresh token from the development issuer (any sub, comma-separated roles), then a call with it',
       `TOKEN=$(curl -s -d sub=carol -d roles=premium ${tokenUrl} | node -pe 'JSON.parse(require("fs").readFileSync(0)).access_token'); curl -i -H "Authorization: Bearer $TOKEN" ${gw}/api/resonance/entries`],
+    ['logout', 'logout at the issuer ends the session at the gateway: erin holds a WebSocket; the development issuer POSTs a logout token (sid) to the gateway\'s back-channel logout endpoint; the WebSocket closes with 1008 "session ended" and her next request gets 401',
+      logoutLine],
     ['revoke', 'revoke every token bob holds (admin API through the CLI); then the first command answers 401 (reason revoked)',
       `ADMIN_TOKEN=${adminToken} node dist/cli.js revoke --sub bob --admin-url ${admin}`]
   ]

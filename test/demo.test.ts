@@ -133,7 +133,7 @@ t.test('npm run demo: every printed command does what it says; Ctrl-C stops ever
   t.match(out, `Metrics: http://127.0.0.1:${adminPort}/metrics`, 'the metrics URL is printed')
 
   const cmds = commandsOf(out)
-  t.same([...cmds.keys()].sort(), ['forbidden', 'metrics', 'new-token', 'no-token', 'premium', 'public', 'rate-limit', 'revoke', 'valid-token', 'websocket'],
+  t.same([...cmds.keys()].sort(), ['forbidden', 'logout', 'metrics', 'new-token', 'no-token', 'premium', 'public', 'rate-limit', 'revoke', 'valid-token', 'websocket'],
     'one command per thing to try, each on its own "$ " line')
   const cmd = (id: string): string => {
     const c = cmds.get(id)
@@ -183,6 +183,19 @@ t.test('npm run demo: every printed command does what it says; Ctrl-C stops ever
   t.match(metrics.stdout, /^resonance_auth_failures_total\{reason="missing_token",transport="http"\} [1-9]/m, '401s counted by reason')
 
   t.equal(statusOf((await paste(cmd('new-token'))).stdout), 200, 'a freshly minted token works')
+
+  // Logout at the development issuer: it POSTs a logout token to the gateway, which ends the session.
+  const logout = await paste(cmd('logout'))
+  t.equal(logout.code, 0, `the logout line exits 0 (stderr: ${logout.stderr})`)
+  t.match(logout.stdout, /^WebSocket open$/m, 'the session held a WebSocket')
+  t.match(logout.stdout, /^issuer logout: .*"gateway":200/m, 'the gateway accepted the logout token (200)')
+  const closed = /^WebSocket closed: 1008 session ended \((\d+) ms after the logout\)$/m.exec(logout.stdout)
+  t.ok(closed !== null, `the WebSocket closed with 1008 "session ended": ${logout.stdout}`)
+  // Counted from before the pasted line's first fetch (undici loads then, in both processes): the 1 s bound on the
+  // logout itself is test/backchannel-logout.test.ts's (a few ms on loopback); this bound only says "closed promptly".
+  t.ok(Number(closed?.[1]) < 5000, `closed promptly after the logout (${closed?.[1]} ms)`)
+  t.match(logout.stdout, /^next request: HTTP 401 Bearer .*error="invalid_token"/m, 'the session\'s next request gets 401')
+  t.match(demo.out(), /^\[gateway\] warn: back-channel logout .*result=accepted/m, 'the logout is an audit line in the demo output')
 
   const revoke = await paste(cmd('revoke'))
   t.equal(revoke.code, 0, `revoke via the CLI exits 0 (stderr: ${revoke.stderr})`)
