@@ -12,7 +12,8 @@
 //   - a `jti` is accepted once, across replicas;
 //   - one audit line (event "logout") and one resonance_backchannel_logouts_total count per request;
 //   - provider-driven: oidc-provider POSTs the logout token itself; the time from its POST to the WebSocket close on
-//     the other replica is reported (t.comment).
+//     the other replica is reported (t.comment);
+//   - Redis down: the receiving replica applies the logout to itself and answers 400 temporarily_unavailable.
 // One RATE_LIMIT_KEY_PREFIX per gateway group on the shared Redis; only those keys are deleted.
 import { randomUUID } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -26,7 +27,7 @@ import {
 } from './helpers/issuer.js'
 import { flipSignatureChar, foreignRsaKey, forgeToken } from './helpers/forge.js'
 import { getAs, startBackends, startGateway, untilReady, type Answer, type TestGateway } from './helpers/gateway.js'
-import { sharedRedis } from './helpers/redis.js'
+import { ownRedis, sharedRedis } from './helpers/redis.js'
 import { connect, echo, refusal, type Conn } from './helpers/ws-client.js'
 import { audits, claims, pingPong, until, within } from './helpers/wait.js'
 
@@ -450,9 +451,36 @@ t.test('provider-driven: the issuer itself POSTs the logout token; the WebSocket
   })
 })
 
-t.todo('Redis down while a logout token arrives', {
-  todo: 'a logout token that cannot be recorded (the revocation, or its jti for the replay check) must not be answered ' +
-    '200, so the issuer does not count it delivered; what each replica answers (400 or 5xx) under ' +
-    'RATE_LIMIT_ON_STORE_ERROR=open|closed, and whether it still applies locally, is to be settled with the src side ' +
-    '(then: ownRedis, kill or SIGSTOP it, POST, check the answer, restart, check that nothing half-applied)'
-}, () => {})
+t.test('Redis down while a logout token arrives: applied on the receiving replica only, answered 400 temporarily_unavailable', async (t) => {
+  const server = await ownRedis(t)
+  const prefix = freshPrefix()
+  const a = await gateway(t, prefix, { REDIS_URL: server.url })
+  const b = await gateway(t, prefix, { REDIS_URL: server.url })
+  const user = await session(randomSub('redisdown'))
+  const onA = await connect(a, user.token)
+  const onB = await connect(b, user.token)
+  await echo(onA, 'before')
+
+  await server.stop()
+  await until(async () => (await a.gw.metrics.registry.getSingleMetricAsString('resonance_rate_limit_store_degraded')).endsWith(' 1'),
+    5_000, 'A notices the outage')
+  const res = await postLogout(a.url, await issuer.logoutToken({ sub: user.sub, sid: user.sid }))
+  t.equal(res.status, 400, 'the specification\'s status for a logout that failed: 400')
+  t.match(res.headers.get('cache-control'), /\bno-store\b/, 'Cache-Control: no-store')
+  t.match(JSON.parse(res.body), { error: 'temporarily_unavailable', error_description: /this replica only/ }, 'says why')
+  t.match(logoutAudits(a, { sub: user.sub }), [{ result: 'store_unavailable', sid: user.sid }], 'audited as store_unavailable')
+
+  t.equal((await getAs(a, user.token)).status, 401, 'A, which received it, refuses the session at once')
+  t.match(await within(onA.closed, 1500, 'the WebSocket on A closed'), { code: 1008, reason: 'session ended' }, 'and closes its WebSocket')
+  t.equal((await getAs(b, user.token)).status, 200, 'B never learned it (documented: sign out again once Redis is back)')
+  await stillOpen(t, onB, 'the WebSocket on B')
+
+  // Redis back: a new logout of the session (a new logout token) reaches every replica.
+  await ownRedis(t, server.port)
+  await untilReady(b, 10_000, 'B ready again')
+  await until(async () => (await a.gw.metrics.registry.getSingleMetricAsString('resonance_rate_limit_store_degraded')).endsWith(' 0'),
+    10_000, 'A sees Redis again')
+  accepted(t, await postLogout(a.url, await issuer.logoutToken({ sub: user.sub, sid: user.sid })), 'the next logout, Redis up')
+  t.equal((await getAs(b, user.token)).status, 401, 'now B refuses the session too')
+  t.match(await within(onB.closed, 1500, 'the WebSocket on B closed'), { code: 1008, reason: 'session ended' })
+})
