@@ -29,6 +29,7 @@ import type { FastifyBaseLogger } from 'fastify'
 import type { CheckResult } from '../observability/health.js'
 import type { Metrics } from '../observability/metrics.js'
 import { DiscoveryFailedError, JwksUnavailableError } from '../errors.js'
+import { tokenHeader } from './token.js'
 
 export const MAX_JWKS_BYTES = 1024 * 1024
 export const MAX_JWKS_KEYS = 100
@@ -133,6 +134,18 @@ export class KeyStore {
   /** Whether a key for this kid/alg is in the current set (never fetches). */
   has (kid: string | undefined, alg: string): boolean {
     return this.find(kid, alg) !== undefined
+  }
+
+  /**
+   * Whether a JWT's key is in the current set under `allowed` algorithms,
+   * read from its header alone (never fetches, no signature check): what an
+   * address over the failed-token limit may still have verified.
+   */
+  hasKeyFor (token: string, allowed: ReadonlySet<string>): boolean {
+    const h = tokenHeader(token)
+    if (h === undefined || typeof h.alg !== 'string' || !allowed.has(h.alg)) return false
+    if (h.kid !== undefined && typeof h.kid !== 'string') return false
+    return this.has(h.kid, h.alg)
   }
 
   /**

@@ -103,7 +103,7 @@ class LogoutReceiver {
     // An address over the failed-token limit: its tokens are still verified (a genuine logout is never lost
     // to it), except one whose key is not known already (no JWKS fetch); any that fails gets 429.
     const blocked = this.opts.failures.blockedFor(request.ip)
-    const checked = blocked > 0 && !this.keyKnown(token) ? { result: 'unknown_kid' as const } : await this.check(token)
+    const checked = blocked > 0 && !this.opts.keys.hasKeyFor(token, this.allowed) ? { result: 'unknown_kid' as const } : await this.check(token)
     if ('result' in checked) {
       if (blocked > 0) {
         this.opts.audit.logout(request, checked)
@@ -169,12 +169,6 @@ class LogoutReceiver {
     const deadAt = typeof exp === 'number' ? exp * 1000 + toleranceMs : (iat + MAX_LOGOUT_TOKEN_AGE_S) * 1000 + toleranceMs
     if (deadAt <= now) return 'expired'
     return deadAt
-  }
-
-  private keyKnown (token: string): boolean {
-    const h = tokenHeader(token)
-    if (h === undefined || typeof h.alg !== 'string' || !this.allowed.has(h.alg)) return false
-    return (h.kid === undefined || typeof h.kid === 'string') && this.opts.keys.has(h.kid, h.alg)
   }
 
   /** The key for a logout token's header, under the access tokens' rules (allowlist, kid, JWKS). */

@@ -17,7 +17,7 @@ import { authAnswer, FORBIDDEN, send, TOO_MANY_FAILURES } from '../http/answers.
 import { KEY_ERRORS, KeyError } from '../errors.js'
 import { checkClaims, type Claims, type Identity } from './identity.js'
 import type { KeyResult, KeyStore } from './keys.js'
-import { extractToken, tokenHeader } from './token.js'
+import { extractToken } from './token.js'
 import { canonicalTarget, rulePath, targetPath } from '../http/target.js'
 import { isOwnRoute } from '../http/own-route.js'
 import { VerifiedTokens, type VerifiedToken } from './verified.js'
@@ -204,10 +204,7 @@ class Authenticator {
    * refused without a JWKS fetch: each bad token costs at most one signature check.
    */
   private keyKnown (token: string): boolean {
-    const h = tokenHeader(token)
-    if (h === undefined || typeof h.alg !== 'string' || !this.allowed.has(h.alg)) return false
-    if (h.kid !== undefined && typeof h.kid !== 'string') return false
-    return this.opts.keys.has(h.kid, h.alg)
+    return this.opts.keys.hasKeyFor(token, this.allowed)
   }
 
   /**
