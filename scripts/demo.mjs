@@ -5,8 +5,11 @@
 //      that mints Keycloak-shaped access tokens for any `sub`/`roles` it is asked for (each with a login session id,
 //      `sid`), and a logout endpoint that ends a session as Keycloak does: it POSTs a signed logout token to the
 //      gateway's back-channel logout endpoint. It exists only here: `npm start` never starts it, and it binds
-//      127.0.0.1 only.
-//   2. the stand-in app (deploy/standin-app/server.mjs): REST under /api/resonance, a WebSocket at /ws/resonance.
+//      127.0.0.1 only. Its token and logout endpoints answer CORS for the gateway's origin only, so that the browser
+//      page (below) can sign in and log out.
+//   2. the stand-in app (deploy/standin-app/server.mjs): REST under /api/resonance, a WebSocket at /ws/resonance, and
+//      a browser page at /demo/ (deploy/standin-app/demo.html, a public path of the demo gateway) that signs in at
+//      the issuer, calls the REST API, holds a WebSocket with the `bearer` subprotocol and logs out.
 //   3. the gateway, exactly as `npm start` runs it (`node dist/server.js`), configured by deploy/demo/gateway.yaml and
 //      the environment, with in-process limits (no REDIS_URL).
 //
@@ -66,7 +69,8 @@ const log = (line) => process.stdout.write(line + '\n')
 const SUB = /^[A-Za-z0-9._@-]{1,64}$/
 const ROLE = /^[A-Za-z0-9._:-]{1,64}$/
 
-async function startIssuer (port) {
+/** `origins`: the browser origins (the gateway's) allowed to call the token and logout endpoints. */
+async function startIssuer (port, origins) {
   const { publicKey, privateKey } = await generateKeyPair('RS256', { modulusLength: 2048 })
   const jwk = await exportJWK(publicKey)
   const kid = await calculateJwkThumbprint(jwk)
@@ -118,6 +122,18 @@ async function startIssuer (port) {
 
   const server = http.createServer((req, res) => {
     const path = new URL(req.url ?? '/', 'http://issuer').pathname
+    // CORS for the browser page, which the gateway serves: its origin only, and only on the token and logout endpoints.
+    if (path === `${REALM_PATH}/protocol/openid-connect/token` || path === `${REALM_PATH}/protocol/openid-connect/logout`) {
+      res.setHeader('vary', 'Origin')
+      const origin = req.headers.origin
+      if (origin !== undefined && origins.includes(origin)) {
+        res.setHeader('access-control-allow-origin', origin)
+        if (req.method === 'OPTIONS') {
+          res.writeHead(204, { 'access-control-allow-methods': 'POST', 'access-control-allow-headers': 'content-type', 'access-control-max-age': '600' })
+          return res.end()
+        }
+      }
+    }
     if (req.method === 'GET' && path === `${REALM_PATH}/.well-known/openid-configuration`) {
       return json(res, 200, {
         issuer,
@@ -337,7 +353,7 @@ async function main () {
     if (!(await portIsFree(p))) fatal(`port ${p} on ${HOST} is in use: stop what uses it or choose another with ${name}=...`)
   }
 
-  const issuer = await startIssuer(issuerPort)
+  const issuer = await startIssuer(issuerPort, [`http://${HOST}:${port}`, `http://localhost:${port}`])
   issuerServer = issuer.server
   log('')
   log('#'.repeat(86))
@@ -353,7 +369,7 @@ async function main () {
 
   // A clean environment: nothing from the caller's shell (REDIS_URL, JWT_*, NODE_OPTIONS) leaks into the parts.
   const baseEnv = { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: process.env.HOME ?? ROOT, LANG: process.env.LANG ?? 'C.UTF-8' }
-  const app = startChild('app', [APP_ENTRY], { ...baseEnv, HOST, PORT: String(appPort) })
+  const app = startChild('app', [APP_ENTRY], { ...baseEnv, HOST, PORT: String(appPort), DEMO_ISSUER: issuer.issuer })
   let appListening
   app.onLine((line) => {
     try {
@@ -393,10 +409,11 @@ async function main () {
   // Holds a WebSocket with erin's token, logs her session out at the issuer, shows the close, then one more request.
   const logoutLine = 'node -e "' + [
     `const WebSocket=require('ws');const T='${erin}'`,
-    `const ws=new WebSocket('ws://${HOST}:${port}/ws/resonance',['bearer',T]);let at`,
-    "ws.on('open',async()=>{console.log('WebSocket open');at=Date.now()",
-    `const r=await fetch('${logoutUrl}',{method:'POST',body:new URLSearchParams({sid:'erin-session-1'})});console.log('issuer logout: '+JSON.stringify(await r.json()))})`,
-    "ws.on('close',async(c,r)=>{console.log('WebSocket closed: '+c+' '+r+' ('+(Date.now()-at)+' ms after the logout)')",
+    `const ws=new WebSocket('ws://${HOST}:${port}/ws/resonance',['bearer',T]);let at,lo`,
+    "ws.on('open',()=>{console.log('WebSocket open');at=Date.now()",
+    `lo=fetch('${logoutUrl}',{method:'POST',body:new URLSearchParams({sid:'erin-session-1'})}).then(async(r)=>console.log('issuer logout: '+JSON.stringify(await r.json())))})`,
+    // The close may come before the issuer's answer (the gateway closes the socket before it answers the issuer).
+    "ws.on('close',async(c,r)=>{console.log('WebSocket closed: '+c+' '+r+' ('+(Date.now()-at)+' ms after the logout)');await lo",
     `const h=await fetch('${gw}/api/resonance/entries',{headers:{authorization:'Bearer '+T}});console.log('next request: HTTP '+h.status+' '+h.headers.get('www-authenticate'));process.exit(0)})`,
     "ws.on('unexpected-response',(q,r)=>{console.log('HTTP '+r.statusCode);process.exit(1)})",
     "ws.on('error',(e)=>{console.error(e.message);process.exit(1)})",
@@ -442,6 +459,7 @@ async function main () {
   log(`Admin port: ${admin}  (/metrics /healthz /readyz)    Metrics: ${admin}/metrics`)
   log(`Issuer: ${issuer.issuer} (development only)    Config: deploy/demo/gateway.yaml, limits in-process (no Redis)`)
   log(`Processes: gateway pid=${gateway.child.pid} app pid=${app.child.pid} demo pid=${process.pid}`)
+  log(`Browser page: ${gw}/demo/  (sign in, REST and WebSocket through the gateway, the rate-limit close, log out)`)
   log('Tokens below are valid for 1 hour. Paste any command into another terminal (from this directory):')
   log('='.repeat(86))
   for (const [id, what, cmd] of commands) {

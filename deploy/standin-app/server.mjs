@@ -1,6 +1,7 @@
 // A stand-in for the FlappyJournal app (REST + WebSocket on one origin), for
 // the compose stack and the demo. It shows what the gateway forwards: the
 // verified identity headers. Replace it with the real app image in compose.
+import { readFileSync } from 'node:fs'
 import { createServer } from 'node:http'
 import { WebSocketServer } from 'ws'
 
@@ -8,6 +9,10 @@ const port = Number(process.env.PORT ?? 3000)
 // HOST: 0.0.0.0 in a container; the demo binds 127.0.0.1 (and PORT=0 for an ephemeral port).
 const host = process.env.HOST ?? '0.0.0.0'
 const entries = []
+// The browser demo page (demo.html beside this file), served at /demo/ (npm run demo makes it a public path). DEMO_ISSUER:
+// the development issuer the page signs in at (npm run demo sets it); unset, the page asks for it.
+const escapeHtml = (s) => s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`)
+const demoPage = readFileSync(new URL('demo.html', import.meta.url), 'utf8').replace('__ISSUER__', () => escapeHtml(process.env.DEMO_ISSUER ?? ''))
 
 const server = createServer((req, res) => {
   const user = { sub: req.headers['x-user-sub'] ?? null, roles: req.headers['x-user-roles'] ?? null, name: req.headers['x-user-name'] ?? null }
@@ -17,6 +22,14 @@ const server = createServer((req, res) => {
   }
   const url = new URL(req.url ?? '/', 'http://app')
   if (url.pathname === '/api/resonance/health') return send(200, { status: 'ok' })
+  if (url.pathname === '/demo' && req.method === 'GET') {
+    res.writeHead(302, { location: '/demo/' })
+    return res.end()
+  }
+  if (url.pathname === '/demo/' && req.method === 'GET') {
+    res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' })
+    return res.end(demoPage)
+  }
   if (url.pathname === '/api/resonance/entries' && req.method === 'POST') {
     let body = ''
     req.setEncoding('utf8')
