@@ -13,6 +13,9 @@
 //   - one audit line (event "logout") and one resonance_backchannel_logouts_total count per request;
 //   - provider-driven: oidc-provider POSTs the logout token itself; the time from its POST to the WebSocket close on
 //     the other replica is reported (t.comment);
+//   - a real login session (issuer.login: the authorization code flow through the provider's development interactions):
+//     ending it at the provider (end_session, logout=yes) makes the provider POST the logout token; the time from the
+//     confirmation to the WebSocket close on the other replica is reported (t.comment);
 //   - Redis down: the receiving replica applies the logout to itself and answers 400 temporarily_unavailable.
 // One RATE_LIMIT_KEY_PREFIX per gateway group on the shared Redis; only those keys are deleted.
 import { randomUUID } from 'node:crypto'
@@ -449,6 +452,54 @@ t.test('provider-driven: the issuer itself POSTs the logout token; the WebSocket
     t.equal(lines.length, 1, 'audited')
     t.ok(lines[0]?.result !== undefined && lines[0].result !== 'accepted', `as refused (result ${JSON.stringify(lines[0]?.result)})`)
   })
+})
+
+t.test('a real login session ended at the provider (end_session): the provider POSTs the logout token to A; that session ends on A and B, the user\'s other session keeps working', async (t) => {
+  const [a, b] = await replicas(t)
+  t.teardown(() => issuer.setBackchannelLogoutUri(undefined))
+  issuer.setBackchannelLogoutUri(`${a.url}${PATH}`)
+  const sub = randomSub('login')
+
+  const first = await issuer.login(sub)
+  t.match(claims(first.accessToken), { sub, sid: first.sid, azp: LOGOUT_CLIENT_ID, aud: issuer.audience },
+    'the access token of the login carries the provider\'s sid of the session')
+  t.equal((await getAs(a, first.accessToken)).status, 200, 'the first session\'s token works on A')
+  t.equal((await getAs(b, first.accessToken)).status, 200, 'and on B')
+  const onB = await connect(b, first.accessToken)
+  await echo(onB, 'before')
+
+  const second = await issuer.login(sub)
+  t.not(second.sid, first.sid, 'a second login of the same user: another session, another sid')
+  t.equal((await getAs(a, second.accessToken)).status, 200, 'the second session\'s token works on A')
+  t.equal((await getAs(b, second.accessToken)).status, 200, 'and on B')
+  const secondOnB = await connect(b, second.accessToken)
+  const hits = appHits()
+
+  const ended = await first.logout()
+  t.equal(ended.backchannel.length, 1, 'the provider made one back-channel POST (one client in the session)')
+  const [post] = ended.backchannel
+  t.match(post, { ok: true, status: 200, error: undefined }, 'A answered the provider 200')
+  t.ok(post !== undefined && post.postedAt !== undefined && post.postedAt >= ended.confirmSentAt && post.postedAt <= ended.answeredAt,
+    'the provider POSTed between the confirmation and its answer')
+  t.match(claims(post?.logoutToken ?? '..'), { sub, sid: first.sid, aud: LOGOUT_CLIENT_ID }, 'its logout token: the user, the first session\'s sid')
+  t.match(logoutAudits(a, { sub }), [{ result: 'accepted', sid: first.sid }], 'A received it (audited as accepted)')
+
+  const answers = await Promise.all([getAs(a, first.accessToken), getAs(b, first.accessToken)])
+  t.same(answers.map((r) => r.status), [401, 401], 'the first session\'s token: 401 on A and on B')
+  t.match(answers[1]?.headers.get('www-authenticate'), /error="invalid_token"/, 'invalid_token')
+  const closed = await within(onB.closed, 1500, 'the first session\'s WebSocket on B closed')
+  t.match(closed, { code: 1008, reason: 'session ended' }, 'on B: 1008 "session ended"')
+  const ms = closed.at - ended.confirmSentAt
+  t.ok(ms <= 1000, `closed ${ms} ms after the logout confirmation was sent`)
+  t.comment(`end_session confirmation sent -> WebSocket close on B (the other replica): ${ms} ms ` +
+    `(the provider's POST to A started at +${(post?.postedAt ?? NaN) - ended.confirmSentAt} ms, ` +
+    `A answered it at +${(post?.answeredAt ?? NaN) - ended.confirmSentAt} ms, the provider's 303 at +${ended.answeredAt - ended.confirmSentAt} ms)`)
+
+  t.equal((await getAs(a, second.accessToken)).status, 200, 'the second session\'s token still works on A')
+  t.equal((await getAs(b, second.accessToken)).status, 200, 'and on B')
+  await stillOpen(t, secondOnB, 'the second session\'s WebSocket on B')
+  t.equal(appHits(), hits, 'nothing reached the app')
+  secondOnB.ws.close()
 })
 
 t.test('Redis down while a logout token arrives: applied on the receiving replica only, answered 400 temporarily_unavailable', async (t) => {

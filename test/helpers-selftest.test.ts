@@ -333,6 +333,63 @@ t.test('issuer: back-channel logout: the provider signs and POSTs real logout to
   })
 })
 
+t.test('issuer: login() is a real session at the provider; its logout() (end_session) makes the provider POST the logout token', async (t) => {
+  const issuer = await startIssuer()
+  t.teardown(() => issuer.close())
+  const jwks = async (...args: Parameters<ReturnType<typeof createRemoteJWKSet>>) => await createRemoteJWKSet(new URL(issuer.jwksUrl))(...args)
+  const rp = await startReceiver(t)
+  issuer.setBackchannelLogoutUri(`${rp.url}/backchannel-logout`)
+
+  const session = await issuer.login('alice')
+  t.equal(session.sub, 'alice')
+  t.same(decodeProtectedHeader(session.accessToken), { alg: 'RS256', typ: 'JWT', kid: issuer.currentKid() }, 'access token header as Keycloak\'s')
+  const { payload: at } = await jwtVerify(session.accessToken, jwks, { issuer: issuer.issuer, audience: issuer.audience, algorithms: ['RS256'] })
+  t.match(at, { sub: 'alice', sid: session.sid, azp: LOGOUT_CLIENT_ID, client_id: LOGOUT_CLIENT_ID, typ: 'Bearer', scope: 'profile email' },
+    'access token: the user, the session\'s sid, azp = the login client')
+  t.ok(typeof session.sid === 'string' && session.sid.length > 10, 'a provider-made sid')
+  const { payload: idt } = await jwtVerify(session.idToken, jwks, { issuer: issuer.issuer, audience: LOGOUT_CLIENT_ID })
+  t.match(idt, { sub: 'alice', sid: session.sid, nonce: String }, 'ID token: the same sid, a nonce')
+
+  const other = await issuer.login('alice')
+  t.not(other.sid, session.sid, 'each login is a new session')
+  t.notOk('sid' in decodeJwt(await issuer.token({ sub: 'alice' })), 'client_credentials tokens: still no sid unless asked')
+  await t.rejects(issuer.login('not a sub!'), TypeError, 'an invalid sub is refused')
+
+  rp.received.length = 0
+  let confirmAt: number | undefined
+  const ended = await session.logout({ onConfirm: (at) => { confirmAt = at } })
+  t.equal(confirmAt, ended.confirmSentAt, 'onConfirm: the moment the confirmation is sent')
+  t.match(ended.location, /\/protocol\/openid-connect\/logout\/success$/, 'the provider answered with its 303 to the success page')
+  t.equal(rp.received.length, 1, 'the provider POSTed once, before answering')
+  t.equal(ended.backchannel.length, 1)
+  const [post] = ended.backchannel
+  t.match(post, { ok: true, status: 200, error: undefined, logoutToken: String })
+  t.ok(post !== undefined && post.postedAt !== undefined && post.postedAt >= ended.confirmSentAt && post.answeredAt <= ended.answeredAt,
+    'postedAt and answeredAt: within the confirmation round trip')
+  t.equal(new URLSearchParams(rp.received[0]?.body).get('logout_token'), post?.logoutToken, 'logoutToken: what was sent')
+  const { payload: lt } = await jwtVerify(post?.logoutToken ?? '', jwks, { issuer: issuer.issuer, audience: LOGOUT_CLIENT_ID, typ: 'logout+jwt' })
+  t.match(lt, { sub: 'alice', sid: session.sid, events: { [BACKCHANNEL_LOGOUT_EVENT]: {} } }, 'the logout token names the session')
+  t.equal(await session.logout(), ended, 'logout() again: the same result, nothing sent again')
+  t.equal(rp.received.length, 1)
+
+  rp.status = 400
+  const refused = await other.logout()
+  t.match(refused.backchannel, [{ ok: false, status: 400, error: /^expected 200 OK from .*, got: 400 Bad Request$/ }],
+    'a refusal does not fail the logout; the provider\'s error is reported')
+  rp.status = 200
+
+  const quiet = await issuer.login('bob')
+  issuer.setBackchannelLogoutUri(undefined)
+  t.same((await quiet.logout()).backchannel, [], 'the URI unset since the login: the logout sends no POST')
+  await t.rejects(issuer.login('bob'), /no back-channel logout URI/, 'login without a URI: rejects (no sid without one)')
+
+  await issuer.rotate()
+  issuer.setBackchannelLogoutUri(`${rp.url}/backchannel-logout`)
+  const rotated = await issuer.login('carol')
+  t.equal(decodeProtectedHeader(rotated.accessToken).kid, issuer.currentKid(), 'after rotate(): the new key')
+  t.equal((await rotated.logout()).backchannel[0]?.ok, true)
+})
+
 t.test('forge: attack tokens carry the intended header', async (t) => {
   const issuer = await startIssuer()
   t.teardown(() => issuer.close())

@@ -20,12 +20,19 @@
 // sid when session required). The provider's SSRF guard refuses loopback addresses; the `fetch` override removes it.
 // Access tokens model a login session through TokenOptions.sid (claim `sid`, with `azp` = LOGOUT_CLIENT_ID as in a
 // Keycloak token of that client). logoutToken() signs any logout-shaped payload for the invalid cases.
+//
+// Real login sessions: login(sub) runs the authorization code flow (PKCE) of LOGOUT_CLIENT_ID headlessly through the
+// provider's development interactions (a cookie jar; consent skipped by loadExistingGrant), so the provider holds a
+// Session whose sid (Session#sidFor, one per session and client) lands in the access token (extraTokenClaims) and the
+// ID token. Its logout() is RP-initiated logout (end_session: GET with id_token_hint, then POST .../logout/confirm with
+// the xsrf and logout=yes): the provider itself POSTs a logout token to the back-channel logout URI of every client of
+// that session before it answers its 303.
 import { AsyncLocalStorage } from 'node:async_hooks'
-import { createPrivateKey, generateKeyPair, randomBytes, sign as rsaSign, type KeyObject } from 'node:crypto'
+import { createHash, createPrivateKey, generateKeyPair, randomBytes, sign as rsaSign, type KeyObject } from 'node:crypto'
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { promisify } from 'node:util'
-import { base64url, calculateJwkThumbprint, type JWK } from 'jose'
+import { base64url, calculateJwkThumbprint, decodeJwt, type JWK } from 'jose'
 
 export interface TokenOptions {
   sub?: string
@@ -63,6 +70,35 @@ export interface BackchannelLogoutOptions {
   clientId?: string
   /** Called with Date.now() at the moment the provider starts the POST. */
   onPost?: (at: number) => void
+}
+
+/** A real login session at the provider (login()): tokens from the authorization code flow of LOGOUT_CLIENT_ID. */
+export interface LoginSession {
+  sub: string
+  /** A JWT access token for the API audience, with `sid` and `azp` = LOGOUT_CLIENT_ID (typ JWT, as Keycloak's). */
+  accessToken: string
+  /** The ID token (aud LOGOUT_CLIENT_ID, the same `sid`). */
+  idToken: string
+  /** The provider's sid of this session for LOGOUT_CLIENT_ID: what its logout token will carry. */
+  sid: string
+  /**
+   * RP-initiated logout of this session (end_session, confirmed with logout=yes). Resolves after the provider
+   * answered its 303, which it sends only after its back-channel POSTs (to every client of the session with a
+   * back-channel logout URI) were answered or failed. Rejects when the flow itself fails (not for a failed POST).
+   * A second call returns the first call's promise (the session is gone; nothing is sent again).
+   */
+  logout (opts?: { onConfirm?: (at: number) => void }): Promise<EndSessionResult>
+}
+
+export interface EndSessionResult {
+  /** Date.now() just before the confirmation (POST .../logout/confirm) was sent; also passed to onConfirm. */
+  confirmSentAt: number
+  /** Date.now() when the provider's answer (303) came. */
+  answeredAt: number
+  /** Where the 303 pointed (the provider's logout success page). */
+  location: string
+  /** The back-channel POSTs the provider made for this session, in order (none when no URI is set). */
+  backchannel: BackchannelLogoutResult[]
 }
 
 // 'error': HTTP 500; 'unavailable': HTTP 503 with Retry-After (an overloaded or restarting Keycloak);
@@ -105,6 +141,14 @@ export interface TestIssuer {
    * header `{ typ: undefined }`).
    */
   logoutToken (claims?: Record<string, unknown>, header?: Record<string, unknown>): Promise<string>
+  /**
+   * A real login of `sub` (default DEFAULT_SUB) to LOGOUT_CLIENT_ID: authorization request, the development login
+   * form, the code, the token request (PKCE, client_secret_basic). Each call is a new browser, so a new session (and
+   * sid). The session's logout() ends it at the provider, which then POSTs the logout token itself. Needs a
+   * back-channel logout URI (setBackchannelLogoutUri): oidc-provider puts a sid in the tokens only for a client with
+   * one (and backchannel_logout_session_required); rejects without it.
+   */
+  login (sub?: string): Promise<LoginSession>
   readonly stats: { discovery: number, jwks: number }
   close (): Promise<void>
 }
@@ -121,6 +165,10 @@ export const LOGOUT_CLIENT_ID = 'resonance-web'
 export const LOGOUT_SUB_ONLY_CLIENT_ID = 'resonance-web-sub-only'
 /** The member of `events` that makes a JWT a logout token. */
 export const BACKCHANNEL_LOGOUT_EVENT = 'http://schemas.openid.net/event/backchannel-logout'
+/** Where login() sends the browser back with the code (never fetched). */
+export const LOGIN_REDIRECT_URI = `http://127.0.0.1/${LOGOUT_CLIENT_ID}/callback`
+/** The scope login() asks for. */
+export const LOGIN_SCOPE = `openid ${TOKEN_SCOPE}`
 /** What Keycloak and oidc-provider put between a logout token's iat and exp. */
 export const LOGOUT_TOKEN_TTL_SECONDS = 120
 const SUB_PATTERN = /^[A-Za-z0-9._-]+$/
@@ -157,6 +205,27 @@ interface ProviderContext {
 }
 interface ProviderToken {
   clientId?: string
+  /** An authorization-code access token: the session's sid for its client (client_credentials: none). */
+  sid?: string
+  resourceServer?: { accessTokenTTL?: number }
+}
+interface ProviderGrant {
+  addOIDCScope (scope: string): void
+  addResourceScope (resource: string, scope: string): void
+  save (): Promise<string>
+}
+interface AuthorizationContext {
+  oidc: {
+    result?: { consent?: { grantId?: string } }
+    session: { accountId: string, grantIdFor (clientId: string): string | undefined }
+    client: { clientId: string }
+    provider: {
+      Grant: {
+        new (init: { clientId: string, accountId: string }): ProviderGrant
+        find (id: string): Promise<ProviderGrant | undefined>
+      }
+    }
+  }
 }
 interface ProviderClient {
   backchannelLogout (sub: string, sid: string | undefined): Promise<void>
@@ -229,6 +298,12 @@ function clientMetadata (clientId: string, backchannelLogoutUri: string | undefi
     metadata.backchannel_logout_session_required = clientId === LOGOUT_CLIENT_ID
     if (backchannelLogoutUri !== undefined) metadata.backchannel_logout_uri = backchannelLogoutUri
   }
+  if (clientId === LOGOUT_CLIENT_ID) {
+    // login(): the authorization code flow, besides client_credentials
+    metadata.grant_types = ['client_credentials', 'authorization_code']
+    metadata.response_types = ['code']
+    metadata.redirect_uris = [LOGIN_REDIRECT_URI]
+  }
   return metadata
 }
 
@@ -265,7 +340,13 @@ function createAdapter (logoutUri: () => string | undefined) {
       return undefined
     }
 
-    async findByUid (): Promise<undefined> {
+    // Session lookups by the uid in the interaction (login()); only a live entry of this model.
+    async findByUid (uid: string): Promise<Record<string, unknown> | undefined> {
+      for (const key of store.keys()) {
+        if (!key.startsWith(`${this.model}:`)) continue
+        const entry = live(key)
+        if (entry?.payload.uid === uid) return entry.payload
+      }
       return undefined
     }
 
@@ -304,6 +385,80 @@ function jsonParam<T> (ctx: ProviderContext, name: string): T | undefined {
 // concurrent calls do not mix; a POST the provider makes on its own, e.g. from end_session, has none).
 interface PostRecord { postedAt?: number, status?: number, logoutToken?: string, onPost?: (at: number) => void }
 
+// A back-channel POST the provider makes on its own (end_session confirm), keyed by the sid of its logout token (one
+// per session and client), read back by LoginSession#logout(). The provider's verdict comes by its events.
+interface EndSessionPost extends PostRecord { postedAt: number, error?: string, answeredAt?: number }
+
+function sidOfLogoutToken (token: string | undefined): string {
+  if (token === undefined) return ''
+  try {
+    const sid = decodeJwt(token).sid
+    return typeof sid === 'string' ? sid : ''
+  } catch {
+    return ''
+  }
+}
+
+function errorText (err: unknown): string {
+  const cause = err instanceof Error && err.cause instanceof Error ? ` (${err.cause.message})` : ''
+  return err instanceof Error ? `${err.message}${cause}` : String(err)
+}
+
+// oidc-provider prints this at every construction with devInteractions (login() needs them; the issuer is a test double)
+const DEV_INTERACTIONS_WARNING = 'development-only feature devInteractions is enabled'
+
+function withoutDevInteractionsWarning<T> (fn: () => T): T {
+  const warn = console.warn
+  console.warn = (...args: unknown[]) => {
+    if (typeof args[0] === 'string' && args[0].includes(DEV_INTERACTIONS_WARNING)) return
+    warn.apply(console, args)
+  }
+  try {
+    return fn()
+  } finally {
+    console.warn = warn
+  }
+}
+
+// Headless browser for login(): fetch without following redirects, and a cookie jar (name=value; path and domain
+// ignored: one provider on one origin).
+interface Hop { status: number, location: string | undefined, text: string }
+
+function browser () {
+  const jar = new Map<string, string>()
+  return async (url: string, init: { method?: string, form?: Record<string, string> } = {}): Promise<Hop> => {
+    const headers: Record<string, string> = {}
+    if (jar.size > 0) headers.cookie = [...jar].map(([k, v]) => `${k}=${v}`).join('; ')
+    if (init.form !== undefined) headers['content-type'] = 'application/x-www-form-urlencoded'
+    const res = await fetch(url, {
+      method: init.method ?? 'GET',
+      headers,
+      redirect: 'manual',
+      signal: AbortSignal.timeout(10_000),
+      ...(init.form !== undefined ? { body: new URLSearchParams(init.form) } : {})
+    })
+    for (const cookie of res.headers.getSetCookie()) {
+      const pair = cookie.split(';')[0] ?? ''
+      const eq = pair.indexOf('=')
+      if (eq <= 0) continue
+      const name = pair.slice(0, eq).trim()
+      const value = pair.slice(eq + 1).trim()
+      if (value === '' || /expires=Thu, 01 Jan 1970/i.test(cookie)) jar.delete(name)
+      else jar.set(name, value)
+    }
+    const location = res.headers.get('location') ?? undefined
+    return { status: res.status, location: location === undefined ? undefined : new URL(location, url).href, text: await res.text() }
+  }
+}
+
+function redirected (hop: Hop, step: string): string {
+  if (hop.status !== 303 && hop.status !== 302) {
+    throw new Error(`login: ${step}: expected a redirect, got ${hop.status}: ${hop.text.slice(0, 300)}`)
+  }
+  if (hop.location === undefined) throw new Error(`login: ${step}: ${hop.status} without Location`)
+  return hop.location
+}
+
 function logoutTokenOf (body: unknown): string | undefined {
   if (body instanceof URLSearchParams) return body.get('logout_token') ?? undefined
   if (typeof body === 'string') return new URLSearchParams(body).get('logout_token') ?? undefined
@@ -335,6 +490,7 @@ export async function startIssuer (opts: IssuerOptions = {}): Promise<TestIssuer
   let backchannelLogoutUri = opts.backchannelLogoutUri
   const Adapter = createAdapter(() => backchannelLogoutUri)
   const posts = new AsyncLocalStorage<PostRecord>()
+  const endSessionPosts = new Map<string, EndSessionPost[]>()
   const prefix = `/realms/${realm}`
 
   let keys: SigningKey[] = [await newSigningKey()]
@@ -406,14 +562,24 @@ export async function startIssuer (opts: IssuerOptions = {}): Promise<TestIssuer
   // Keycloak-like rotation = a new provider whose first signing key is the new one; older keys stay published.
   let provider: OidcProvider | undefined
   const build = () => {
-    const next = new Provider(issuer, {
+    const next = withoutDevInteractionsWarning(() => new Provider(issuer, {
       adapter: Adapter,
       jwks: { keys: keys.map((k) => k.privateJwk) },
       routes: ROUTES,
       clients: [],
       scopes: ['openid', 'offline_access', 'profile', 'email'],
       features: {
-        devInteractions: { enabled: false },
+        devInteractions: { enabled: true }, // login()
+        rpInitiatedLogout: {
+          enabled: true,
+          // the confirmation form as the provider builds it (id op.logoutForm, hidden xsrf), without the default's noise
+          logoutSource: async (ctx: { body: unknown }, form: string) => {
+            ctx.body = `<!DOCTYPE html><html><body>${form}<button type="submit" form="op.logoutForm" name="logout" value="yes">Sign out</button></body></html>`
+          },
+          postLogoutSuccessSource: async (ctx: { body: unknown }) => {
+            ctx.body = '<!DOCTYPE html><html><body>Signed out</body></html>'
+          }
+        },
         clientCredentials: { enabled: true },
         introspection: { enabled: false },
         revocation: { enabled: false },
@@ -434,25 +600,51 @@ export async function startIssuer (opts: IssuerOptions = {}): Promise<TestIssuer
         }
       },
       ttl: {
-        ClientCredentials: (_ctx: unknown, token: { resourceServer?: { accessTokenTTL?: number } }) =>
-          token.resourceServer?.accessTokenTTL ?? DEFAULT_TTL_SECONDS
+        ClientCredentials: (_ctx: unknown, token: ProviderToken) => token.resourceServer?.accessTokenTTL ?? DEFAULT_TTL_SECONDS,
+        // login(): set, so that the provider does not print a notice for each default it would call
+        AccessToken: (_ctx: unknown, token: ProviderToken) => token.resourceServer?.accessTokenTTL ?? DEFAULT_TTL_SECONDS,
+        IdToken: () => DEFAULT_TTL_SECONDS,
+        Interaction: () => 600,
+        Session: () => 3600,
+        Grant: () => 3600
+      },
+      // login(): any account id exists (the default does the same, with a warning)
+      findAccount: async (_ctx: unknown, sub: string) => ({ accountId: sub, claims: async () => ({ sub }) }),
+      // login(): no consent prompt; the grant covers the OIDC scopes and the API (the provider's documented way)
+      loadExistingGrant: async (ctx: AuthorizationContext) => {
+        const { oidc } = ctx
+        const grantId = oidc.result?.consent?.grantId ?? oidc.session.grantIdFor(oidc.client.clientId)
+        if (grantId !== undefined) return await oidc.provider.Grant.find(grantId)
+        const grant = new oidc.provider.Grant({ clientId: oidc.client.clientId, accountId: oidc.session.accountId })
+        grant.addOIDCScope(LOGIN_SCOPE)
+        grant.addResourceScope(RESOURCE_INDICATOR, TOKEN_SCOPE)
+        await grant.save()
+        return grant
       },
       // The provider's outgoing requests (back-channel logout POSTs): without its SSRF guard, which refuses loopback
       // addresses, and recorded for backchannelLogout().
       fetch: async (url: string | URL, options: RequestInit & { dispatcher?: unknown }) => {
         delete options.dispatcher
-        const record = posts.getStore()
+        let record: PostRecord | undefined = posts.getStore()
         if (record !== undefined) {
           record.postedAt = Date.now()
           record.logoutToken = logoutTokenOf(options.body)
           record.onPost?.(record.postedAt)
+        } else {
+          // one the provider makes on its own: end_session (login().logout())
+          const logoutToken = logoutTokenOf(options.body)
+          const post: EndSessionPost = { postedAt: Date.now(), ...(logoutToken !== undefined ? { logoutToken } : {}) }
+          const sid = sidOfLogoutToken(logoutToken)
+          endSessionPosts.set(sid, [...(endSessionPosts.get(sid) ?? []), post])
+          record = post
         }
         const res = await globalThis.fetch(url, options)
-        if (record !== undefined) record.status = res.status
+        record.status = res.status
         return res
       },
       extraTokenClaims: async (ctx: ProviderContext, token: ProviderToken) => {
-        const sid = bodyParam(ctx, PARAM.sid)
+        // client_credentials: the form field; the authorization code flow (login()): the session's sid
+        const sid = bodyParam(ctx, PARAM.sid) ?? token.sid
         const claims: Record<string, unknown> = {
           typ: 'Bearer',
           azp: bodyParam(ctx, PARAM.azp) ?? (sid !== undefined ? LOGOUT_CLIENT_ID : token.clientId),
@@ -481,8 +673,17 @@ export async function startIssuer (opts: IssuerOptions = {}): Promise<TestIssuer
         ctx.type = 'application/json'
         ctx.body = out
       }
-    })
+    }))
     next.on('server_error', (_ctx: unknown, err: unknown) => { lastServerError = err })
+    // the verdict on an end_session back-channel POST (the request itself was recorded by the fetch override)
+    const verdict = (sid: unknown, error: string | undefined): void => {
+      const post = endSessionPosts.get(typeof sid === 'string' ? sid : '')?.find((p) => p.answeredAt === undefined)
+      if (post === undefined) return
+      post.answeredAt = Date.now()
+      if (error !== undefined) post.error = error
+    }
+    next.on('backchannel.success', (_ctx: unknown, _client: unknown, _accountId: unknown, sid: unknown) => { verdict(sid, undefined) })
+    next.on('backchannel.error', (_ctx: unknown, err: unknown, _client: unknown, _accountId: unknown, sid: unknown) => { verdict(sid, errorText(err)) })
     handler = next.callback()
     provider = next
   }
@@ -598,6 +799,97 @@ export async function startIssuer (opts: IssuerOptions = {}): Promise<TestIssuer
       }, over)
       // spread, not merged(): an undefined typ must reach sign() to drop its default 'JWT'
       return await sign(payload, { typ: 'logout+jwt', ...header })
+    },
+
+    async login (sub: string = DEFAULT_SUB): Promise<LoginSession> {
+      if (!SUB_PATTERN.test(sub)) throw new TypeError(`login: sub must match ${SUB_PATTERN}, got ${JSON.stringify(sub)}`)
+      if (backchannelLogoutUri === undefined) throw new Error('login: no back-channel logout URI set (setBackchannelLogoutUri), so no sid')
+      const go = browser()
+      const verifier = randomBytes(32).toString('base64url')
+      const nonce = randomBytes(12).toString('base64url')
+      const state = randomBytes(12).toString('base64url')
+      const authorize = new URL(`${issuer}${ROUTES.authorization}`)
+      authorize.search = new URLSearchParams({
+        client_id: LOGOUT_CLIENT_ID,
+        response_type: 'code',
+        scope: LOGIN_SCOPE,
+        redirect_uri: LOGIN_REDIRECT_URI,
+        code_challenge: createHash('sha256').update(verifier).digest('base64url'),
+        code_challenge_method: 'S256',
+        state,
+        nonce
+      }).toString()
+
+      const interaction = redirected(await go(authorize.href), 'authorization request')
+      let next = redirected(await go(interaction, { method: 'POST', form: { prompt: 'login', login: sub, password: 'any' } }), 'login form')
+      let code: string | undefined
+      for (let hop = 0; hop < 5 && code === undefined; hop++) {
+        if (next.startsWith(`${LOGIN_REDIRECT_URI}?`)) {
+          const back = new URL(next).searchParams
+          if (back.get('state') !== state) throw new Error(`login: state mismatch in ${next}`)
+          const c = back.get('code')
+          if (c === null) throw new Error(`login: no code: ${next}`)
+          code = c
+        } else {
+          next = redirected(await go(next), 'resume')
+        }
+      }
+      if (code === undefined) throw new Error(`login: no code after 5 redirects (last ${next})`)
+
+      const basic = Buffer.from(`${LOGOUT_CLIENT_ID}:${encodeURIComponent(TEST_CLIENT_SECRET)}`).toString('base64')
+      const res = await fetch(tokenUrl, {
+        method: 'POST',
+        headers: { authorization: `Basic ${basic}`, 'content-type': 'application/x-www-form-urlencoded' },
+        body: new URLSearchParams({ grant_type: 'authorization_code', code, redirect_uri: LOGIN_REDIRECT_URI, code_verifier: verifier, resource: RESOURCE_INDICATOR })
+      })
+      const body = await res.json() as { access_token?: unknown, id_token?: unknown, error?: string, error_description?: string }
+      if (!res.ok || typeof body.access_token !== 'string' || typeof body.id_token !== 'string') {
+        const cause = res.status >= 500 ? lastServerError : undefined
+        throw new Error(`login: token endpoint answered ${res.status}: ${body.error ?? ''} ${body.error_description ?? ''}`.trim(), { cause })
+      }
+      const accessToken = body.access_token
+      const idToken = body.id_token
+      const sid = decodeJwt(accessToken).sid
+      if (typeof sid !== 'string' || sid === '') throw new Error('login: the access token has no sid')
+      if (decodeJwt(idToken).nonce !== nonce) throw new Error('login: the ID token does not carry the nonce')
+
+      let loggedOut: Promise<EndSessionResult> | undefined
+      const logout = async (opts: { onConfirm?: (at: number) => void } = {}): Promise<EndSessionResult> => {
+        const page = await go(`${issuer}${ROUTES.end_session}?${new URLSearchParams({ id_token_hint: idToken }).toString()}`)
+        if (page.status !== 200) throw new Error(`logout: end_session answered ${page.status}: ${page.text.slice(0, 300)}`)
+        const action = /<form id="op\.logoutForm"[^>]*action="([^"]+)"/.exec(page.text)?.[1]
+        const xsrf = /name="xsrf" value="([^"]+)"/.exec(page.text)?.[1]
+        if (action === undefined || xsrf === undefined) throw new Error(`logout: no confirmation form in ${page.text.slice(0, 300)}`)
+        const confirmSentAt = Date.now()
+        opts.onConfirm?.(confirmSentAt)
+        const answer = await go(new URL(action, issuer).href, { method: 'POST', form: { xsrf, logout: 'yes' } })
+        const answeredAt = Date.now()
+        if (answer.status !== 303 || answer.location === undefined) {
+          throw new Error(`logout: the confirmation answered ${answer.status}: ${answer.text.slice(0, 300)}`)
+        }
+        const made = (endSessionPosts.get(sid) ?? []).filter((p) => p.postedAt >= confirmSentAt)
+        endSessionPosts.delete(sid)
+        return {
+          confirmSentAt,
+          answeredAt,
+          location: answer.location,
+          backchannel: made.map((p) => ({
+            ok: p.error === undefined && (p.status === 200 || p.status === 204),
+            status: p.status,
+            error: p.error,
+            logoutToken: p.logoutToken,
+            postedAt: p.postedAt,
+            answeredAt: p.answeredAt ?? answeredAt
+          }))
+        }
+      }
+      return {
+        sub,
+        accessToken,
+        idToken,
+        sid,
+        logout: (opts) => (loggedOut ??= logout(opts))
+      }
     },
 
     close (): Promise<void> {
