@@ -276,7 +276,7 @@ function connectionMetrics (registry: Registry) {
 /** A count kept in a plain number; prom-client takes the increase at scrape time (take()). */
 class LocalCount {
   private n = 0
-  inc (): void { this.n++ }
+  inc (by = 1): void { this.n += by }
   take (): number {
     const n = this.n
     this.n = 0

@@ -1,16 +1,20 @@
 /**
- * The upgrade side of the WebSocket bridge, everything before the 101:
- *   route constraint `upgrade: websocket`: the bridge's routes take real
+ * The upgrade side of the WebSocket relay, everything up to the 101:
+ *   route constraint `upgrade: websocket`: the relay's routes take real
  *               handshakes only, never the HTTP proxy's requests;
  *   preHandler: a verified caller (ws-guard), a valid handshake, a connection
- *               slot (ws-gate), then the upstream WebSocket, so the app's
- *               refusal (4xx) or absence (502/504) reaches the client as a
- *               status before any 101, and the client gets the app's
- *               subprotocol choice.
- * An admitted upgrade leaves an Upstream for the handler (take()).
+ *               slot (ws-gate), then the app-side handshake (an HTTP upgrade
+ *               of our own, checked as a WebSocket client checks it), so the
+ *               app's refusal (4xx) or absence (502/504) reaches the client as
+ *               a status before any 101, and the client gets the app's
+ *               subprotocol choice; then the gateway writes the client's 101
+ *               itself and hands both sockets to the session (./ws-session.ts).
  */
+import { randomBytes } from 'node:crypto'
+import http from 'node:http'
+import https from 'node:https'
 import type { IncomingMessage } from 'node:http'
-import WebSocket from 'ws'
+import type { Socket } from 'node:net'
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import type { Config } from '../config/load.js'
 import type { GuardedSession, WsGuard } from '../auth/ws-guard.js'
@@ -22,18 +26,18 @@ import { upstreamWsHeaders } from './headers.js'
 import { forwardContext } from './context.js'
 import { upstreamErrorStatus } from './errors.js'
 import { badHandshakeAnswer, send, UPSTREAM_FAILED, upstreamRefusedAnswer } from '../http/answers.js'
-import type { EarlyMessage } from './ws-session.js'
+import { acceptKey } from './ws-frames.js'
 
-/** An open app-side WebSocket waiting for the client-side handshake. */
-export interface Upstream {
-  target: WebSocket
-  /** What the app sent before the client side existed (pause() does not stop frames already read). */
-  early: EarlyMessage[]
-  onEarly: (data: Buffer, binary: boolean) => void
-  /** Subprotocol to answer in the 101, false for none. */
-  protocol: string | false
+/** Both sides of an admitted upgrade, right after the client's 101 went out. */
+export interface Opened {
+  request: FastifyRequest
+  client: Socket
+  /** Bytes the client sent right behind its handshake. */
+  clientHead: Buffer
+  app: Socket
+  /** Bytes the app sent right behind its 101. */
+  appHead: Buffer
   slot: Slot
-  onClientGone: () => void
   startedAt: number
 }
 
@@ -75,30 +79,28 @@ export interface UpgradeDeps {
   metrics: Metrics
   guard: Pick<WsGuard<GuardedSession>, 'caller'>
   limits: WsLimits
+  /** Takes an upgrade over once both handshakes are done. */
+  opened (o: Opened): void
 }
 
+/** The app's side of the handshake: its socket, or the status the client gets (0: the client left first). */
+type Dialed = { socket: Socket, head: Buffer, protocol: string } | number
+
 export class Upgrades {
-  private readonly pending = new WeakMap<IncomingMessage, Upstream>()
-  private readonly base: string
+  /** Bytes that came behind a client's handshake (Node hands them to the 'upgrade' event only). */
+  private readonly heads = new WeakMap<IncomingMessage, Buffer>()
+  private readonly base: URL
 
   constructor (private readonly deps: UpgradeDeps) {
-    this.base = deps.config.upstream.url.replace(/^http/, 'ws').replace(/\/+$/, '')
+    this.base = new URL(deps.config.upstream.url)
   }
 
-  /** The subprotocol to answer in the 101 (the handshake's handleProtocols). */
-  protocol (req: IncomingMessage): string | false {
-    return this.pending.get(req)?.protocol ?? false
+  /** The server's 'upgrade' listener: keeps what came behind the handshake for the relay. */
+  readonly onUpgrade = (req: IncomingMessage, _socket: unknown, head: Buffer): void => {
+    if (head.length > 0) this.heads.set(req, head)
   }
 
-  /** The upstream admitted for this request, handed over once. */
-  take (request: FastifyRequest): Upstream | undefined {
-    const p = this.pending.get(request.raw)
-    this.pending.delete(request.raw)
-    if (p !== undefined) request.raw.socket.removeListener('close', p.onClientGone)
-    return p
-  }
-
-  /** The route's preHandler: admit the upgrade and connect the app, or answer with a status. */
+  /** The route's preHandler: admit the upgrade, connect the app, answer 101, or answer with a status. */
   readonly preHandler = async (request: FastifyRequest, reply: FastifyReply): Promise<FastifyReply | undefined> => {
     // WebSockets always need a verified caller (limits are per user), on public paths too.
     const identity = this.deps.guard.caller(request, reply)
@@ -117,44 +119,34 @@ export class Upgrades {
   }
 
   /**
-   * Opens the app-side WebSocket for an admitted upgrade. On success the
-   * client-side handshake (the route's handler) takes it over; on any refusal
-   * the slot is released here and the client gets a status.
+   * Opens the app side for an admitted upgrade, then answers the client's
+   * handshake (101) and hands both sockets over; on any refusal the slot is
+   * released here and the client gets a status.
    */
   private async open (request: FastifyRequest, reply: FastifyReply, slot: Slot): Promise<FastifyReply | undefined> {
+    const startedAt = performance.now()
     const offered = request.headers['sec-websocket-protocol']
-    const { config } = this.deps
-    const target = new WebSocket(this.base + stripQueryToken(request.url), appProtocols(offered), {
-      headers: upstreamWsHeaders(request.headers, forwardContext(request, config)),
-      handshakeTimeout: config.upstream.connectTimeoutMs,
-      maxPayload: config.ws.maxPayload,
-      perMessageDeflate: false,
-      followRedirects: false
-    })
-    // What the app sends before the client side exists is kept, in order. The
-    // listener must be attached inside 'open': frames that came with the 101 are
-    // emitted on the next tick, before any promise continuation would run.
-    const early: EarlyMessage[] = []
-    const onEarly = (data: Buffer, binary: boolean): void => { early.push({ data, binary }) }
-    const status = await dial(request, target, onEarly)
-    if (status === null) {
-      const token = protocolToken(offered)
-      const onClientGone = (): void => { target.terminate(); slot.release() }
-      request.raw.socket.once('close', onClientGone)
-      this.pending.set(request.raw, {
-        target,
-        early,
-        onEarly,
-        protocol: target.protocol !== '' ? target.protocol : token !== undefined && token !== null ? BEARER_PROTOCOL : false,
-        slot,
-        onClientGone,
-        startedAt: performance.now()
-      })
-      return
+    const dialed = await this.dial(request, appProtocols(offered))
+    if (typeof dialed === 'number') {
+      slot.release()
+      if (dialed === 0) return reply.hijack() // client left; nothing to answer
+      return this.failed(request, reply, dialed)
     }
-    slot.release()
-    if (status === 0) return // client left; nothing to answer
-    return this.failed(request, reply, status)
+    const client = request.raw.socket
+    if (client.destroyed) {
+      dialed.socket.destroy()
+      slot.release()
+      return reply.hijack()
+    }
+    reply.hijack()
+    reply.raw.detachSocket(client)
+    const token = protocolToken(offered)
+    const protocol = dialed.protocol !== '' ? dialed.protocol : token !== undefined && token !== null ? BEARER_PROTOCOL : ''
+    client.write(switchingProtocols(request.headers['sec-websocket-key'] as string, protocol))
+    const clientHead = this.heads.get(request.raw) ?? EMPTY
+    this.heads.delete(request.raw)
+    this.deps.opened({ request, client, clientHead, app: dialed.socket, appHead: dialed.head, slot, startedAt })
+    return reply
   }
 
   /** The client's answer when the app refused (4xx) or could not be reached (502/504). */
@@ -168,32 +160,79 @@ export class Upgrades {
     }
     return send(reply, upstreamRefusedAnswer(status))
   }
+
+  /**
+   * The app-side handshake: an HTTP/1.1 upgrade to the app with the
+   * forwarded headers, its 101 checked as the `ws` client checks it (accept
+   * key, no extension, a subprotocol only from those offered and one when
+   * any was). UPSTREAM_CONNECT_TIMEOUT bounds the whole handshake.
+   */
+  private dial (request: FastifyRequest, protocols: string[]): Promise<Dialed> {
+    const { config } = this.deps
+    const key = randomBytes(16).toString('base64')
+    const path = stripQueryToken(request.url)
+    const headers: Record<string, string> = {
+      ...upstreamWsHeaders(request.headers, forwardContext(request, config)),
+      connection: 'Upgrade',
+      upgrade: 'websocket',
+      'sec-websocket-version': '13',
+      'sec-websocket-key': key
+    }
+    if (protocols.length > 0) headers['sec-websocket-protocol'] = protocols.join(',')
+    const base = this.base
+    const req = (base.protocol === 'https:' ? https : http).request({
+      host: base.hostname.replace(/^\[|\]$/g, ''),
+      port: base.port,
+      path: base.pathname.replace(/\/+$/, '') + path,
+      headers,
+      agent: false
+    })
+    return new Promise<Dialed>((resolve) => {
+      const client = request.raw.socket
+      const timer = setTimeout(() => { req.destroy(new Error('handshake timed out')) }, config.upstream.connectTimeoutMs)
+      const done = (d: Dialed): void => {
+        clearTimeout(timer)
+        client.removeListener('close', onClientGone)
+        resolve(d)
+      }
+      const onClientGone = (): void => { req.destroy(); done(0) }
+      client.once('close', onClientGone)
+      req.once('upgrade', (res: IncomingMessage, socket: Socket, head: Buffer) => {
+        const problem = upgradeProblem(res, key, protocols)
+        if (problem === undefined) { done({ socket, head, protocol: res.headers['sec-websocket-protocol'] ?? '' }); return }
+        request.log.warn({ upstreamError: 'handshake', problem }, 'upstream websocket handshake invalid')
+        socket.destroy()
+        done(502)
+      })
+      req.once('response', (res: IncomingMessage) => {
+        res.resume()
+        const s = res.statusCode ?? 502
+        done(s >= 400 && s < 500 ? s : 502)
+        req.destroy()
+      })
+      req.on('error', (err: Error) => { done(/timed out/.test(err.message) ? 504 : 502) })
+      req.end()
+    })
+  }
 }
 
-/**
- * Waits for the app-side handshake: null when open (its messages from then on
- * go to `onEarly`, the rest is paused), else the status for the client (0:
- * the client left first).
- */
-function dial (request: FastifyRequest, target: WebSocket, onEarly: (data: Buffer, binary: boolean) => void): Promise<number | null> {
-  return new Promise<number | null>((resolve) => {
-    const onClientGone = (): void => { target.terminate(); resolve(0) }
-    request.raw.socket.once('close', onClientGone)
-    target.once('open', () => {
-      target.on('message', onEarly)
-      target.pause() // hold the rest until the client side exists
-      request.raw.socket.removeListener('close', onClientGone)
-      resolve(null)
-    })
-    target.once('unexpected-response', (_req, res) => {
-      res.resume()
-      const s = res.statusCode ?? 502
-      resolve(s >= 400 && s < 500 ? s : 502)
-      target.terminate()
-    })
-    target.on('error', (err: Error) => {
-      if (target.readyState === WebSocket.OPEN) return // the bridge handles it
-      resolve(/timed out/i.test(err.message) ? 504 : 502)
-    })
-  })
+/** What the `ws` client refuses in a server's 101. */
+function upgradeProblem (res: IncomingMessage, key: string, offered: string[]): string | undefined {
+  const h = res.headers
+  if (h.upgrade?.toLowerCase() !== 'websocket') return 'Invalid Upgrade header'
+  if (h['sec-websocket-accept'] !== acceptKey(key)) return 'Invalid Sec-WebSocket-Accept header'
+  const chosen = h['sec-websocket-protocol']
+  if (chosen !== undefined && !offered.includes(chosen)) return 'Server sent an invalid subprotocol'
+  if (chosen === undefined && offered.length > 0) return 'Server sent no subprotocol'
+  if (h['sec-websocket-extensions'] !== undefined) return 'Server sent a Sec-WebSocket-Extensions header but no extension was requested'
+  return undefined
+}
+
+const EMPTY = Buffer.alloc(0)
+
+/** The 101 of the client's handshake (what `ws` writes, RFC 6455 §4.2.2). */
+function switchingProtocols (key: string, protocol: string): string {
+  return 'HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n' +
+    `Sec-WebSocket-Accept: ${acceptKey(key.trim())}\r\n` +
+    (protocol !== '' ? `Sec-WebSocket-Protocol: ${protocol}\r\n` : '') + '\r\n'
 }

@@ -1,21 +1,20 @@
 /**
- * WebSocket sessions, bridged with @fastify/websocket (not the proxy plugin's
- * `websocket: true`): the gateway owns both sockets, so it can refuse before
- * the 101, hold each client message until its limit check passed (order
- * kept), and close with its own codes, without private fields of `ws`.
- *
- * An upgrade is a GET routed through Fastify, so auth (onRequest) and the
- * request limit (preHandler) have run before anything here. The parts:
+ * WebSocket sessions: @fastify/websocket routes each upgrade request through
+ * Fastify (so auth, onRequest, and the request limit, preHandler, have run
+ * before anything here); the gateway then does both handshakes itself and
+ * relays bytes (not the proxy plugin's `websocket: true`, which decodes and
+ * re-frames every message with `ws`). It owns both sockets, so it can refuse
+ * before the 101, hold each client message until its limit check passed
+ * (order kept), and close with its own codes. The parts:
  *   ws-route.ts         route constraint, then (preHandler) caller, handshake,
- *                       connection slot and the upstream WebSocket, all before
- *                       any 101
- *   ws-session.ts       handler: bridge both ways with bounded buffers, relay
- *                       closes, answer pings
+ *                       connection slot and the app-side handshake, all before
+ *                       the 101 it writes
+ *   ws-session.ts       the byte relay: bounded buffers, closes, pings
+ *   ws-frames.ts        frame headers (RFC 6455 §5), read as they stream by
  *   auth/ws-guard.ts    close at token expiry and on revocation
  *   limits/ws-gate.ts   connection slots; per-user message limit, in order
  * This file wires them and runs the liveness timers (ping, idle) and shutdown.
  */
-import type { IncomingMessage } from 'node:http'
 import websocket from '@fastify/websocket'
 import type WebSocket from 'ws'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
@@ -28,7 +27,7 @@ import type { Metrics } from '../observability/metrics.js'
 import type { ConnectionSlots, WsMessageLimiter } from '../limits/ws.js'
 import { WsLimits } from '../limits/ws-gate.js'
 import { CLOSE } from '../http/ws-close.js'
-import { UPGRADE_CONSTRAINT, Upgrades } from './ws-route.js'
+import { UPGRADE_CONSTRAINT, Upgrades, type Opened } from './ws-route.js'
 import { WsSession } from './ws-session.js'
 
 export { CLOSE } from '../http/ws-close.js'
@@ -55,17 +54,16 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
   const { live, config, metrics, audit, messages, slots, revocations } = deps
   const guard = new WsGuard<WsSession>(revocations, audit, config.auth.clockToleranceSec * 1000)
   const limits = new WsLimits({ live, slots, messages, audit })
-  const upgrades = new Upgrades({ config, metrics, guard, limits })
-  const hooks = { metrics, maxBuffered: config.ws.maxBuffered, onEnd: (s: WsSession) => { guard.forget(s) } }
+  const hooks = { metrics, maxBuffered: config.ws.maxBuffered, maxPayload: config.ws.maxPayload, onEnd: (s: WsSession) => { guard.forget(s) } }
+  const upgrades = new Upgrades({ config, metrics, guard, limits, opened })
+  app.server.prependListener('upgrade', upgrades.onUpgrade)
 
   app.addConstraintStrategy(UPGRADE_CONSTRAINT as Parameters<FastifyInstance['addConstraintStrategy']>[0])
 
+  // Used for its upgrade routing only: the preHandler answers every upgrade
+  // (a status, or its own 101), so the `ws` server never takes a connection.
   await app.register(websocket, {
-    options: {
-      maxPayload: config.ws.maxPayload,
-      perMessageDeflate: false,
-      handleProtocols: (_offered: Set<string>, req: IncomingMessage) => upgrades.protocol(req)
-    },
+    options: { maxPayload: config.ws.maxPayload, perMessageDeflate: false },
     errorHandler: (err: Error, socket: WebSocket, request: FastifyRequest) => {
       request.log.debug({ err: { message: err.message } }, 'websocket error')
       socket.terminate()
@@ -77,17 +75,20 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
     }
   })
 
-  /** The route's handler, after the 101: the admitted upstream becomes a session. */
-  function bridge (client: WebSocket, request: FastifyRequest): void {
-    const up = upgrades.take(request)
-    const identity = request.identity
-    if (up === undefined || identity === null) { client.close(CLOSE.badGateway, 'no upstream'); return }
-    const s = new WsSession(client, up.target, request, identity, up.slot, hooks)
+  /** Both handshakes done: the sockets become a session. */
+  function opened (o: Opened): void {
+    const identity = o.request.identity
+    if (identity === null) { o.client.destroy(); o.app.destroy(); o.slot.release(); return }
+    const s = new WsSession(o.client, o.app, o.request, identity, o.slot, hooks)
     metrics.wsConnections.inc()
-    metrics.observeRequest(101, (performance.now() - up.startedAt) / 1000)
+    metrics.observeRequest(101, (performance.now() - o.startedAt) / 1000)
     if (!guard.watch(s)) return // revoked meanwhile: closed
-    up.target.removeListener('message', up.onEarly)
-    s.start(up.early, limits.gate(s, up.slot))
+    s.start(o.clientHead, o.appHead, limits.gate(s, o.slot))
+  }
+
+  /** Not reached: the preHandler answers every upgrade. */
+  function unanswered (client: WebSocket): void {
+    client.close(CLOSE.badGateway, 'no upstream')
   }
 
   function closeAll (reason: string): void {
@@ -107,7 +108,7 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
       constraints: { upgrade: 'websocket' },
       websocket: true,
       preHandler: upgrades.preHandler,
-      handler: bridge as never
+      handler: unanswered as never
     })
   }
 
