@@ -138,7 +138,7 @@ function createServer (config: Config, logger: pino.Logger, audit: Audit, deadli
   const app = Fastify({
     loggerInstance: logger,
     logController: new LogController({ disableRequestLogging: true }),
-    trustProxy: proxyTrust(config.server.trustProxy) as boolean, // Fastify takes a function too; its types name only some forms
+    trustProxy: proxyTrust(config.server.trustProxy), // a function, used by Fastify as it is (guardConnections builds the same)
     genReqId: requestIds(),
     childLoggerFactory: (logger, bindings, opts) => new LazyRequestLogger(logger as never, bindings, opts as Record<string, unknown>) as never,
     requestIdHeader: false,

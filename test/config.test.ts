@@ -450,6 +450,7 @@ t.test('configWarnings', async (t) => {
   const HTTP_JWKS = /plain http from a non-loopback host/
   const SPOOF = /TRUST_PROXY=true trusts every hop: any client can send its own X-Forwarded-For and X-Forwarded-Proto/
   const HOPS = /TRUST_PROXY=2 trusts the nearest 2 hop\(s\) whoever they are/
+  const UNCAPPED = /held to MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP/
   const secure = { TLS_CERT: CERT, TLS_KEY: KEY, REDIS_URL: 'redis://127.0.0.1:6379/0' }
   const rows: Array<{ name: string, env: Env, has: RegExp[], not: RegExp[] }> = [
     { name: 'audience "account"', env: { ...secure, JWT_AUDIENCE: 'account' }, has: [AUD], not: [PLAINTEXT, HTTP_JWKS] },
@@ -458,9 +459,9 @@ t.test('configWarnings', async (t) => {
     { name: 'no TLS, no insecure, no proxy', env: {}, has: [PLAINTEXT], not: [AUD, HTTP_JWKS] },
     { name: 'TLS set', env: secure, has: [], not: [PLAINTEXT] },
     { name: 'ALLOW_INSECURE_HTTP=true', env: { ALLOW_INSECURE_HTTP: 'true' }, has: [/ALLOW_INSECURE_HTTP=true/], not: [PLAINTEXT] },
-    { name: 'TRUST_PROXY=true', env: { TRUST_PROXY: 'true' }, has: [SPOOF], not: [PLAINTEXT] },
-    { name: 'TRUST_PROXY=2', env: { TRUST_PROXY: '2' }, has: [HOPS], not: [PLAINTEXT, SPOOF] },
-    { name: 'TRUST_PROXY list', env: { TRUST_PROXY: '10.0.0.0/8' }, has: [], not: [PLAINTEXT, SPOOF, HOPS] },
+    { name: 'TRUST_PROXY=true', env: { TRUST_PROXY: 'true' }, has: [SPOOF, UNCAPPED], not: [PLAINTEXT] },
+    { name: 'TRUST_PROXY=2', env: { TRUST_PROXY: '2' }, has: [HOPS, UNCAPPED], not: [PLAINTEXT, SPOOF] },
+    { name: 'TRUST_PROXY list', env: { TRUST_PROXY: '10.0.0.0/8' }, has: [], not: [PLAINTEXT, SPOOF, HOPS, UNCAPPED] },
     { name: 'http issuer on a remote host', env: { ...secure, JWT_ISSUER: 'http://keycloak.example.com/realms/r' }, has: [HTTP_JWKS], not: [] },
     { name: 'http issuer on 127.0.0.1', env: { ...secure, JWT_ISSUER: 'http://127.0.0.1:8080/realms/r' }, has: [], not: [HTTP_JWKS] },
     { name: 'http issuer on localhost', env: { ...secure, JWT_ISSUER: 'http://localhost:8080/realms/r' }, has: [], not: [HTTP_JWKS] },

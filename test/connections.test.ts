@@ -19,6 +19,7 @@ import {
   autoMaxConnections, connectionsCheckingInterval, effectiveMaxConnections, FALLBACK_MAX_CONNECTIONS, FD_RESERVE, MIN_AUTO_CONNECTIONS, parseNofile, readNofile,
   UnauthenticatedConnections
 } from '../src/limits/connections.js'
+import { proxyTrust, trustedPeer } from '../src/auth/transport.js'
 import { AuthFailureLimiter } from '../src/limits/auth-failures.js'
 import type { TestIssuer } from './helpers/issuer.js'
 import type { TestUpstream } from './helpers/upstream.js'
@@ -398,6 +399,71 @@ t.test('TLS listener: caps and deadlines apply too', async (t) => {
   b.destroy()
 })
 
+t.test('per-address cap and TRUST_PROXY: a trusted proxy is not capped; any other peer is, as before', async (t) => {
+  const { issuer, upstream } = await startBackends(t)
+  const token = await issuer.token({ sub: 'trusted-cap-user' })
+  interface Capped { port: number, open: () => Promise<number>, refusedBy: (reason: string) => Promise<number>, hold: (localAddress: string) => Promise<Raw> }
+  /** A gateway with per-address cap 4 and global cap 16 (idle sockets stay: 30 s for headers), and what the tests ask it. */
+  const capped = async (t: Test, trustProxy: string): Promise<Capped> => {
+    const g = await gateway(t, issuer, upstream, {
+      env: { TRUST_PROXY: trustProxy, MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP: '4', MAX_CONNECTIONS: '16', HEADERS_TIMEOUT: '30s', REQUEST_TIMEOUT: '30s' }
+    })
+    const held: Raw[] = []
+    t.teardown(() => { for (const c of held) c.destroy() })
+    return {
+      port: portOf(g),
+      open: async () => await metric(g, 'resonance_connections_open'),
+      refusedBy: async (reason) => await metric(g, `resonance_connections_refused_total{reason="${reason}"}`),
+      hold: async (localAddress) => {
+        const c = await raw(portOf(g), { localAddress })
+        held.push(c)
+        return c
+      }
+    }
+  }
+
+  t.test('TRUST_PROXY=127.0.0.1: 12 token-less connections in flight at once from it are all accepted', async (t) => {
+    const { port, open, refusedBy, hold } = await capped(t, LOOPBACK)
+    const storm = await Promise.all(Array.from({ length: 12 }, async () => await hold(LOOPBACK)))
+    await until(async () => await open() === 12, 2000, 'the gateway counts 12 open connections')
+    t.equal(await refusedBy('per_ip'), 0, 'none refused per_ip (cap 4)')
+    t.notOk(storm.some((c) => c.isClosed), 'all 12 stay open')
+    storm[0]?.write('GET /api/x HTTP/1.1\r\nHost: gw\r\n\r\n')
+    t.equal((await storm[0]?.response())?.status, 401, 'a token-less request through the proxy is still refused (401)')
+
+    // An untrusted address next to it keeps its cap of 4.
+    for (let i = 0; i < 4; i++) await hold('127.0.0.2')
+    await until(async () => await open() === 15, 2000, '4 more from 127.0.0.2 (the 401 closed one)')
+    await refused(port, '127.0.0.2')
+    t.equal(await refusedBy('per_ip'), 1, 'the 5th from 127.0.0.2 is refused per_ip')
+
+    // The trusted proxy's connections count towards MAX_CONNECTIONS (16).
+    await hold(LOOPBACK)
+    await until(async () => await open() === 16, 2000, '16 open')
+    await refused(port, LOOPBACK)
+    t.equal(await refusedBy('global'), 1, 'the 17th, from the trusted proxy, is refused by the global cap')
+    t.equal(await refusedBy('per_ip'), 1, 'not per_ip')
+  })
+
+  t.test('TRUST_PROXY=10.0.0.1: 127.0.0.1 is capped at 4 exactly as without it', async (t) => {
+    const { port, open, refusedBy, hold } = await capped(t, '10.0.0.1')
+    const silent: Raw[] = []
+    for (let i = 0; i < 4; i++) silent.push(await hold(LOOPBACK))
+    await until(async () => await open() === 4, 2000, 'the gateway counts 4 open connections')
+    t.ok(await refused(port, LOOPBACK) < 2000, 'the 5th unauthenticated connection from 127.0.0.1 is closed at once')
+    t.equal(await refusedBy('per_ip'), 1, 'counted as refused per_ip')
+    t.notOk(silent.some((c) => c.isClosed), 'the first 4 stay open')
+
+    // As before: a connection that authenticated no longer counts, and the cap holds for the rest.
+    silent[0]?.write(`GET /api/x HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer ${token}\r\n\r\n`)
+    t.equal((await silent[0]?.response())?.status, 200)
+    await hold(LOOPBACK)
+    await until(async () => await open() === 5, 2000, 'admitted: the authenticated one no longer counts')
+    await refused(port, LOOPBACK)
+    t.equal(await refusedBy('per_ip'), 2)
+  })
+})
+
 t.test('Expect: 100-continue', async (t) => {
   const { issuer, upstream } = await startBackends(t)
   const g = await gateway(t, issuer, upstream, { yaml: ROLE_YAML })
@@ -551,6 +617,17 @@ Max locked memory         8388608              8388608              bytes
   t.equal(AuthFailureLimiter.clientKey('2001:db8:1:2:aaaa::1'), AuthFailureLimiter.clientKey('2001:db8:1:2:bbbb::2'), 'one /64, one key')
   t.not(AuthFailureLimiter.clientKey('2001:db8:1:2::1'), AuthFailureLimiter.clientKey('2001:db8:1:3::1'))
   t.equal(AuthFailureLimiter.clientKey('::ffff:192.0.2.7'), '192.0.2.7')
+
+  // Trusted peers (exempt from the per-address cap): hop 0 of the trust function Fastify is given.
+  const listed = proxyTrust(['127.0.0.1', '10.0.0.0/8', '2001:db8::/32'])
+  t.ok(trustedPeer(listed, '127.0.0.1'), 'a listed address')
+  t.ok(trustedPeer(listed, '::ffff:127.0.0.1'), 'the same, IPv4-mapped (a dual-stack listener)')
+  t.ok(trustedPeer(listed, '10.200.0.9'), 'an address in a listed CIDR')
+  t.ok(trustedPeer(listed, '2001:db8:5::1'), 'an IPv6 address in a listed CIDR')
+  t.notOk(trustedPeer(listed, '127.0.0.2'), 'an address not listed')
+  t.notOk(trustedPeer(proxyTrust(false), '127.0.0.1'), 'TRUST_PROXY=false: no peer')
+  t.ok(trustedPeer(proxyTrust(true), '203.0.113.9'), 'TRUST_PROXY=true: every peer')
+  t.ok(trustedPeer(proxyTrust(1), '203.0.113.9'), 'a hop count: every peer (the first trusted hop)')
 
   t.equal(connectionsCheckingInterval(10_000), 1000, 'deadlines checked every second by default')
   t.equal(connectionsCheckingInterval(500), 250, 'twice per headersTimeout when it is short')

@@ -221,10 +221,10 @@ export function configWarnings (config: Config): string[] {
     warnings.push('ALLOW_INSECURE_HTTP=true: bearer tokens are accepted over plaintext. Development only.')
   }
   if (typeof config.server.trustProxy === 'number') {
-    warnings.push(`TRUST_PROXY=${config.server.trustProxy} trusts the nearest ${config.server.trustProxy} hop(s) whoever they are: a client that reaches the gateway directly (not through your proxy) chooses its own X-Forwarded-For and X-Forwarded-Proto. Only expose the gateway through the proxy, or list the proxies' addresses or CIDRs instead.`)
+    warnings.push(`TRUST_PROXY=${config.server.trustProxy} trusts the nearest ${config.server.trustProxy} hop(s) whoever they are: a client that reaches the gateway directly (not through your proxy) chooses its own X-Forwarded-For and X-Forwarded-Proto, and is not held to MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP. Only expose the gateway through the proxy, or list the proxies' addresses or CIDRs instead.`)
   }
   if (config.server.trustProxy === true) {
-    warnings.push('TRUST_PROXY=true trusts every hop: any client can send its own X-Forwarded-For and X-Forwarded-Proto, so it chooses the address the per-IP limits and audit lines see (spoofing a victim, or rotating to evade the failed-token limit) and can pass plain HTTP off as https. Use the proxies\' addresses or CIDRs instead.')
+    warnings.push('TRUST_PROXY=true trusts every hop: any client can send its own X-Forwarded-For and X-Forwarded-Proto, so it chooses the address the per-IP limits and audit lines see (spoofing a victim, or rotating to evade the failed-token limit) and can pass plain HTTP off as https; and no client is held to MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP. Use the proxies\' addresses or CIDRs instead.')
   }
   return warnings
 }

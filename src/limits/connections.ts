@@ -11,8 +11,13 @@
  * - per client address (MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP): open
  *   connections of one TCP peer address (IPv6 by /64) that have not yet carried
  *   an authenticated request. A connection stops counting once a request on it
- *   had a verified identity, so a NAT or load balancer with many real users is
- *   not limited, while one token-less address cannot hold more than the cap.
+ *   had a verified identity, so a NAT's users share the cap only with their
+ *   connections not yet authenticated, while one token-less address cannot
+ *   hold more than the cap. A peer that TRUST_PROXY trusts (hop 0 of Fastify's
+ *   trust function) is not capped: a load balancer opens every client's
+ *   connection, all from its one address, and a reconnect storm has many of
+ *   them in flight before any authenticates. Its connections still count
+ *   towards the global cap.
  *
  * The address is the TCP peer, never X-Forwarded-For: the cap applies before
  * any header is read. Behind a load balancer every connection comes from it.
@@ -21,6 +26,7 @@ import { readFileSync } from 'node:fs'
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Server, Socket } from 'node:net'
 import type { FastifyInstance, FastifyRequest, onRequestHookHandler, preHandlerHookHandler } from 'fastify'
+import { proxyTrust, trustedPeer } from '../auth/transport.js'
 import type { Config } from '../config/load.js'
 import type { Metrics } from '../observability/metrics.js'
 import { AuthFailureLimiter } from './auth-failures.js'
@@ -115,6 +121,8 @@ export interface ConnectionGuardOptions {
   maxConnections: number
   /** 0: no per-address cap. */
   maxUnauthenticatedPerIp: number
+  /** Peers exempt from the per-address cap (trusted proxies); none when absent. */
+  exempt?: (address: string) => boolean
   metrics: Metrics
 }
 
@@ -130,7 +138,7 @@ export class ConnectionGuard {
   private readonly pending = new WeakMap<Socket, string>()
 
   constructor (server: Server, opts: ConnectionGuardOptions) {
-    const { metrics } = opts
+    const { metrics, exempt } = opts
     this.unauthenticated = opts.maxUnauthenticatedPerIp > 0 ? new UnauthenticatedConnections(opts.maxUnauthenticatedPerIp) : undefined
     server.maxConnections = opts.maxConnections
     const refusedGlobal = metrics.connectionsRefused.labels('global')
@@ -143,13 +151,15 @@ export class ConnectionGuard {
       if (this.unauthenticated !== undefined) {
         const address = socket.remoteAddress
         if (address === undefined) { socket.destroy(); return } // already gone
-        key = AuthFailureLimiter.clientKey(address)
-        if (!this.unauthenticated.tryAdd(key)) {
-          refusedPerIp.inc()
-          socket.destroy()
-          return
+        if (exempt?.(address) !== true) {
+          key = AuthFailureLimiter.clientKey(address)
+          if (!this.unauthenticated.tryAdd(key)) {
+            refusedPerIp.inc()
+            socket.destroy()
+            return
+          }
+          this.pending.set(socket, key)
         }
-        this.pending.set(socket, key)
       }
       this.openCount++
       socket.once('close', () => {
@@ -246,12 +256,16 @@ export interface ConnectionHooks {
  * The public listener's connection policy: both caps (ConnectionGuard, logged
  * at start), `Connection: close` on denials (mustClose, in an onSend hook), and
  * Expect: 100-continue answered only once auth and limits passed.
+ * TRUST_PROXY is a restart setting, so its trust function is built once here,
+ * by the same proxyTrust that app.ts hands to Fastify.
  */
 export function guardConnections (app: FastifyInstance, config: Config, metrics: Metrics, deadlines: ListenerDeadlines): ConnectionHooks {
   const maxConnections = effectiveMaxConnections(config.server.maxConnections, config.upstream.connections, readNofile())
+  const trust = proxyTrust(config.server.trustProxy)
   const guard = new ConnectionGuard(app.server, {
     maxConnections: maxConnections.max,
     maxUnauthenticatedPerIp: config.server.maxUnauthenticatedPerIp,
+    exempt: trust === false ? undefined : (address) => trustedPeer(trust, address),
     metrics
   })
   app.log.info({
@@ -260,6 +274,7 @@ export function guardConnections (app: FastifyInstance, config: Config, metrics:
     maxConnectionsSource: maxConnections.source,
     nofile: maxConnections.nofile,
     maxUnauthenticatedPerIp: config.server.maxUnauthenticatedPerIp,
+    trustedProxiesUncapped: trust !== false,
     requestTimeoutMs: deadlines.requestTimeout,
     headersTimeoutMs: deadlines.headersTimeout,
     keepAliveTimeoutMs: deadlines.keepAliveTimeout
