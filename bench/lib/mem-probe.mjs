@@ -3,11 +3,19 @@
 // on), then one stdout line {"benchMem":{rss,heapTotal,heapUsed,external,
 // arrayBuffers,gc}} (bytes). The runner reads it; spawnProcess keeps these
 // lines out of the log tail. Nothing else changes in the process.
+// With BENCH_HEAP_SNAPSHOTS=<dir>, each reading also writes a heap snapshot
+// there (<pid>-<n>.heapsnapshot; for finding what a connection holds).
+import { writeHeapSnapshot } from 'node:v8'
+
+let readings = 0
 process.on('SIGUSR2', () => {
   const gc = typeof globalThis.gc === 'function'
   if (gc) {
     globalThis.gc()
     globalThis.gc()
   }
-  process.stdout.write(JSON.stringify({ benchMem: { ...process.memoryUsage(), gc } }) + '\n')
+  const usage = process.memoryUsage()
+  const dir = process.env.BENCH_HEAP_SNAPSHOTS
+  if (dir) writeHeapSnapshot(`${dir}/${process.pid}-${++readings}.heapsnapshot`)
+  process.stdout.write(JSON.stringify({ benchMem: { ...usage, gc } }) + '\n')
 })

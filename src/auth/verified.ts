@@ -15,6 +15,7 @@
  * a bad token always pays the full check (and the per-IP failure limit).
  */
 import type { Identity } from './identity.js'
+import { ownCopy } from '../observability/logger.js'
 
 export interface VerifiedToken {
   identity: Identity
@@ -44,6 +45,7 @@ export class VerifiedTokens {
 
   set (key: string, entry: VerifiedToken): void {
     if (this.max === 0) return
+    key = ownCopy(key) // a token cut out of an upgrade URL would keep the whole URL alive
     if (!this.entries.has(key) && this.entries.size >= this.max) {
       const oldest = this.entries.keys().next()
       if (oldest.done !== true) this.entries.delete(oldest.value)

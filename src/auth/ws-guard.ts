@@ -8,7 +8,7 @@
  * sessions without a scan.
  */
 import type { FastifyReply, FastifyRequest } from 'fastify'
-import type { Audit } from '../observability/audit.js'
+import type { Audit, Requester } from '../observability/audit.js'
 import type { WsCloseReason } from '../observability/metrics.js'
 import { CLOSE } from '../http/ws-close.js'
 import { authAnswer, send } from '../http/answers.js'
@@ -21,7 +21,7 @@ const MAX_TIMER_MS = 2_147_483_647
 /** What the guard needs of a live WebSocket session. */
 export interface GuardedSession {
   readonly identity: Identity
-  readonly request: FastifyRequest
+  readonly request: Requester
   /** Ends the session: the client gets `code`, the app a normal close. */
   terminate (reason: WsCloseReason, code: number, text: string): void
 }

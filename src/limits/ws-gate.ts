@@ -12,7 +12,7 @@
 import type { FastifyReply, FastifyRequest } from 'fastify'
 import type { LiveConfig } from '../config/live.js'
 import type { Identity } from '../auth/identity.js'
-import type { Audit } from '../observability/audit.js'
+import type { Audit, Requester } from '../observability/audit.js'
 import type { WsCloseReason } from '../observability/metrics.js'
 import { CLOSE } from '../http/ws-close.js'
 import { CONNECTION_LIMITS_UNAVAILABLE, droppedMessageNotice, send, tooManyWebSocketsAnswer } from '../http/answers.js'
@@ -32,7 +32,7 @@ export class Slot {
 /** What the message gate needs of a session. */
 export interface GatedSession {
   readonly identity: Identity
-  readonly request: FastifyRequest
+  readonly request: Requester
   /** Why the session ended; undefined while it is live. */
   readonly ended: WsCloseReason | undefined
   /** The session is live and the app side is open. */

@@ -11,7 +11,7 @@
  * (open) or refuse (closed). What a session does with them (admission,
  * message order, the close/drop policy) is in ./ws-gate.ts.
  */
-import { randomUUID } from 'node:crypto'
+import { randomBytes } from 'node:crypto'
 import type { Cluster, Redis } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
 import type { StoreErrorPolicy } from '../config/settings.js'
@@ -73,7 +73,8 @@ export class ConnectionSlots {
 
   /** Takes a slot for one connection; release it with the returned id. */
   async acquire (sub: string): Promise<{ result: SlotResult, id: string }> {
-    const id = randomUUID()
+    // 96 random bits as one flat string (randomUUID's string is ~15 joined pieces: ~0.5 KiB per open connection)
+    const id = randomBytes(12).toString('base64url')
     const held = this.local.get(sub)
     const redis = this.redis
     if (redis !== undefined && redis.status === 'ready') {

@@ -18,7 +18,7 @@ import { hostname } from 'node:os'
 import type { FastifyRequest } from 'fastify'
 import pino, { type DestinationStream, type Logger } from 'pino'
 import type { AuthFailureReason, LogoutResult, Metrics, Transport } from './metrics.js'
-import { pathOf, REDACT_PATHS } from './logger.js'
+import { ownCopy, pathOf, REDACT_PATHS } from './logger.js'
 
 export type AuditEvent = 'auth_failure' | 'forbidden' | 'rate_limited'
 
@@ -53,8 +53,24 @@ export interface LogoutOutcome {
   sid?: string | undefined
 }
 
+/**
+ * What a denial's audit line takes from a request. A long-lived WebSocket
+ * session keeps just these (requesterOf), not the whole request.
+ */
+export interface Requester {
+  readonly ip: string
+  readonly method: string
+  readonly url: string
+  readonly id: string
+}
+
+/** The Requester of a request: a few fields copied, the path without its query (no token kept). */
+export function requesterOf (request: FastifyRequest): Requester {
+  return { ip: request.ip, method: request.method, url: ownCopy(pathOf(request.url)), id: request.id }
+}
+
 export interface Audit {
-  denied (request: FastifyRequest, denial: Denial): void
+  denied (request: Requester, denial: Denial): void
   /** An admin API event (no metric): a revocation, or a refused admin token. */
   admin (request: FastifyRequest, event: AdminEvent, fields: Record<string, unknown>, msg: string): void
   /** A back-channel logout request and what became of it (and resonance_backchannel_logouts_total). */

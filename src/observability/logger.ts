@@ -70,3 +70,13 @@ export class LazyRequestLogger {
   trace (...a: unknown[]): void { this.log.trace(...a) }
   silent (): void {}
 }
+
+/**
+ * A flat copy of a string. A part cut out of a longer string (a path or a
+ * token out of a request URL) is a slice that keeps the whole string alive;
+ * what lives long (a cache key, a WebSocket session's audit fields) keeps a
+ * copy instead.
+ */
+export function ownCopy (s: string): string {
+  return Buffer.from(s, 'utf8').toString('utf8')
+}

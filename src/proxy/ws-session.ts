@@ -16,9 +16,10 @@
  * side (1001 towards the app, 1014 towards the client), as before.
  */
 import type { Socket } from 'node:net'
-import type { FastifyRequest } from 'fastify'
+import type { FastifyBaseLogger } from 'fastify'
 import type { Identity } from '../auth/identity.js'
 import type { Metrics, WsCloseReason } from '../observability/metrics.js'
+import type { Requester } from '../observability/audit.js'
 import { CLOSE } from '../http/ws-close.js'
 import type { MessageGate, MessageOutcome, Slot } from '../limits/ws-gate.js'
 import { AppFrameScanner, ClientFrameReader, closeFrame, frame, OPCODE, PING_FRAME, UNTIL, VIOLATION, type ClientFrameSink, type Until } from './ws-frames.js'
@@ -30,6 +31,8 @@ export const CLOSE_TIMEOUT_MS = 10_000
 
 export interface SessionHooks {
   metrics: Metrics
+  /** Diagnostic logger (lines carry the upgrade's reqId). */
+  log: FastifyBaseLogger
   /** Bytes queued towards one side before the other side is paused. */
   maxBuffered: number
   /** Largest message (bytes, all fragments) either side may send. */
@@ -82,15 +85,19 @@ export class WsSession implements ClientFrameSink<Mark> {
   constructor (
     readonly client: Socket,
     readonly app: Socket,
-    readonly request: FastifyRequest,
+    readonly request: Requester,
     readonly identity: Identity,
     private readonly slot: Slot,
     private readonly hooks: SessionHooks
   ) {
     this.reader = new ClientFrameReader(hooks.maxPayload, this)
     this.scanner = new AppFrameScanner(hooks.maxPayload)
-    client.on('error', this.clientFailed)
-    app.on('error', this.appFailed)
+    const c = client as Owned
+    const a = app as Owned
+    c[SESSION] = this
+    a[SESSION] = this
+    client.on('error', onClientError)
+    app.on('error', onAppError)
   }
 
   /** Why the session ended (the first reason); undefined while it is live. */
@@ -112,14 +119,14 @@ export class WsSession implements ClientFrameSink<Mark> {
     this.gate = gate
     client.setNoDelay(true)
     app.setNoDelay(true)
-    client.on('data', this.fromClient)
-    app.on('data', this.fromApp)
-    client.on('drain', this.resumeApp)
-    app.on('drain', this.resumeClient)
-    client.on('end', this.clientEnded)
-    app.on('end', this.appEnded)
-    client.on('close', this.clientEnded)
-    app.on('close', this.appEnded)
+    client.on('data', onClientData)
+    app.on('data', onAppData)
+    client.on('drain', onClientDrain)
+    app.on('drain', onAppDrain)
+    client.on('end', onClientEnd)
+    app.on('end', onAppEnd)
+    client.on('close', onClientEnd)
+    app.on('close', onAppEnd)
     if (appHead.length > 0) this.fromApp(appHead)
     if (clientHead.length > 0) this.fromClient(clientHead)
   }
@@ -163,7 +170,8 @@ export class WsSession implements ClientFrameSink<Mark> {
 
   // --- client -> app ------------------------------------------------------------------------------------------------
 
-  private readonly fromClient = (chunk: Buffer): void => {
+  /** Client bytes: read frame by frame, passed on as their messages' verdicts allow. */
+  fromClient (chunk: Buffer): void {
     this.reader.feed(chunk)
     this.flushRun()
     const { client, app, hooks: { maxBuffered } } = this
@@ -234,7 +242,7 @@ export class WsSession implements ClientFrameSink<Mark> {
   }
 
   /** Resumes a paused client once its waiting messages and the app side's queue are below half their bounds. */
-  private readonly resumeClient = (): void => {
+  resumeClient (): void {
     const max = this.hooks.maxBuffered
     if (this.client.isPaused() && this.pending < MAX_PENDING_MESSAGES / 2 && this.heldBytes + this.app.writableLength < max / 2) this.client.resume()
   }
@@ -271,7 +279,8 @@ export class WsSession implements ClientFrameSink<Mark> {
 
   // --- app -> client ------------------------------------------------------------------------------------------------
 
-  private readonly fromApp = (chunk: Buffer): void => {
+  /** App bytes: passed on whole, split only where a gateway frame goes in or the app's stream ends. */
+  fromApp (chunk: Buffer): void {
     const scanner = this.scanner
     const frames = scanner.dataFrames
     const messages = scanner.messages
@@ -289,7 +298,7 @@ export class WsSession implements ClientFrameSink<Mark> {
     if (this.client.writableLength > this.hooks.maxBuffered && !this.app.isPaused()) this.app.pause()
   }
 
-  private readonly resumeApp = (): void => {
+  resumeApp (): void {
     if (this.app.isPaused() && this.client.writableLength < this.hooks.maxBuffered / 2) this.app.resume()
   }
 
@@ -301,7 +310,7 @@ export class WsSession implements ClientFrameSink<Mark> {
 
   /** A message from the app over WS_MAX_PAYLOAD: 1009 to the app, 1014 to the client (as the ws client in the gateway did). */
   private appTooBig (): void {
-    this.request.log.debug('upstream websocket message over WS_MAX_PAYLOAD')
+    this.hooks.log.debug({ reqId: this.request.id }, 'upstream websocket message over WS_MAX_PAYLOAD')
     if (this.endedBy === undefined) this.hooks.metrics.upstreamErrors.labels('reset', 'ws').inc()
     this.end('upstream_error')
     this.closeApp(VIOLATION.tooBig, '')
@@ -348,7 +357,7 @@ export class WsSession implements ClientFrameSink<Mark> {
   // --- socket events -------------------------------------------------------------------------------------------------
 
   /** The client's stream ended (FIN or closed) without a close frame: 1001 to the app. */
-  private readonly clientEnded = (): void => {
+  clientEnded (): void {
     this.end('client_closed')
     this.closeApp(CLOSE.goingAway, 'client went away')
     this.clientDone = true
@@ -357,7 +366,7 @@ export class WsSession implements ClientFrameSink<Mark> {
   }
 
   /** The app's stream ended: after its close frame that is the close handshake's end; without one, 1014 to the client. */
-  private readonly appEnded = (): void => {
+  appEnded (): void {
     this.end('upstream_closed')
     this.appDone = true
     this.reader.stop()
@@ -376,15 +385,15 @@ export class WsSession implements ClientFrameSink<Mark> {
     if (!this.client.destroyed) this.client.end()
   }
 
-  private readonly clientFailed = (err: Error): void => {
-    this.request.log.debug({ err: { message: err.message } }, 'client websocket error')
+  clientFailed (err: Error): void {
+    this.hooks.log.debug({ reqId: this.request.id, err: { message: err.message } }, 'client websocket error')
     this.end('client_error')
     this.closeApp(CLOSE.goingAway, 'client error')
     this.client.destroy()
   }
 
-  private readonly appFailed = (err: Error): void => {
-    this.request.log.debug({ err: { message: err.message } }, 'upstream websocket error')
+  appFailed (err: Error): void {
+    this.hooks.log.debug({ reqId: this.request.id, err: { message: err.message } }, 'upstream websocket error')
     if (this.endedBy === undefined) this.hooks.metrics.upstreamErrors.labels('reset', 'ws').inc()
     this.end('upstream_error')
     this.appDone = true
@@ -398,3 +407,16 @@ export class WsSession implements ClientFrameSink<Mark> {
     if (this.client.destroyed && this.app.destroyed) clearTimeout(this.closeTimer)
   }
 }
+
+// Socket listeners shared by all sessions, each socket pointing at its
+// session (as `ws` does): eight closures per session would cost ~0.5 KiB.
+const SESSION = Symbol('ws session')
+type Owned = Socket & { [SESSION]: WsSession }
+function onClientData (this: Owned, chunk: Buffer): void { this[SESSION].fromClient(chunk) }
+function onAppData (this: Owned, chunk: Buffer): void { this[SESSION].fromApp(chunk) }
+function onClientDrain (this: Owned): void { this[SESSION].resumeApp() }
+function onAppDrain (this: Owned): void { this[SESSION].resumeClient() }
+function onClientEnd (this: Owned): void { this[SESSION].clientEnded() }
+function onAppEnd (this: Owned): void { this[SESSION].appEnded() }
+function onClientError (this: Owned, err: Error): void { this[SESSION].clientFailed(err) }
+function onAppError (this: Owned, err: Error): void { this[SESSION].appFailed(err) }

@@ -22,7 +22,7 @@ import type { Config } from '../config/load.js'
 import type { LiveConfig } from '../config/live.js'
 import type { Revocations } from '../auth/revocation.js'
 import { WsGuard } from '../auth/ws-guard.js'
-import type { Audit } from '../observability/audit.js'
+import { requesterOf, type Audit } from '../observability/audit.js'
 import type { Metrics } from '../observability/metrics.js'
 import type { ConnectionSlots, WsMessageLimiter } from '../limits/ws.js'
 import { WsLimits } from '../limits/ws-gate.js'
@@ -54,7 +54,7 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
   const { live, config, metrics, audit, messages, slots, revocations } = deps
   const guard = new WsGuard<WsSession>(revocations, audit, config.auth.clockToleranceSec * 1000)
   const limits = new WsLimits({ live, slots, messages, audit })
-  const hooks = { metrics, maxBuffered: config.ws.maxBuffered, maxPayload: config.ws.maxPayload, onEnd: (s: WsSession) => { guard.forget(s) } }
+  const hooks = { metrics, log: app.log, maxBuffered: config.ws.maxBuffered, maxPayload: config.ws.maxPayload, onEnd: (s: WsSession) => { guard.forget(s) } }
   const upgrades = new Upgrades({ config, metrics, guard, limits, opened })
   app.server.prependListener('upgrade', upgrades.onUpgrade)
 
@@ -79,7 +79,7 @@ export async function registerWsProxy (app: FastifyInstance, deps: WsDeps): Prom
   function opened (o: Opened): void {
     const identity = o.request.identity
     if (identity === null) { o.client.destroy(); o.app.destroy(); o.slot.release(); return }
-    const s = new WsSession(o.client, o.app, o.request, identity, o.slot, hooks)
+    const s = new WsSession(o.client, o.app, requesterOf(o.request), identity, o.slot, hooks)
     metrics.wsConnections.inc()
     metrics.observeRequest(101, (performance.now() - o.startedAt) / 1000)
     if (!guard.watch(s)) return // revoked meanwhile: closed
