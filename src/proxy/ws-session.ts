@@ -74,6 +74,9 @@ export class WsSession implements ClientFrameSink<Mark> {
   private runEnd = 0
   /** Nothing more is written to the app (the gateway closed that side). */
   private appDone = false
+  /** The client's close frame went to the app; the client ended its stream (FIN). */
+  private clientCloseDone = false
+  private clientFin = false
 
   // app -> client
   private readonly scanner: AppFrameScanner
@@ -125,7 +128,7 @@ export class WsSession implements ClientFrameSink<Mark> {
     app.on('drain', onAppDrain)
     client.on('end', onClientEnd)
     app.on('end', onAppEnd)
-    client.on('close', onClientEnd)
+    client.on('close', onClientClose)
     app.on('close', onAppEnd)
     if (appHead.length > 0) this.fromApp(appHead)
     if (clientHead.length > 0) this.fromClient(clientHead)
@@ -139,6 +142,12 @@ export class WsSession implements ClientFrameSink<Mark> {
     this.slot.release()
     this.hooks.metrics.wsConnections.dec()
     this.hooks.metrics.wsCloses.labels(reason).inc()
+    this.armCloseTimer()
+  }
+
+  /** Both sockets are destroyed if they have not closed within CLOSE_TIMEOUT_MS. */
+  private armCloseTimer (): void {
+    if (this.closeTimer !== undefined) return
     this.closeTimer = setTimeout(() => {
       this.client.destroy()
       this.app.destroy()
@@ -236,8 +245,9 @@ export class WsSession implements ClientFrameSink<Mark> {
       held.shift()
       this.heldBytes -= h.bytes.length
       if (!this.appDone && (h.mark === null || h.mark.verdict === Verdict.Allowed)) this.app.write(h.bytes)
-      if (h.mark === CLIENT_CLOSE) this.end('client_closed')
+      if (h.mark === CLIENT_CLOSE) this.clientCloseSent()
     }
+    this.endAppStream()
     this.resumeClient()
   }
 
@@ -253,7 +263,13 @@ export class WsSession implements ClientFrameSink<Mark> {
   closed (bytes: Buffer): void {
     this.bytes(bytes, 0, bytes.length, CLIENT_CLOSE)
     this.flushRun()
-    if (this.held.length === 0) this.end('client_closed')
+    if (this.held.length === 0) this.clientCloseSent()
+  }
+
+  /** The client's close frame went to the app; a client that also ended its stream has the app's stream ended too. */
+  private clientCloseSent (): void {
+    this.end('client_closed')
+    this.clientCloseDone = true
   }
 
   /** A protocol violation: ws's close code to the client, 1001 to the app. */
@@ -273,7 +289,8 @@ export class WsSession implements ClientFrameSink<Mark> {
     this.heldBytes = 0
     const mark = this.reader.current
     const midFrame = this.reader.inPassedFrame && (mark === null || mark.verdict === Verdict.Allowed)
-    if (!midFrame && this.app.writable) this.app.write(closeFrame(code, text, true))
+    // (after the client's own close frame went to the app, a second one would break the protocol)
+    if (!midFrame && !this.clientCloseDone && this.app.writable) this.app.write(closeFrame(code, text, true))
     if (!this.app.destroyed) this.app.end()
   }
 
@@ -356,8 +373,25 @@ export class WsSession implements ClientFrameSink<Mark> {
 
   // --- socket events -------------------------------------------------------------------------------------------------
 
-  /** The client's stream ended (FIN or closed) without a close frame: 1001 to the app. */
+  /**
+   * The client ended its stream (FIN; it may still read): the app's stream
+   * ends too, after what is still held, and the app's answer still reaches
+   * the client (a ws app answers a bad message it read with its close frame,
+   * or just ends), as between the two directly.
+   */
   clientEnded (): void {
+    this.clientFin = true
+    this.armCloseTimer()
+    this.endAppStream()
+  }
+
+  /** After the client's FIN: the app's stream ends once nothing is held for it. */
+  private endAppStream (): void {
+    if (this.clientFin && this.held.length === 0 && !this.appDone && !this.app.destroyed) this.app.end()
+  }
+
+  /** The client's connection closed: 1001 to the app. */
+  clientGone (): void {
     this.end('client_closed')
     this.closeApp(CLOSE.goingAway, 'client went away')
     this.clientDone = true
@@ -367,10 +401,11 @@ export class WsSession implements ClientFrameSink<Mark> {
 
   /** The app's stream ended: after its close frame that is the close handshake's end; without one, 1014 to the client. */
   appEnded (): void {
-    this.end('upstream_closed')
+    // after the client's own FIN this is the app's answer to it, not an abnormal end
+    this.end(this.clientFin ? 'client_closed' : 'upstream_closed')
     this.appDone = true
     this.reader.stop()
-    this.finishClient('upstream closed abnormally')
+    this.finishClient(this.clientFin ? undefined : 'upstream closed abnormally')
     this.settled()
   }
 
@@ -378,8 +413,8 @@ export class WsSession implements ClientFrameSink<Mark> {
    * The app side is gone: the client's stream ends, after a 1014 close frame
    * when the app sent none and the stream is between frames.
    */
-  private finishClient (text: string): void {
-    if (!this.clientDone && this.scanner.atFrameBoundary && this.client.writable) this.client.write(closeFrame(CLOSE.badGateway, text, false))
+  private finishClient (text: string | undefined): void {
+    if (text !== undefined && !this.clientDone && this.scanner.atFrameBoundary && this.client.writable) this.client.write(closeFrame(CLOSE.badGateway, text, false))
     this.clientDone = true
     this.inserts = undefined
     if (!this.client.destroyed) this.client.end()
@@ -417,6 +452,7 @@ function onAppData (this: Owned, chunk: Buffer): void { this[SESSION].fromApp(ch
 function onClientDrain (this: Owned): void { this[SESSION].resumeApp() }
 function onAppDrain (this: Owned): void { this[SESSION].resumeClient() }
 function onClientEnd (this: Owned): void { this[SESSION].clientEnded() }
+function onClientClose (this: Owned): void { this[SESSION].clientGone() }
 function onAppEnd (this: Owned): void { this[SESSION].appEnded() }
 function onClientError (this: Owned, err: Error): void { this[SESSION].clientFailed(err) }
 function onAppError (this: Owned, err: Error): void { this[SESSION].appFailed(err) }
