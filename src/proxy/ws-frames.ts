@@ -95,13 +95,50 @@ class HeaderBytes {
 }
 
 /**
+ * Header bytes that may arrive split across chunks. locate() points `src`,
+ * `off` and `available` at the header starting at chunk[at]: the chunk
+ * itself, or (when the header began in an earlier chunk) the carried-over
+ * bytes completed from the chunk in their own small buffer.
+ */
+abstract class SplitHeaders {
+  protected partial: HeaderBytes | undefined = undefined
+  protected src: Buffer = EMPTY
+  protected off = 0
+  protected available = 0
+
+  /** Points src/off/available at the header; returns how many of its bytes were carried over. */
+  protected locate (chunk: Buffer, at: number): number {
+    const partial = this.partial
+    this.available = chunk.length - at
+    if (partial === undefined) {
+      this.src = chunk
+      this.off = at
+      return 0
+    }
+    const carried = partial.length
+    this.available = carried + chunk.copy(partial.buf, carried, at, at + Math.min(MAX_HEADER - carried, this.available))
+    this.src = partial.buf
+    this.off = 0
+    return carried
+  }
+
+  /** Keeps the start of a header that the chunk ends inside of (all of the chunk from `at`): -1. */
+  protected keep (chunk: Buffer, at: number): -1 {
+    if (this.partial === undefined) {
+      this.partial = new HeaderBytes()
+      chunk.copy(this.partial.buf, 0, at)
+    }
+    this.partial.length = this.available
+    return -1
+  }
+}
+
+/**
  * Client-to-app frames, parsed as they stream by. Each header is checked as
  * soon as the bytes a check needs have arrived, as `ws` does, so a violation
  * gets the same close code at the same point of a stream.
  */
-export class ClientFrameReader<O> {
-  /** Header bytes carried over from earlier chunks (allocated only when a header is split). */
-  private partial: HeaderBytes | undefined = undefined
+export class ClientFrameReader<O> extends SplitHeaders {
   /** Payload bytes still to come in the current frame. */
   private remaining = 0
   /** The current frame is a data frame's (marked with `mark`), a passed-on control frame's, or a close being read. */
@@ -117,7 +154,7 @@ export class ClientFrameReader<O> {
   private closeLength = 0
   private stopped = false
 
-  constructor (private readonly maxPayload: number, private readonly sink: ClientFrameSink<O>) {}
+  constructor (private readonly maxPayload: number, private readonly sink: ClientFrameSink<O>) { super() }
 
   /** Nothing more is read (a close frame, a violation, or the session ended). */
   stop (): void { this.stopped = true }
@@ -167,21 +204,11 @@ export class ClientFrameReader<O> {
    * the next chunk) or violates the protocol (reported; reading stops).
    */
   private header (chunk: Buffer, at: number): number {
-    const carried = this.partial?.length ?? 0
-    let src = chunk
-    let off = at
-    let available = chunk.length - at
-    if (carried > 0) {
-      // complete the carried-over header in its own buffer and parse it there
-      const partial = this.partial as HeaderBytes
-      const copied = chunk.copy(partial.buf, carried, at, at + Math.min(MAX_HEADER - carried, available))
-      src = partial.buf
-      off = 0
-      available = carried + copied
-    }
+    const carried = this.locate(chunk, at)
+    const { src, off, available } = this
     const size = this.headerSize(src, off, available)
     if (size === 0) return -1 // violation, reported
-    if (size > available) return this.keep(chunk, at, carried, available)
+    if (size > available) return this.keep(chunk, at)
     const b0 = src[off] as number
     const used = size - carried
     this.begin(b0 & 0x0f, (b0 & 0x80) !== 0, this.length)
@@ -292,16 +319,6 @@ export class ClientFrameReader<O> {
     this.sink.closed(bytes, code)
   }
 
-  /** Keeps the start of a header that the chunk ends inside of (all of the chunk from `at`). */
-  private keep (chunk: Buffer, at: number, carried: number, available: number): number {
-    if (carried === 0) {
-      this.partial = new HeaderBytes()
-      chunk.copy(this.partial.buf, 0, at)
-    }
-    (this.partial as HeaderBytes).length = available
-    return -1
-  }
-
   private violate (code: number, why: string): 0 {
     this.stopped = true
     this.sink.violation(code, why)
@@ -322,21 +339,20 @@ export type Until = typeof UNTIL[keyof typeof UNTIL]
  * to act: at the boundary it waits for, after the app's close frame, or at
  * the header of a message over the size cap.
  */
-export class AppFrameScanner {
+export class AppFrameScanner extends SplitHeaders {
   /** Why the last scan() stopped before the chunk's end. */
   stop: ScanStop = undefined
   /** Complete data messages seen so far. */
   messages = 0
   /** Data frames whose header has been seen (activity). */
   dataFrames = 0
-  private partial: HeaderBytes | undefined = undefined
   private remaining = 0
   private opcode = 0
   private fin = false
   private inMessage = false
   private messageBytes = 0
 
-  constructor (private readonly maxPayload: number) {}
+  constructor (private readonly maxPayload: number) { super() }
 
   /** Between frames (no header or payload in progress). */
   get atFrameBoundary (): boolean { return this.remaining === 0 && this.partial === undefined }
@@ -379,26 +395,10 @@ export class AppFrameScanner {
 
   /** Parses a header at chunk[at] (continuing carried-over bytes): chunk bytes used, or -1 (kept, or too big). */
   private header (chunk: Buffer, at: number): number {
-    const carried = this.partial?.length ?? 0
-    let src = chunk
-    let off = at
-    let available = chunk.length - at
-    if (carried > 0) {
-      const partial = this.partial as HeaderBytes
-      const copied = chunk.copy(partial.buf, carried, at, at + Math.min(MAX_HEADER - carried, available))
-      src = partial.buf
-      off = 0
-      available = carried + copied
-    }
+    const carried = this.locate(chunk, at)
+    const { src, off, available } = this
     const size = available < 2 ? 2 : headerSizeOf(src[off + 1] as number)
-    if (size > available) {
-      if (carried === 0) {
-        this.partial = new HeaderBytes()
-        chunk.copy(this.partial.buf, 0, at)
-      }
-      (this.partial as HeaderBytes).length = available
-      return -1
-    }
+    if (size > available) return this.keep(chunk, at)
     const b0 = src[off] as number
     const len7 = (src[off + 1] as number) & 0x7f
     const length = len7 < 126 ? len7 : len7 === 126 ? src.readUInt16BE(off + 2) : src.readUInt32BE(off + 2) * 2 ** 32 + src.readUInt32BE(off + 6)
