@@ -6,7 +6,9 @@ import path from 'node:path'
 import { banner, fmt, fmtNoise, fmtReasons, median } from './lib/format.mjs'
 import { logSummary } from './lib/probes.mjs'
 import { REQUEST_PATH, ROOT } from './lib/setup.mjs'
+import { FIRST as FIRST_WINDOW, HOLD, THRESHOLD } from './phases/cold-start.mjs'
 import { BASELINE, RESULTS_FILE, S, WS_BASELINE, WS_PATH } from './settings.mjs'
+import { curveSeconds } from './lib/curve.mjs'
 
 /**
  * Prints the tables, warnings and notes, and writes RESULTS_FILE. `run` holds
@@ -31,7 +33,7 @@ export function report (run) {
 
 /** Warnings (loud) and notes from what the parts measured; `failed` when a result is invalid. */
 function checks (run) {
-  const { subjects, http, fixed, down, wsEcho, wsMem, pin } = run
+  const { subjects, http, fixed, down, wsEcho, wsMem, cold, pin } = run
   const warnings = []
   const notes = []
   let failed = false
@@ -72,6 +74,17 @@ function checks (run) {
       if (r.after.gc === false || r.before.gc === false) notes.push(`WebSocket memory ${r.name}: no GC before a reading (${r.after.probe ?? 'probe without --expose-gc'}); RSS is without a forced GC`)
     }
   }
+  const first = firstSeconds()
+  for (const r of cold?.rows ?? []) {
+    if (r.bad > 0) { failed = true; warnings.push(`cold start ${r.name}: ${r.bad} non-2xx responses / socket errors / timeouts: THESE NUMBERS ARE INVALID`) }
+    if (r.loadgenFirst !== undefined && r.loadgenFirst > 90) warnings.push(`cold start ${r.name}: the load generator used ${fmt.pct(r.loadgenFirst)} of its core in the first ${first} s: the curve may be the load generator's, not the gateway's`)
+    const loud = (first, whole) => first > 15 || whole > 10
+    if (loud(r.noiseFirst, r.noise) || loud(r.lgNoiseFirst, r.lgNoise)) {
+      warnings.push(`cold start ${r.name}: other processes used up to ${fmt.pct(r.noiseFirst)} of ${pin.applied ? 'the subject core' : 'a core'} in the first ${first} s ` +
+        `(${fmt.pct(r.noise)} over the whole period)${pin.applied ? ` and ${fmt.pct(r.lgNoiseFirst)} of the load generator's (${fmt.pct(r.lgNoise)})` : ''}: ` +
+        'the req/s curve is partly the machine\'s noise; the CPU/req curve holds up better')
+    }
+  }
   const allMeasurements = [...(http?.results ?? []), ...(wsEcho?.results ?? [])]
   const noisy = median(allMeasurements.map((m) => m.noise.subjectCore ?? m.noise.machine))
   if (noisy !== undefined && noisy > 10) {
@@ -84,18 +97,19 @@ function checks (run) {
 
 /** What the subjects logged during the run, summarised per process, or undefined when none logged. */
 function logNotes (run) {
-  const { http, wsEcho, wsMem, children } = run
+  const { http, wsEcho, wsMem, cold, children } = run
   const logLines = []
   for (const [name, proc] of [['issuer', { child: children.issuer }], ['app', { child: children.app }], ...(http ? [...children.httpRuns] : []), ...(wsEcho ? [...wsEcho.runs].map(([n, r]) => [`ws ${n}`, r]) : [])]) {
     if (proc.child?.lines.length) logLines.push(`- ${name}: ${proc.child.lines.length} stdout lines during the run: ${logSummary(proc.child).slice(0, 400)}`)
   }
   for (const r of wsMem ?? []) if (r.logs) logLines.push(`- ws memory ${r.name}: ${r.logs.slice(0, 400)}`)
+  for (const r of cold?.rows ?? []) if (r.logs) logLines.push(`- cold start ${r.name}: ${r.logs.slice(0, 400)}`)
   return logLines.length ? 'subjects logged during the run (at LOG_LEVEL=warn a healthy gateway is silent):\n' + logLines.join('\n') : undefined
 }
 
 /** The tables with their explanations, one section per part that ran: the console output and the top of the results file. */
 function sectionsText (run) {
-  const { http, fixed, down, wsEcho, wsMem } = run
+  const { http, fixed, down, wsEcho, wsMem, cold } = run
   const sections = []
   if (http) {
     sections.push(`## HTTP: one request through each subject\n\n${httpTable(http.rows)}\n\n` +
@@ -137,12 +151,30 @@ function sectionsText (run) {
         `${r.perSub ? `${r.perSub} connections per sub; ` : ''}gateway gauge resonance_ws_connections ${r.gauge ?? 'n/a'} while open, ${r.gaugeAfterClose ?? 'n/a'} one second after closing; ` +
         `"after closing" read ${r.closeSeconds.toFixed(1)} s after the clients started closing.`).join(''))
   }
+  if (cold) {
+    const first = firstSeconds()
+    const rounds = S.coldStart.rounds
+    sections.push(`## Cold start: a fresh gateway under load from its first second\n\n${coldCurveTable(cold.rows)}\n\n${coldDetailTable(cold.rows)}\n\n` +
+      `Per variant${rounds > 1 ? ` and round (${rounds} interleaved rounds, order rotated)` : ''}: a fresh gateway process with the settings of the \`gateway\` row (in-process limit store, same app, pinned to the subject core), ` +
+      `plus the variant's node flags / env. As soon as its admin /readyz answers 200 (polled every 100 ms), the HTTP table's closed loop starts (${S.connections} new connections, the same ${S.tokens} RS256 tokens, so the verified-token cache starts empty) ` +
+      `for ${S.coldStart.seconds} s, with the responses counted per second from the load's start (s1 = [0 s, 1 s)). ` +
+      `Each second is shown as a fraction of the same run's **steady** rate = the median of its last ${Math.max(1, Math.floor(S.coldStart.seconds / 3))} seconds${rounds > 1 ? '; with several rounds, the per-second median of the rounds\' fractions' : ''}. ` +
+      `"≥${THRESHOLD * 100}% from": the first second at ≥ ${THRESHOLD * 100}% of steady whose next ${HOLD} seconds are too. "mean s1–${first}": the mean fraction of the first ${first} s. ` +
+      '"ready": spawn to /readyz 200; "CPU to ready": the gateway\'s utime+stime by then (start-up: module loading, config, JWKS fetch). ' +
+      `CPU µs/req: the gateway's utime+stime (sampled every second) / responses, in the first ${first} s and in the steady window. ` +
+      'The **CPU/req** curve is the steady window\'s CPU µs/req divided by each second\'s: the share of its steady rate the gateway could serve with the CPU each request took then. ' +
+      'It does not drop when other users take part of the subject core or of the load generator\'s (a req/s dip with a flat CPU/req curve is the machine, not the gateway). ' +
+      '"app CPU µs/req": the app behind the gateway, the same warm process in every run: its steady figure tracks the machine\'s own speed from run to run (a host that slows the whole VM down does not show in /proc/stat as other load); in the first seconds it is higher too (new upstream connections, fewer requests per event-loop turn). ' +
+      `"warm restart"${S.coldStart.control > 0 ? `: 1 s after the period the same load is started again (${S.coldStart.control} s) on the now warm process; its s1 and mean s1–${Math.min(first, S.coldStart.control)} against the same steady rate: what starting a load costs (new connections, the load generator ramping up) without a cold process, so cold minus warm is the process's own warm-up` : ' (off: BENCH_COLD_START_CONTROL=0)'}. ` +
+      `"other load": busy time of the subject core minus the gateway and the app, and of the load generator's core minus this process, in % of the core (worst round), in the first ${first} s / the steady window / the whole period. ` +
+      `The app (and this load generator) got ${cold.primed} s of the same load through a throwaway gateway before the first variant, so every variant meets them warm.`)
+  }
   return sections.join('\n\n')
 }
 
 /** bench/results/latest.md: the sections, warnings, notes, subjects, machine and settings, per-round details. */
 function resultsFile (run, console_, warnings, notes) {
-  const { http, wsEcho, wsMem, pin, pinText, nproc, build, redisVersion, issuerStats, elapsed } = run
+  const { http, wsEcho, wsMem, cold, pin, pinText, nproc, build, redisVersion, issuerStats, elapsed } = run
   const cpus = os.cpus()
   const titles = (list, label) => (list.length ? `- ${label}: ${list.map((r) => `**${r.name}**: ${r.title}`).join('; ')}\n` : '')
   const httpDetails = http
@@ -159,7 +191,7 @@ ${console_}
 ${warnings.length ? '\n' + warnings.map((w) => `> **Warning:** ${w.replace(/\n/g, '\n> ')}`).join('\n>\n') + '\n' : ''}${notes.length ? '\n' + notes.map((n) => `Note: ${n}`).join('\n\n') + '\n' : ''}
 ## Subjects
 
-${titles(http?.rows ?? [], 'HTTP')}${titles(wsEcho?.rows ?? [], 'WebSocket echo')}${titles(wsMem ?? [], 'WebSocket memory')}
+${titles(http?.rows ?? [], 'HTTP')}${titles(wsEcho?.rows ?? [], 'WebSocket echo')}${titles(wsMem ?? [], 'WebSocket memory')}${titles(cold?.rows ?? [], 'cold start')}
 ## Machine and settings
 
 - date: ${new Date().toISOString()}
@@ -193,7 +225,7 @@ CPU µs/rt: utime+stime of the subject process (for direct: the app) per round t
 |---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|
 ${wsDetails.join('\n')}
 `
-  : ''}`
+  : ''}${cold ? coldDetails(cold) : ''}`
 }
 
 function version (pkg) {
@@ -293,4 +325,55 @@ function wsMemTable (rows) {
       `${fmt.us(r.cpuUsPerOpen)} | ${fmt.mib(r.afterClose.rssKiB)} | ${fmt.kib(r.heapRetainedKibPerConn)} | ${bad === 0 ? '0' : `**${bad}**`} |`)
   }
   return lines.join('\n')
+}
+
+function coldCurveTable (rows) {
+  const first = firstSeconds()
+  const secs = curveSeconds(Math.max(...rows.map((r) => r.fracs.length)))
+  const lines = [
+    `| variant | curve of | steady | ${secs.map((x) => `s${x}`).join(' | ')} | ≥${THRESHOLD * 100}% from | mean s1–${first} |`,
+    `|---|---|---:|${secs.map(() => '---:|').join('')}---:|---:|`
+  ]
+  const from = (x) => (x === undefined ? 'never' : `s${x}`)
+  for (const r of rows) {
+    const perRound = r.rounds > 1 ? ` (rounds: ${r.sustainedPerRound.map(from).join(', ')})` : ''
+    lines.push(`| ${r.name} | req/s | ${fmt.int(r.steady)} req/s | ${secs.map((x) => fmt.n2(r.fracs[x - 1])).join(' | ')} | **${from(r.sustained)}**${perRound} | **${fmt.n2(r.firstMean)}** |`)
+    lines.push(`| ${r.name} | CPU/req | ${fmt.us(r.cpuSteady)} µs/req | ${secs.map((x) => fmt.n2(r.cpuFracs[x - 1])).join(' | ')} | ${from(r.cpuSustained)} | ${fmt.n2(r.cpuFirstMean)} |`)
+  }
+  return lines.join('\n')
+}
+
+function coldDetailTable (rows) {
+  const first = firstSeconds()
+  const lines = [
+    `| variant | how it is started | ready ms | CPU ms to ready | CPU µs/req s1–${first} | CPU µs/req steady | s1–${first} / steady | app CPU µs/req s1–${first} / steady | warm restart: s1, mean | other load, subject core: s1–${first} / steady / whole | other load, load-generator core: s1–${first} / whole | non-2xx / errors |`,
+    '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
+  ]
+  for (const r of rows) {
+    lines.push(`| ${r.name} | ${r.title} | ${fmt.int(r.readyMs)} | ${fmt.int(r.startCpuMs)} | ${fmt.us(r.cpuFirst)} | ${fmt.us(r.cpuSteady)} | ${fmt.ratio(r.cpuFirst / r.cpuSteady)} | ` +
+      `${fmt.us(r.appCpuFirst)} / ${fmt.us(r.appCpuSteady)} | ` +
+      `${r.control ? `${fmt.n2(r.control.s1)}, ${fmt.n2(r.control.mean)}` : '–'} | ${fmt.pct(r.noiseFirst)} / ${fmt.pct(r.noiseSteady)} / ${fmt.pct(r.noise)} | ` +
+      `${fmt.pct(r.lgNoiseFirst)} / ${fmt.pct(r.lgNoise)} | ${r.bad === 0 ? '0' : `**${r.bad}**`} |`)
+  }
+  return lines.join('\n')
+}
+
+/** The first window's length: FIRST_WINDOW (5) seconds, or the whole period when it is shorter. */
+function firstSeconds () { return Math.min(FIRST_WINDOW, S.coldStart.seconds) }
+
+/** The results file's per-run section: every second's responses, and the gateway's CPU in its first 10 s. */
+function coldDetails (cold) {
+  const first = firstSeconds()
+  const lines = cold.runs.map((r) => `${r.variant} round ${r.round}: steady ${fmt.int(r.steady)} req/s; responses per second: ${r.buckets.join(' ')}\n` +
+    `  gateway CPU % of its core s1..s${r.cpuPctPerSecond.length}: ${r.cpuPctPerSecond.map(fmt.us).join(' ')}; CPU µs/req: ${r.usPerReqPerSecond.map(fmt.us).join(' ')}; ` +
+    `app CPU µs/req: ${r.appUsPerReqPerSecond.map(fmt.us).join(' ')}; ` +
+    `load generator s1–${first} ${fmt.pct(r.loadgenFirst)}; status codes ${Object.entries(r.statusCodes).map(([k, v]) => `${k}: ${v}`).join(', ')}` +
+    `${r.control ? `; warm restart per second (fractions): ${r.control.fracs.map(fmt.n2).join(' ')}` : ''}`)
+  return `
+## Per run: cold start
+
+\`\`\`
+${lines.join('\n')}
+\`\`\`
+`
 }

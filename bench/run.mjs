@@ -19,6 +19,8 @@
 //      gateway, interleaved rounds like (1).
 //   4. WebSocket memory (ws-memory.mjs): RSS per idle connection with BENCH_WS_CONNECTIONS open,
 //      gateway vs the app directly, fresh processes.
+//   5. Cold start (cold-start.mjs): a fresh gateway per variant (node flags / env), loaded from the
+//      moment /readyz answers 200; requests per second as a fraction of its own steady rate.
 //
 // Env: bench/settings.mjs and bench/README.md. The rows of each table:
 // bench/subjects/index.mjs. The tables and bench/results/latest.md: bench/report.mjs.
@@ -30,6 +32,7 @@ import { banner } from './lib/format.mjs'
 import { makeWatch, stopLoad } from './lib/load.mjs'
 import { redisServerVersion, startRedis } from './lib/redis.mjs'
 import { DIST, childEnv, makeKey, signTokens, snapshotDist, startIssuerAndApp } from './lib/setup.mjs'
+import { coldStartPhase } from './phases/cold-start.mjs'
 import { chooseRate, ratePhase } from './phases/fixed-rate.mjs'
 import { httpPhase } from './phases/http.mjs'
 import { redisDownPhase } from './phases/redis-down.mjs'
@@ -37,7 +40,7 @@ import { wsEchoPhase } from './phases/ws-echo.mjs'
 import { wsMemPhase } from './phases/ws-memory.mjs'
 import { report } from './report.mjs'
 import { EXEMPT_ROLE, S, UsageError, envList } from './settings.mjs'
-import { MEM_TARGETS, SUBJECTS, WS_SUBJECTS } from './subjects/index.mjs'
+import { COLD_START_VARIANTS, MEM_TARGETS, SUBJECTS, WS_SUBJECTS } from './subjects/index.mjs'
 
 function pick (list, envName, enabled) {
   if (!enabled) return []
@@ -59,6 +62,7 @@ function choose () {
   const subjects = pick(SUBJECTS, 'BENCH_SUBJECTS', S.http)
   const wsSubjects = pick(WS_SUBJECTS, 'BENCH_WS_SUBJECTS', S.ws.enabled)
   const memTargets = pick(MEM_TARGETS, 'BENCH_WS_MEM_SUBJECTS', S.ws.enabled && S.ws.connections > 0)
+  const coldVariants = pick(COLD_START_VARIANTS, 'BENCH_COLD_START_VARIANTS', S.coldStart.enabled)
   const needRedis = subjects.some((s) => s.needsRedis) || wsSubjects.some((s) => s.needsRedis) || S.redisDown.enabled
   const redisVersion = needRedis ? redisServerVersion() : undefined
   if (needRedis && redisVersion === undefined) {
@@ -72,27 +76,29 @@ function choose () {
       throw new UsageError(`BENCH_WS_CONNECTIONS=${S.ws.connections} needs an open-files limit of at least ${need} (have ${have}): raise it (\`ulimit -n ${need}\`) or lower BENCH_WS_CONNECTIONS`)
     }
   }
-  if (subjects.length + wsSubjects.length + memTargets.length === 0 && !S.redisDown.enabled) throw new UsageError('nothing to run')
-  return { subjects, wsSubjects, memTargets, redisVersion }
+  if (subjects.length + wsSubjects.length + memTargets.length + coldVariants.length === 0 && !S.redisDown.enabled) throw new UsageError('nothing to run')
+  return { subjects, wsSubjects, memTargets, coldVariants, redisVersion }
 }
 
 /** Seconds the run should take (the plan line, and the runaway guard). */
-function plannedSeconds ({ subjects, wsSubjects, memTargets }) {
+function plannedSeconds ({ subjects, wsSubjects, memTargets, coldVariants }) {
   const wsRound = S.ws.warmup + S.ws.duration + 1
   return subjects.length * (S.prime + S.rounds * (S.warmup + S.duration)) +
     (S.rate.rps !== 0 ? subjects.length * S.rate.rounds * (S.rate.warmup + S.rate.duration + 1) : 0) +
     (S.redisDown.enabled ? (S.redisDown.warmup ?? (subjects.some((s) => s.name === 'gateway-redis') ? 3 : 10)) + 3 * S.redisDown.duration + 10 : 0) +
     wsSubjects.length * (S.ws.prime + S.rounds * wsRound) +
-    memTargets.length * (2 * S.ws.settle + 5 + S.ws.connections * 0.004)
+    memTargets.length * (2 * S.ws.settle + 5 + S.ws.connections * 0.004) +
+    (coldVariants.length ? (S.coldStart.prime > 0 ? S.coldStart.prime + 3 : 0) + S.coldStart.rounds * coldVariants.length * (S.coldStart.seconds + 1 + (S.coldStart.control > 0 ? S.coldStart.control + 1 : 0) + 3) : 0)
 }
 
-function printPlan ({ subjects, wsSubjects, memTargets }, planned) {
+function printPlan ({ subjects, wsSubjects, memTargets, coldVariants }, planned) {
   console.log(`plan: HTTP ${subjects.map((s) => s.name).join(', ') || '(none)'}; ${S.rounds} rounds × (${S.warmup} s warm-up + ${S.duration} s measured), ` +
     `${S.prime} s priming per subject, ${S.connections} connections, ${S.tokens} tokens`)
   console.log(`plan: fixed rate ${S.rate.rps !== 0 && subjects.length ? `${S.rate.rps} req/s open loop, ${S.rate.rounds} rounds × ${S.rate.duration} s per HTTP subject` : 'skipped'}`)
   console.log(`plan: Redis down ${S.redisDown.enabled ? `up / hung / dead, ${S.redisDown.duration} s each` : 'skipped'}; ` +
     `WebSocket echo ${wsSubjects.map((s) => s.name).join(', ') || 'skipped'}${wsSubjects.length ? ` (${S.ws.echoConnections} connections, ${S.ws.warmup} s + ${S.ws.duration} s per round)` : ''}; ` +
-    `WebSocket memory ${memTargets.map((s) => s.name).join(', ') || 'skipped'}${memTargets.length ? ` (${S.ws.connections} connections)` : ''}; about ${Math.round(planned)} s`)
+    `WebSocket memory ${memTargets.map((s) => s.name).join(', ') || 'skipped'}${memTargets.length ? ` (${S.ws.connections} connections)` : ''}`)
+  console.log(`plan: cold start ${coldVariants.length ? `${coldVariants.map((v) => v.name).join(', ')}: a fresh gateway each, ${S.coldStart.rounds} round${S.coldStart.rounds > 1 ? 's' : ''} × ${S.coldStart.seconds} s of load from /readyz 200` : 'skipped'}; about ${Math.round(planned)} s in all`)
 }
 
 /**
@@ -136,7 +142,7 @@ async function main () {
   if (!existsSync(path.join(DIST, 'server.js'))) throw new UsageError(`${path.join(DIST, 'server.js')} not found: run \`npm run build\` (npm run bench does)`)
   const build = snapshotDist()
   const parts = choose()
-  const { subjects, wsSubjects, memTargets, redisVersion } = parts
+  const { subjects, wsSubjects, memTargets, coldVariants, redisVersion } = parts
   const planned = plannedSeconds(parts)
   const started = Date.now()
 
@@ -167,12 +173,13 @@ async function main () {
   const down = S.redisDown.enabled ? await redisDownPhase(ctx, tokens, watch) : undefined
   const wsEcho = wsSubjects.length ? await wsEchoPhase(ctx, wsSubjects, tokens, watch) : undefined
   const wsMem = memTargets.length ? await wsMemPhase(ctx, memTargets, tokens, warmTokens, watch) : undefined
+  const cold = coldVariants.length ? await coldStartPhase(ctx, coldVariants, tokens, watch) : undefined
 
   let issuerStats = 'n/a'
   try { issuerStats = JSON.stringify(await (await fetch(`${ctx.issuer.url}/stats`)).json()) } catch {}
   const elapsed = (Date.now() - started) / 1000
   const children_ = { ...children, httpRuns: ctx.httpRuns }
-  const failed = report({ subjects, http, fixed, down, wsEcho, wsMem, pin, pinText, nproc, build, redisVersion, issuerStats, elapsed, children: children_ })
+  const failed = report({ subjects, http, fixed, down, wsEcho, wsMem, cold, pin, pinText, nproc, build, redisVersion, issuerStats, elapsed, children: children_ })
   await stopAll()
   if (failed) process.exitCode = 1
 }

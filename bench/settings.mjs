@@ -4,7 +4,8 @@
 import path from 'node:path'
 import { BENCH_DIR } from './lib/setup.mjs'
 
-export const RESULTS_FILE = path.join(BENCH_DIR, 'results/latest.md')
+/** Where the report goes: bench/results/latest.md, or BENCH_OUT (e.g. a partial run that must not replace the committed results). */
+export const RESULTS_FILE = process.env.BENCH_OUT ? path.resolve(process.env.BENCH_OUT) : path.join(BENCH_DIR, 'results/latest.md')
 export const WS_PATH = '/api/resonance/ws'
 export const BASELINE = 'plain-proxy'
 /** The C peer of the HTTP table (second set of ratios), when `haproxy` is installed. */
@@ -87,5 +88,17 @@ export const S = {
     batch: envNumber('BENCH_WS_BATCH', 200, { min: 1, integer: true }),
     memWarmup: envNumber('BENCH_WS_MEM_WARMUP', 200, { integer: true }),
     settle: envNumber('BENCH_WS_SETTLE', 2)
+  },
+  // 5. cold start: a fresh gateway per variant, loaded from the moment /readyz answers 200
+  coldStart: {
+    enabled: envFlag('BENCH_COLD_START', true),
+    // The period under load, counted per second; steady = median of its last third.
+    seconds: envNumber('BENCH_COLD_START_SECONDS', 60, { min: 3, integer: true }),
+    rounds: envNumber('BENCH_COLD_START_ROUNDS', 1, { min: 1, integer: true }),
+    // Seconds of load through a throwaway gateway before the first variant (app and load generator warm for every variant).
+    prime: envNumber('BENCH_COLD_START_PRIME', 15),
+    // Seconds of the same load started again on the then warm process, 1 s after the period (0: off): what a load
+    // start costs without a cold process.
+    control: envNumber('BENCH_COLD_START_CONTROL', 5, { integer: true })
   }
 }

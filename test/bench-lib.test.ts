@@ -4,7 +4,10 @@
 //     a missing, tampered, expired, wrong-issuer, wrong-audience or wrong-alg one, and the app sees only the good
 //     one, with X-User-Sub set from the token (a client-supplied X-User-Sub is dropped);
 //   - the open-loop load (bench/lib/open-loop.mjs) sends on schedule and measures latency from when a request was
-//     due: an app stall and a stall of the sender itself both show in the latencies.
+//     due: an app stall and a stall of the sender itself both show in the latencies;
+//   - the cold-start curve (bench/lib/curve.mjs): steady rate, fractions, the first second at 90% that stays there,
+//     the first-seconds mean, CPU per request between samples; and the closed loop's per-second counting
+//     (bench/lib/load.mjs runLoad's `live`).
 import { spawn, spawnSync } from 'node:child_process'
 import { generateKeyPairSync, randomUUID } from 'node:crypto'
 import { createServer } from 'node:http'
@@ -24,6 +27,23 @@ const openLoopModule = '../bench/lib/open-loop.mjs'
 const { haproxyConfig, HAPROXY_HEALTH } = await import(haproxyModule) as {
   haproxyConfig: (o: { port: number, upstream: string, issuer: string, audience: string, pem: string }) => string
   HAPROXY_HEALTH: string
+}
+const curveModule = '../bench/lib/curve.mjs'
+const loadModule = '../bench/lib/load.mjs'
+type Curve = Array<number | undefined>
+interface Sample { t: number, cpu: number, responses: number }
+const curve = await import(curveModule) as {
+  steadyRate: (buckets: number[]) => number | undefined
+  fractions: (buckets: number[], steady: number | undefined) => Curve
+  sustainedFrom: (fracs: Curve, o?: { threshold?: number, hold?: number }) => number | undefined
+  meanOver: (fracs: Curve, from: number, to: number) => number | undefined
+  curveSeconds: (period: number) => number[]
+  medianCurve: (curves: Curve[]) => Curve
+  ratePerUnit: (samples: Sample[], from: number, to: number, counter: keyof Sample, per: keyof Sample, scale?: number) => number | undefined
+}
+const { runLoad } = await import(loadModule) as {
+  runLoad: (url: string, tokens: Array<{ jwt: string }>, seconds: number, o: { recordLatency: boolean, live?: { t0?: number, responses?: number, buckets?: number[] } }) =>
+  Promise<{ result: { requests: { total: number }, non2xx: number, errors: number } }>
 }
 const { openLoop, quantile } = await import(openLoopModule) as {
   openLoop: (origin: string, o: { path: string, rate: number, seconds: number, tokens?: string[] }) =>
@@ -123,4 +143,61 @@ t.test('open loop: sends on schedule, latency counted from when a request was du
   const waited = r.latencies.filter((x) => x >= 10).length
   t.ok(waited >= 20 + 25, `the sender stall shows too: ${waited} requests >= 10 ms (20 app-stalled + ~28 sent late)`)
   t.ok((quantile(r.latencies, 0.5) ?? Infinity) < 50, `the rest is fast (p50 ${quantile(r.latencies, 0.5)?.toFixed(2)} ms)`)
+})
+
+t.test('cold-start curve: steady rate, fractions, time to 90% that stays', async (t) => {
+  // 12 s: a slow start, one dip after reaching 90%, steady 100 in the last third (one outlier the median ignores).
+  const buckets = [10, 40, 95, 70, 92, 95, 99, 100, 100, 100, 180, 100]
+  t.equal(curve.steadyRate(buckets), 100, 'median of the last third (4 of 12 buckets)')
+  t.equal(curve.steadyRate([5, 7]), 7, 'at least one bucket')
+  t.equal(curve.steadyRate([]), undefined)
+  const f = curve.fractions(buckets, 100)
+  t.same(f.slice(0, 3), [0.1, 0.4, 0.95])
+  t.same(curve.fractions([1, 2], 0), [undefined, undefined], 'no steady rate: no fractions')
+  t.equal(curve.sustainedFrom(f), 5, 's3 reaches 0.9 but s4 falls back: the first second that stays (with the next 3) is s5')
+  t.equal(curve.sustainedFrom(f, { threshold: 0.9, hold: 0 }), 3, 'hold 0: the first second at 0.9')
+  t.equal(curve.sustainedFrom(f, { threshold: 0.99, hold: 3 }), 7, 'threshold 0.99: s7..s10')
+  t.equal(curve.sustainedFrom([0.5, 0.5, 0.95, 0.95]), 3, 'near the end, every bucket left must hold')
+  t.equal(curve.sustainedFrom([0.5, 0.95, 0.8]), undefined, 'never')
+  t.equal(curve.sustainedFrom([0.95, undefined, 0.95, 0.95, 0.95, 0.95]), 3, 'a missing bucket does not count as reached')
+  t.equal(curve.meanOver(f, 1, 5), (0.1 + 0.4 + 0.95 + 0.7 + 0.92) / 5)
+  t.equal(curve.meanOver(f, 11, 13), undefined, 'seconds past the end')
+  t.same(curve.curveSeconds(60), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20, 30, 45, 60])
+  t.same(curve.curveSeconds(8), [1, 2, 3, 4, 5, 6, 7, 8])
+  t.same(curve.medianCurve([[0.1, 0.5, 1], [0.3, 0.7], [0.2, 0.6, 1]]), [0.2, 0.6], 'per second, as long as the shortest')
+})
+
+t.test('cold-start curve: per-unit rates between the nearest samples', async (t) => {
+  // Samples about once a second (jitter), cumulative CPU seconds and responses.
+  const samples: Sample[] = [
+    { t: 0.004, cpu: 1.0, responses: 0 },
+    { t: 1.02, cpu: 1.8, responses: 800 },
+    { t: 2.0, cpu: 2.5, responses: 2000 },
+    { t: 2.99, cpu: 3.2, responses: 6000 }
+  ]
+  t.equal(curve.ratePerUnit(samples, 0, 1, 'cpu', 'responses', 1e6), 1000, 's1: 0.8 s of CPU for 800 responses = 1000 µs each')
+  t.equal(Math.round(curve.ratePerUnit(samples, 2, 3, 'cpu', 'responses', 1e6) ?? NaN), 175, 's3: 0.7 s for 4000')
+  t.equal(Math.round(curve.ratePerUnit(samples, 0, 3, 'cpu', 't', 100) ?? NaN), 74, 'share of a core over the whole window, in %')
+  t.equal(curve.ratePerUnit(samples, 2, 2, 'cpu', 'responses'), undefined, 'an empty window')
+  t.equal(curve.ratePerUnit([{ t: 0, cpu: 1, responses: 5 }, { t: 1, cpu: 2, responses: 5 }], 0, 1, 'cpu', 'responses'), undefined, 'no responses')
+})
+
+t.test('closed loop: responses counted per second from the start of the load', async (t) => {
+  const server = createServer((_req, res) => { res.end('ok') })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise((resolve) => server.close(resolve)))
+  const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+  const live: { t0?: number, responses?: number, buckets?: number[] } = {}
+  const seen: number[] = []
+  const poll = setInterval(() => { if (live.responses !== undefined) seen.push(live.responses) }, 200)
+  const { result } = await runLoad(url, [{ jwt: 'x' }], 2, { recordLatency: false, live })
+  clearInterval(poll)
+  t.equal(result.non2xx + result.errors, 0)
+  t.ok(live.t0 !== undefined && live.t0 > 0, 'the start time is set')
+  const buckets = live.buckets ?? []
+  t.ok(buckets.length >= 2 && buckets.length <= 3, `2 s of load fill 2 buckets (plus at most a few last responses in a third): ${buckets.join(' ')}`)
+  t.equal(buckets.reduce((a, b) => a + b, 0), live.responses, 'every response in a bucket')
+  t.equal(live.responses, result.requests.total, 'as many as autocannon counted')
+  t.ok((buckets[0] ?? 0) > 100 && (buckets[1] ?? 0) > 100, 'both seconds have responses')
+  t.ok(seen.some((n) => n > 0 && n < (live.responses ?? 0)), 'the count grows while the load runs (a sampler can read it)')
 })

@@ -18,8 +18,13 @@ let current // the running autocannon instance, stopped on abort
  * seconds of cloning per run. Returns autocannon's result plus our own latency
  * samples (autocannon's histogram has 1 ms resolution) and the longest time
  * without any response (all connections stuck: a stall).
+ *
+ * `live` (optional, an object): filled while the load runs, for a caller that
+ * samples it meanwhile: live.t0 (performance.now() when the load started),
+ * live.responses (so far) and live.buckets (responses per second since t0:
+ * buckets[i] counts those that arrived in [i s, i+1 s)).
  */
-export function runLoad (url, tokens, seconds, { recordLatency }) {
+export function runLoad (url, tokens, seconds, { recordLatency, live }) {
   const requests = tokens.map((t, i) => ({
     method: 'GET',
     path: `${REQUEST_PATH}${i}`,
@@ -32,6 +37,7 @@ export function runLoad (url, tokens, seconds, { recordLatency }) {
     const t0 = performance.now()
     let last = t0
     let maxGap = 0
+    if (live) Object.assign(live, { t0, responses: 0, buckets: [] })
     current = autocannon({
       url,
       connections: S.connections,
@@ -48,12 +54,18 @@ export function runLoad (url, tokens, seconds, { recordLatency }) {
       maxGap = Math.max(maxGap, performance.now() - last)
       resolve({ result, latencies, maxGap })
     })
-    if (latencies) {
+    if (latencies || live) {
       current.on('response', (_client, _status, _bytes, ms) => {
-        latencies.add(ms)
+        latencies?.add(ms)
         const now = performance.now()
         if (now - last > maxGap) maxGap = now - last
         last = now
+        if (live) {
+          live.responses++
+          const i = Math.floor((now - t0) / 1000)
+          while (live.buckets.length <= i) live.buckets.push(0)
+          live.buckets[i]++
+        }
       })
     }
   })

@@ -26,6 +26,9 @@ const MEM_PROBE = path.join(BENCH_DIR, 'lib/mem-probe.mjs')
 // when named in BENCH_SUBJECTS.
 //
 // Gateway variants differ only in env (see gatewayEnv in lib/setup.mjs for the shared part).
+/** The `gateway` row's env on top of gatewayEnv(): nothing (in-process limit store, defaults). The cold-start variants start from it too. */
+const GATEWAY_ENV = {}
+
 export const SUBJECTS = [
   {
     name: 'direct',
@@ -74,7 +77,7 @@ export const SUBJECTS = [
     auth: true,
     limitHeaders: true,
     default: true,
-    start: (ctx) => startGateway(ctx, 'gateway', {})
+    start: (ctx) => startGateway(ctx, 'gateway', GATEWAY_ENV)
   },
   {
     name: 'gateway-redis',
@@ -104,6 +107,27 @@ export const SUBJECTS = [
     start: (ctx) => startGateway(ctx, 'gateway-nocache', { JWT_CACHE_SIZE: '0' })
   }
 ]
+
+// Cold-start variants (BENCH_COLD_START_VARIANTS): the `gateway` row above (same env, same app, same pinning),
+// started fresh for every run. A variant differs only in `nodeFlags` (node options before the script, e.g.
+// V8 heap flags) and `env` (added to the gateway row's), both optional; add a variant as one line, e.g.
+//   { name: 'self-warmup', env: { GATEWAY_WARMUP: '1' }, default: false },
+// The title (flags and env) is derived from them.
+export const COLD_START_VARIANTS = [
+  { name: 'default', nodeFlags: [], env: {}, default: true },
+  { name: 'semi-space-64', nodeFlags: ['--max-semi-space-size=64'], env: {}, default: true },
+  { name: 'semi-space-32', nodeFlags: ['--max-semi-space-size=32'], env: {}, default: true }
+].map((v) => ({ nodeFlags: [], env: {}, ...v })).map((v) => ({ ...v, title: coldStartTitle(v) }))
+
+function coldStartTitle ({ nodeFlags, env }) {
+  const envText = Object.entries(env).map(([k, v]) => `${k}=${v}`).join(' ')
+  return `\`${envText ? envText + ' ' : ''}node ${nodeFlags.length ? nodeFlags.join(' ') + ' ' : ''}dist/server.js\`, settings of the \`gateway\` row`
+}
+
+/** A fresh gateway of a cold-start variant, started as the `gateway` row is, plus the variant's node flags and env. */
+export function startColdStartGateway (ctx, variant, name) {
+  return startGateway(ctx, name, { ...GATEWAY_ENV, ...variant.env }, { execArgv: variant.nodeFlags })
+}
 
 // WebSocket echo rows (BENCH_WS_SUBJECTS). `start` returns { url (http base), pid, child?, others }.
 export const WS_SUBJECTS = [
