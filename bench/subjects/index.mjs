@@ -9,6 +9,7 @@ import { BASELINE, EXEMPT_ROLE, S, WS_GATEWAY_ENV } from '../settings.mjs'
 import { HAPROXY_HEALTH, haproxyConfig } from './haproxy.mjs'
 
 const PLAIN_PROXY_SCRIPT = path.join(BENCH_DIR, 'subjects/plain-proxy.mjs')
+const TCP_PIPE_SCRIPT = path.join(BENCH_DIR, 'subjects/tcp-pipe.mjs')
 const MEM_PROBE = path.join(BENCH_DIR, 'lib/mem-probe.mjs')
 
 // ------------------------------------------------------------- subjects --
@@ -144,6 +145,13 @@ export const WS_SUBJECTS = [
     auth: false,
     default: true,
     start: (ctx) => ctx.httpRuns.get(BASELINE) ?? startScript(ctx, BASELINE, PLAIN_PROXY_SCRIPT, { UPSTREAM_URL: ctx.app.url })
+  },
+  {
+    name: 'tcp-pipe',
+    title: 'a bare Node.js TCP relay (net sockets piped both ways, handshake included; no parsing, auth or limits): the floor of any Node relay',
+    auth: false,
+    default: true,
+    start: (ctx) => startScript(ctx, 'tcp-pipe', TCP_PIPE_SCRIPT, { UPSTREAM_URL: ctx.app.url })
   },
   {
     name: 'gateway',
