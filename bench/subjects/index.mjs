@@ -165,7 +165,7 @@ export const WS_SUBJECTS = [
     title: 'the same with REDIS_URL (message limit and connection slots in the private Redis)',
     auth: true,
     needsRedis: true,
-    default: false,
+    default: true,
     start: (ctx) => startGatewayWithRedis(ctx, 'gateway-ws-redis', 'redis-ws', WS_GATEWAY_ENV)
   }
 ]
