@@ -729,3 +729,9 @@ t.test('units: ALICE, forwardContext, auditedRequest', async (t) => {
   t.match(auditedRequest(), { id: 'req-1', ip: '203.0.113.7', method: 'GET', url: '/ws/chat?room=1' })
   t.match(auditedRequest({ url: '/x' }), { url: '/x', id: 'req-1' })
 })
+
+t.test('freePort: a bindable port below the ephemeral range, so a listen(0) elsewhere cannot take it', async (t) => {
+  const ports = await Promise.all(Array.from({ length: 20 }, async () => await freePort()))
+  for (const p of ports) t.ok(p >= 20_000 && p <= 32_767, `${p} is in 20000-32767`)
+  t.ok(new Set(ports).size > 1, 'ports differ')
+})
