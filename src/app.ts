@@ -41,6 +41,8 @@ export interface GatewayDeps {
   auditStream?: DestinationStream
   /** The environment the config was loaded from; reloads read it again (default process.env). */
   env?: NodeJS.ProcessEnv
+  /** prom-client's process_* and nodejs_* metrics (default true; observability/metrics.ts says why a throwaway gateway goes without). */
+  processMetrics?: boolean
 }
 
 export interface Gateway {
@@ -81,7 +83,7 @@ function requestIds (): (req: IncomingMessage) => string {
 }
 
 export async function buildGateway (config: Config, deps: GatewayDeps = {}): Promise<Gateway> {
-  const metrics = createMetrics()
+  const metrics = createMetrics({ processMetrics: deps.processMetrics })
   // The audit trail has its own destination and level (observability/audit.ts).
   const audit = createAudit(metrics, deps.auditStream ?? auditDestination(config.audit.log))
   // Deadlines of the public listener (limits/connections.ts).

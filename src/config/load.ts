@@ -100,6 +100,23 @@ export function loadConfig (opts: LoadOptions = {}): Config {
   return deepFreeze(assemble(source, values, structured))
 }
 
+/**
+ * `config` with some scalar settings replaced, assembled exactly as loadConfig
+ * assembles (same object shapes), the rule lists kept. Not validated: the
+ * caller passes values of the leaves' types (the warm-up's throwaway gateway).
+ */
+export function withLeaves (config: Config, values: Partial<LeafValues>): Config {
+  const { auth, rateLimit } = config
+  const structured: Structured = {
+    'auth.publicPaths': auth.publicPaths,
+    'auth.routes': auth.routes,
+    'rateLimit.routes': rateLimit.routes,
+    'rateLimit.roles': rateLimit.roles,
+    'rateLimit.exempt': rateLimit.exempt
+  }
+  return deepFreeze(assemble(config.source, { ...config.leaves, ...values }, structured))
+}
+
 /** The YAML mapping of the file named (or of the default file when it exists); {} when there is none. */
 function readYaml (explicitFile: string | undefined, errors: string[]): { yaml: Record<string, unknown>, source: string | undefined } {
   const file = explicitFile ?? CONFIG_FILE.default
