@@ -1,6 +1,7 @@
 /**
- * Entrypoint: loadConfig() -> buildGateway() -> listen public + admin ->
- * graceful shutdown. Invalid configuration exits 1 before binding any port.
+ * Entrypoint: loadConfig() -> buildGateway() -> listen public + admin (with
+ * WARMUP > 0 the warm-up, warmup/, runs meanwhile and holds /readyz at 503
+ * until it has ended) -> graceful shutdown. Invalid configuration exits 1 before binding any port.
  *
  * SIGTERM/SIGINT: /readyz turns 503 at once, the public port keeps serving for
  * SHUTDOWN_DELAY (load balancers notice and drain), then WebSockets get 1001,
@@ -9,6 +10,7 @@
  */
 import { loadConfig, type Config } from './config/load.js'
 import { buildGateway } from './app.js'
+import { warmUpBeforeReady } from './warmup/index.js'
 
 export async function main (env: NodeJS.ProcessEnv = process.env): Promise<void> {
   let config: Config
@@ -22,6 +24,8 @@ export async function main (env: NodeJS.ProcessEnv = process.env): Promise<void>
   const gw = await buildGateway(config)
   const log = gw.app.log
   gw.start().catch(() => {}) // failures are logged and shown by /readyz; requests answer meanwhile
+  // WARMUP (a no-op when 0): its readiness check is in place before the admin listener answers; it never rejects.
+  warmUpBeforeReady(gw).catch(() => {})
   await gw.app.listen({ host: config.server.host, port: config.server.port })
   await gw.admin.listen({ host: config.admin.host, port: config.admin.port })
   log.info({
