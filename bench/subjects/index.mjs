@@ -112,10 +112,11 @@ export const SUBJECTS = [
 // Cold-start variants (BENCH_COLD_START_VARIANTS): the `gateway` row above (same env, same app, same pinning),
 // started fresh for every run. A variant differs only in `nodeFlags` (node options before the script, e.g.
 // V8 heap flags) and `env` (added to the gateway row's), both optional; add a variant as one line, e.g.
-//   { name: 'self-warmup', env: { GATEWAY_WARMUP: '1' }, default: false },
+//   { name: 'warmup-5s', env: { WARMUP: '5s' }, default: false },
 // The title (flags and env) is derived from them.
 export const COLD_START_VARIANTS = [
   { name: 'default', nodeFlags: [], env: {}, default: true },
+  { name: 'warmup', nodeFlags: [], env: { WARMUP: '2s' }, default: false },
   { name: 'semi-space-64', nodeFlags: ['--max-semi-space-size=64'], env: {}, default: true },
   { name: 'semi-space-32', nodeFlags: ['--max-semi-space-size=32'], env: {}, default: true }
 ].map((v) => ({ nodeFlags: [], env: {}, ...v })).map((v) => ({ ...v, title: coldStartTitle(v) }))
