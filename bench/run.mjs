@@ -31,7 +31,8 @@ import { hasCommand, installCleanup, openFilesLimit, setupPinning, stopAll } fro
 import { banner } from './lib/format.mjs'
 import { makeWatch, stopLoad } from './lib/load.mjs'
 import { redisServerVersion, startRedis } from './lib/redis.mjs'
-import { DIST, childEnv, makeKey, signTokens, snapshotDist, startIssuerAndApp } from './lib/setup.mjs'
+import { imageNode } from './lib/node-image.mjs'
+import { DIST, ROOT, childEnv, makeKey, signTokens, snapshotDist, startIssuerAndApp } from './lib/setup.mjs'
 import { coldStartPhase } from './phases/cold-start.mjs'
 import { chooseRate, ratePhase } from './phases/fixed-rate.mjs'
 import { httpPhase } from './phases/http.mjs'
@@ -57,12 +58,25 @@ function pick (list, envName, enabled) {
   })
 }
 
+/** Variants with their Node binary (`execPath`): the image's Node is installed here, before any timing starts. */
+function withNodes (variants) {
+  return variants.map((v) => {
+    if (v.node !== 'image') return { ...v, execPath: process.execPath, title: `${v.title}; Node ${process.version}` }
+    try {
+      const node = imageNode(path.join(ROOT, 'Dockerfile'))
+      return { ...v, execPath: node.path, title: `${v.title}; Node v${node.version}` }
+    } catch (err) {
+      throw new UsageError(`cold-start variant ${v.name}: ${err.message} (or leave it out: BENCH_COLD_START_VARIANTS)`)
+    }
+  })
+}
+
 /** What runs: the rows of each part (BENCH_*_SUBJECTS), after the checks that stop a run before it starts. */
 function choose () {
   const subjects = pick(SUBJECTS, 'BENCH_SUBJECTS', S.http)
   const wsSubjects = pick(WS_SUBJECTS, 'BENCH_WS_SUBJECTS', S.ws.enabled)
   const memTargets = pick(MEM_TARGETS, 'BENCH_WS_MEM_SUBJECTS', S.ws.enabled && S.ws.connections > 0)
-  const coldVariants = pick(COLD_START_VARIANTS, 'BENCH_COLD_START_VARIANTS', S.coldStart.enabled)
+  const coldVariants = withNodes(pick(COLD_START_VARIANTS, 'BENCH_COLD_START_VARIANTS', S.coldStart.enabled))
   const needRedis = subjects.some((s) => s.needsRedis) || wsSubjects.some((s) => s.needsRedis) || S.redisDown.enabled
   const redisVersion = needRedis ? redisServerVersion() : undefined
   if (needRedis && redisVersion === undefined) {

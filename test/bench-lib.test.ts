@@ -201,3 +201,20 @@ t.test('closed loop: responses counted per second from the start of the load', a
   t.ok((buckets[0] ?? 0) > 100 && (buckets[1] ?? 0) > 100, 'both seconds have responses')
   t.ok(seen.some((n) => n > 0 && n < (live.responses ?? 0)), 'the count grows while the load runs (a sampler can read it)')
 })
+
+t.test('the image\'s Node for the cold-start rows: the version the Dockerfile names, or this Node when it is that one', async (t) => {
+  const nodeImage = await import('../bench/lib/node-image.mjs' as string) as {
+    imageNodeVersion: (dockerfile: string) => string | undefined
+    imageNode: (dockerfile: string) => { version: string, path: string }
+  }
+  const dir = mkdtempSync(path.join(tmpdir(), 'node-image-'))
+  const file = (name: string, text: string): string => { const f = path.join(dir, name); writeFileSync(f, text); return f }
+  const repoVersion = nodeImage.imageNodeVersion(path.resolve('Dockerfile'))
+  t.match(repoVersion, /^\d+\.\d+\.\d+$/, 'the repo\'s Dockerfile names an exact Node release')
+  t.equal(nodeImage.imageNodeVersion(file('a', '# x\nARG NODE_IMAGE=node:24.1.2-bookworm-slim\nFROM node:24.1.2-bookworm-slim\n')), '24.1.2')
+  t.equal(nodeImage.imageNodeVersion(file('b', 'FROM node:24-bookworm-slim\n')), undefined, 'no NODE_IMAGE argument: unknown')
+  const own = process.version.slice(1)
+  t.same(nodeImage.imageNode(file('c', `ARG NODE_IMAGE=node:${own}-bookworm-slim\n`)), { version: own, path: process.execPath },
+    'this process\'s Node when it is the image\'s: nothing installed')
+  t.throws(() => nodeImage.imageNode(file('d', 'FROM node:24\n')), /no ARG NODE_IMAGE=node:<x\.y\.z>/)
+})

@@ -69,9 +69,10 @@ export function setupPinning () {
 /**
  * Starts `node ...execArgv --import orphan-guard <script> ...args`, under `taskset -c
  * <cpu>` when pinning applies (taskset execs node, so child.pid is node's).
+ * `node`: another Node binary than this process's.
  */
-export function spawnNode (name, script, { args = [], execArgv = [], env = process.env, cwd, pin } = {}) {
-  return spawnProcess(name, process.execPath, [...execArgv, '--import', GUARD, script, ...args], { env, cwd, pin })
+export function spawnNode (name, script, { args = [], execArgv = [], env = process.env, cwd, pin, node = process.execPath } = {}) {
+  return spawnProcess(name, node, [...execArgv, '--import', GUARD, script, ...args], { env, cwd, pin })
 }
 
 /**

@@ -111,24 +111,31 @@ export const SUBJECTS = [
 
 // Cold-start variants (BENCH_COLD_START_VARIANTS): the `gateway` row above (same env, same app, same pinning),
 // started fresh for every run. A variant differs only in `nodeFlags` (node options before the script, e.g.
-// V8 heap flags) and `env` (added to the gateway row's), both optional; add a variant as one line, e.g.
+// V8 flags), `env` (added to the gateway row's) and `node` ('image': the Node of the Dockerfile's NODE_IMAGE,
+// bench/lib/node-image.mjs; otherwise the Node running the bench), all optional; add a variant as one line, e.g.
 //   { name: 'warmup-5s', env: { WARMUP: '5s' }, default: false },
-// The title (flags and env) is derived from them.
+// The title (Node, flags and env) is derived from them.
 export const COLD_START_VARIANTS = [
-  { name: 'default', nodeFlags: [], env: {}, default: true },
-  { name: 'warmup', nodeFlags: [], env: { WARMUP: '2s' }, default: false },
-  { name: 'semi-space-64', nodeFlags: ['--max-semi-space-size=64'], env: {}, default: true },
-  { name: 'semi-space-32', nodeFlags: ['--max-semi-space-size=32'], env: {}, default: true }
-].map((v) => ({ nodeFlags: [], env: {}, ...v })).map((v) => ({ ...v, title: coldStartTitle(v) }))
+  { name: 'default', default: true },
+  { name: 'image-node', node: 'image', default: true },
+  { name: 'warmup', env: { WARMUP: '2s' }, default: false },
+  { name: 'image-node-warmup', node: 'image', env: { WARMUP: '2s' }, default: false },
+  { name: 'image-node-sparkplug', node: 'image', nodeFlags: ['--always-sparkplug'], default: false },
+  { name: 'image-node-tier-early', node: 'image', nodeFlags: ['--invocation-count-for-maglev=100', '--invocation-count-for-turbofan=1000'], default: false },
+  { name: 'image-node-min-semi-16', node: 'image', nodeFlags: ['--min-semi-space-size=16'], default: false },
+  { name: 'semi-space-64', nodeFlags: ['--max-semi-space-size=64'], default: true },
+  { name: 'semi-space-32', nodeFlags: ['--max-semi-space-size=32'], default: false }
+].map((v) => ({ nodeFlags: [], env: {}, node: 'bench', ...v })).map((v) => ({ ...v, title: coldStartTitle(v) }))
 
-function coldStartTitle ({ nodeFlags, env }) {
+function coldStartTitle ({ nodeFlags, env, node }) {
   const envText = Object.entries(env).map(([k, v]) => `${k}=${v}`).join(' ')
-  return `\`${envText ? envText + ' ' : ''}node ${nodeFlags.length ? nodeFlags.join(' ') + ' ' : ''}dist/server.js\`, settings of the \`gateway\` row`
+  const runtime = node === 'image' ? ' on the Node of the Dockerfile\'s NODE_IMAGE' : ''
+  return `\`${envText ? envText + ' ' : ''}node ${nodeFlags.length ? nodeFlags.join(' ') + ' ' : ''}dist/server.js\`${runtime}, settings of the \`gateway\` row`
 }
 
 /** A fresh gateway of a cold-start variant, started as the `gateway` row is, plus the variant's node flags and env. */
 export function startColdStartGateway (ctx, variant, name) {
-  return startGateway(ctx, name, { ...GATEWAY_ENV, ...variant.env }, { execArgv: variant.nodeFlags })
+  return startGateway(ctx, name, { ...GATEWAY_ENV, ...variant.env }, { execArgv: variant.nodeFlags, node: variant.execPath })
 }
 
 // WebSocket echo rows (BENCH_WS_SUBJECTS). `start` returns { url (http base), pid, child?, others }.
@@ -217,10 +224,10 @@ function memArgv () { return ['--expose-gc', '--import', pathToFileURL(MEM_PROBE
 /** --cpu-prof arguments when BENCH_PROFILE names a folder (the profile is written when the process exits). */
 function profileArgv (name) { return profileArgvIn(S.profileDir, name) }
 
-async function startGateway (ctx, name, extraEnv, { upstream = ctx.app.url, execArgv = [] } = {}) {
+async function startGateway (ctx, name, extraEnv, { upstream = ctx.app.url, execArgv = [], node } = {}) {
   execArgv = [...execArgv, ...profileArgv(name)]
   const [port, adminPort] = await freePorts(2)
-  const child = spawnNode(name, GATEWAY_ENTRY, { cwd: ROOT, execArgv, env: { ...gatewayEnv(ctx, { port, adminPort }, upstream), ...extraEnv }, pin: ctx.pin })
+  const child = spawnNode(name, GATEWAY_ENTRY, { cwd: ROOT, execArgv, node, env: { ...gatewayEnv(ctx, { port, adminPort }, upstream), ...extraEnv }, pin: ctx.pin })
   const adminUrl = `http://127.0.0.1:${adminPort}`
   // /readyz is 200 once the JWKS is loaded (and, with REDIS_URL, Redis answers PING).
   await waitHttpOk(child, `${adminUrl}/readyz`)
