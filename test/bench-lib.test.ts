@@ -34,6 +34,7 @@ type Curve = Array<number | undefined>
 interface Sample { t: number, cpu: number, responses: number }
 const curve = await import(curveModule) as {
   steadyRate: (buckets: number[]) => number | undefined
+  steadyStart: (seconds: number) => number
   fractions: (buckets: number[], steady: number | undefined) => Curve
   sustainedFrom: (fracs: Curve, o?: { threshold?: number, hold?: number }) => number | undefined
   meanOver: (fracs: Curve, from: number, to: number) => number | undefined
@@ -151,6 +152,7 @@ t.test('cold-start curve: steady rate, fractions, time to 90% that stays', async
   t.equal(curve.steadyRate(buckets), 100, 'median of the last third (4 of 12 buckets)')
   t.equal(curve.steadyRate([5, 7]), 7, 'at least one bucket')
   t.equal(curve.steadyRate([]), undefined)
+  t.same([curve.steadyStart(12), curve.steadyStart(60), curve.steadyStart(2)], [8, 40, 1], 'the window the CPU figures use: the same last third')
   const f = curve.fractions(buckets, 100)
   t.same(f.slice(0, 3), [0.1, 0.4, 0.95])
   t.same(curve.fractions([1, 2], 0), [undefined, undefined], 'no steady rate: no fractions')

@@ -3,11 +3,15 @@
 // test/bench-lib.test.ts checks them.
 import { median } from './format.mjs'
 
-/** The steady rate: the median of the last third of the buckets (at least one). */
+/** Where the steady window of a run of `seconds` buckets starts (0-based): its last third, at least one bucket. */
+export function steadyStart (seconds) {
+  return seconds - Math.max(1, Math.floor(seconds / 3))
+}
+
+/** The steady rate: the median of the buckets of the steady window. */
 export function steadyRate (buckets) {
   if (buckets.length === 0) return undefined
-  const n = Math.max(1, Math.floor(buckets.length / 3))
-  return median(buckets.slice(buckets.length - n))
+  return median(buckets.slice(steadyStart(buckets.length)))
 }
 
 /** Each bucket as a fraction of `steady` (undefined when there is no steady rate). */

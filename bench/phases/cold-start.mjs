@@ -3,7 +3,7 @@
 // plus the variant's node flags / env), /readyz 200, then at once the HTTP
 // part's closed-loop load for BENCH_COLD_START_SECONDS, counted per second.
 import { busySeconds, cpuSeconds, stopChild } from '../lib/children.mjs'
-import { curveSeconds, fractions, meanOver, medianCurve, ratePerUnit, steadyRate, sustainedFrom } from '../lib/curve.mjs'
+import { curveSeconds, fractions, meanOver, medianCurve, ratePerUnit, steadyRate, steadyStart, sustainedFrom } from '../lib/curve.mjs'
 import { fmt, median } from '../lib/format.mjs'
 import { runLoad } from '../lib/load.mjs'
 import { logSummary, sleep } from '../lib/probes.mjs'
@@ -77,7 +77,7 @@ async function coldRun (ctx, subject, v, tokens, watch) {
   const buckets = Array.from({ length: period }, (_x, i) => live.buckets[i] ?? 0)
   const steady = steadyRate(buckets)
   const fracs = fractions(buckets, steady)
-  const steadyFrom = period - Math.max(1, Math.floor(period / 3))
+  const steadyFrom = steadyStart(period) // the window steadyRate took its median over
   const first = Math.min(FIRST, period)
   const pct = (from, to, key) => ratePerUnit(samples, from, to, key, 't', 100)
   // Other users' share of the subject core (busy minus the gateway and the app) and of the load generator's (busy minus this process).

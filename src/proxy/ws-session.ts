@@ -266,7 +266,7 @@ export class WsSession implements ClientFrameSink<Mark> {
     if (this.held.length === 0) this.clientCloseSent()
   }
 
-  /** The client's close frame went to the app; a client that also ended its stream has the app's stream ended too. */
+  /** The client's close frame went to the app: the session has ended, and closeApp() writes no second close frame. */
   private clientCloseSent (): void {
     this.end('client_closed')
     this.clientCloseDone = true
