@@ -15,8 +15,9 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import t, { type Test } from 'tap'
 import WebSocket, { WebSocketServer } from 'ws'
 import { randomSub } from './helpers/issuer.js'
-import { getAs, startBackends, startGateway, untilReady, type Answer, type TestGateway } from './helpers/gateway.js'
+import { getAs, readyz, startBackends, startGateway, untilReady, type Answer, type TestGateway } from './helpers/gateway.js'
 import { scanKeys, sharedRedis } from './helpers/redis.js'
+import { tcpProxy, type TcpProxy } from './helpers/tcp-proxy.js'
 import { connect, echo, refusal, type Closed } from './helpers/ws-client.js'
 import { audits, claims, metric, pingPong, until, within } from './helpers/wait.js'
 
@@ -262,4 +263,56 @@ t.test('a revocation that lands while the upgrade waits for the app still ends t
     }
   }
   ws.terminate()
+})
+
+// --- a replica's link to Redis ----------------------------------------------------------------------------------------
+
+/** Replica A on the shared Redis, replica B on it through a TCP proxy (same prefix). */
+async function proxiedPair (tt: Test): Promise<{ a: TestGateway, b: TestGateway, proxy: TcpProxy }> {
+  const prefix = freshPrefix()
+  const url = new URL(redis)
+  const proxy = await tcpProxy(tt, { host: url.hostname, port: Number(url.port) })
+  const a = await gateway(tt, prefix)
+  url.port = String(proxy.port)
+  const b = await gateway(tt, prefix, { REDIS_URL: url.toString() })
+  return { a, b, proxy }
+}
+
+t.test('the admin API answers once every replica has the revocation, even one whose Redis replies come 300 ms late', async (t) => {
+  const { a, b, proxy } = await proxiedPair(t)
+  const sub = randomSub('slowlink')
+  const old = await issuer.token({ sub })
+  t.equal((await getAs(b, old)).status, 200, 'valid on B before')
+
+  proxy.replyDelayMs = 300
+  const started = Date.now()
+  t.equal((await revoke(a, { sub })).status, 201)
+  const took = Date.now() - started
+  // B's check comes before its rate-limit call (which waits on the slow link): 200 here means B did not know yet.
+  const onB = await getAs(b, old)
+  t.equal(onB.status, 401, `B refuses the token once A has answered (A answered after ${took} ms)`)
+  t.ok(took >= 300, `A's answer waited for B, whose copy of the announcement came 300 ms late (${took} ms)`)
+  t.match(audits(b, { event: 'auth_failure', reason: 'revoked', transport: 'http', sub }), [{ status: 401 }], 'audited on B')
+})
+
+t.test('a replica that cannot hear the revocation channel is not ready, and has caught up once it is ready again', async (t) => {
+  const { a, b, proxy } = await proxiedPair(t)
+  const sub = randomSub('deaf')
+  const old = await issuer.token({ sub })
+  t.equal((await getAs(b, old)).status, 200, 'valid on B before')
+
+  // B's subscriber connection (the one that sent SUBSCRIBE) is cut and cannot reconnect; its other connection stays.
+  proxy.hold()
+  t.equal(proxy.cut(/subscribe/i), 1, 'B\'s subscriber connection cut')
+  await until(async () => (await readyz(b)).status === 503, 3000, 'B not ready')
+  const r = await readyz(b)
+  t.match(r.body.checks.revocations, { ok: false, detail: /revocation channel/ }, 'the revocations check says why')
+  t.match(r.body.checks.redis, { ok: true }, 'while Redis itself answers')
+
+  t.equal((await revoke(a, { sub })).status, 201, 'revoked on A meanwhile')
+  t.equal((await getAs(a, old)).status, 401, 'A refuses it')
+
+  proxy.release()
+  await untilReady(b, 10_000, 'B ready again')
+  t.equal((await getAs(b, old)).status, 401, 'B refuses the token revoked while it could not hear')
 })

@@ -9,12 +9,26 @@
  *
  * Each replica keeps the active revocations in memory, so the per-request
  * check is a Map lookup. It loads them at start, applies pub/sub messages as
- * they come, and rescans every RESYNC_MS (and after every reconnect) in case
- * a message was missed. Without Redis revocations apply to this process only.
+ * they come, and rescans every RESYNC_MS (and after every reconnect, once it
+ * is subscribed again) in case a message was missed. Without Redis
+ * revocations apply to this process only.
+ *
+ * "At once" across replicas: a pub/sub message reaches the other replicas
+ * some time after Redis has answered the publisher (a busy machine can
+ * deschedule Redis, or a replica, between the two). So every replica that
+ * applies an announced revocation confirms it on a second channel, and
+ * revoke() resolves only once as many confirmations have come as PUBLISH
+ * counted receivers, or after ACK_TIMEOUT_MS. The admin API and the
+ * back-channel logout endpoint answer after that: when they say a token is
+ * revoked, every replica listening refuses it. (With Redis Cluster PUBLISH
+ * counts only the receivers on the publisher's node, so the others are not
+ * waited for.)
  *
  * Readiness (check()): not ready until the first full load from Redis has
- * completed (retried every FIRST_LOAD_RETRY_MS until it has), so a replica
- * never takes traffic it would wrongly admit. One exception, by policy: with
+ * completed (retried every FIRST_LOAD_RETRY_MS until it has), nor while
+ * Redis answers but this replica is not subscribed to the channel (its
+ * subscriber connection reconnects on its own), so a replica never takes
+ * traffic it would wrongly admit. One exception, by policy: with
  * RATE_LIMIT_ON_STORE_ERROR=open and Redis unreachable the site keeps serving,
  * so the check passes with a detail saying the set is not loaded; it loads as
  * soon as Redis answers (the process is briefly not ready while it does).
@@ -23,6 +37,7 @@
  * (Redis answers `ERR value is not an integer` otherwise, and a JWT `exp` may
  * carry a fraction), and no revocation lives longer than MAX_REVOCATION_TTL_MS.
  */
+import { randomBytes } from 'node:crypto'
 import type { Cluster, Redis } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
 import type { CheckResult } from '../observability/health.js'
@@ -32,6 +47,8 @@ import type { Identity } from './identity.js'
 export const RESYNC_MS = 30_000
 /** Until the first load from Redis has succeeded, it is retried this often. */
 export const FIRST_LOAD_RETRY_MS = 1_000
+/** How long revoke() waits for the replicas that received the announcement to confirm they applied it. */
+export const ACK_TIMEOUT_MS = 1_000
 /** Revocations held in memory; beyond it the earliest-expiring are dropped (Redis still has them). */
 export const MAX_LOCAL_REVOCATIONS = 1_000_000
 /**
@@ -66,6 +83,9 @@ export interface RevokeOptions {
   localOnFailure?: boolean
 }
 
+/** What the channel carries: a revocation, and the id its receivers confirm it with (none from older versions). */
+type Announcement = Revocation & { id?: string }
+
 /** A revocation message from the pub/sub channel or Redis, checked field by field. */
 function isRevocation (r: Partial<Revocation>): r is Revocation {
   return REVOCATION_KINDS.includes(r.kind as RevocationKind) && typeof r.value === 'string' &&
@@ -98,6 +118,8 @@ export class Revocations {
   private readonly sids = new Map<string, number>()
   private readonly subs = new Map<string, { at: number, expiresAt: number }>()
   private readonly listeners: Array<(r: Revocation) => void> = []
+  /** Announcements of this replica waiting for confirmations, by id: called once per confirmation. */
+  private readonly pending = new Map<string, () => void>()
   private readonly redis: Redis | Cluster | undefined
   private subscriber: Redis | Cluster | undefined
   private maxExpSeen = 0
@@ -105,6 +127,11 @@ export class Revocations {
   private timer: NodeJS.Timeout | undefined
   private retry: NodeJS.Timeout | undefined
   private readonly channel: string
+  /** Where receivers confirm an announcement (its id). */
+  private readonly ackChannel: string
+  /** Counts the subscriber's connections ('ready' events); `listeningOn` is the one whose SUBSCRIBE succeeded. */
+  private connection = 0
+  private listeningOn = -1
   /** The first full load from Redis has completed (always true without Redis). */
   private loadedOnce: boolean
   private loadError: string | undefined
@@ -116,6 +143,7 @@ export class Revocations {
   constructor (private readonly opts: RevocationOptions) {
     this.redis = opts.redis
     this.channel = `${opts.keyPrefix}revocations`
+    this.ackChannel = `${opts.keyPrefix}revocations:acks`
     this.loadedOnce = this.redis === undefined
     this.redis?.on('reconnecting', () => { this.redisDown = true })
     this.redis?.on('ready', () => { this.redisDown = false })
@@ -131,8 +159,13 @@ export class Revocations {
    * anyway; the detail says the set is not loaded).
    */
   check (policy: 'open' | 'closed'): CheckResult {
-    if (this.loadedOnce) return { ok: true, detail: `${this.size} active` }
     const redis = this.redis
+    if (this.loadedOnce) {
+      if (redis !== undefined && redis.status === 'ready' && !this.listening) {
+        return { ok: false, detail: `${this.size} active; not subscribed to the revocation channel yet (its connection: ${this.subscriber?.status ?? 'none'})` }
+      }
+      return { ok: true, detail: `${this.size} active` }
+    }
     const why = this.loadError !== undefined ? `: ${this.loadError}` : ''
     if (redis !== undefined && redis.status !== 'ready' && this.redisDown) {
       return policy === 'open'
@@ -176,9 +209,16 @@ export class Revocations {
 
   onRevoked (listener: (r: Revocation) => void): void { this.listeners.push(listener) }
 
+  /** Whether this replica hears announcements: its subscriber connection is up and subscribed. */
+  private get listening (): boolean {
+    return this.subscriber?.status === 'ready' && this.listeningOn === this.connection
+  }
+
   /**
-   * Revokes and announces; resolves once stored (Redis) and applied locally.
-   * Rejects when Redis refuses (applied locally first with `localOnFailure`).
+   * Revokes and announces; resolves once stored (Redis), applied locally, and
+   * confirmed by every replica that received the announcement (at most
+   * ACK_TIMEOUT_MS). Rejects when Redis refuses (applied locally first with
+   * `localOnFailure`).
    */
   async revoke (kind: RevocationKind, value: string, opts: RevokeOptions = {}): Promise<Revocation> {
     const now = opts.now ?? Date.now()
@@ -190,13 +230,66 @@ export class Revocations {
       const shared = Number(await MAXEXP.run(this.redis, [this.maxExpKey()], [0, Math.ceil(now) + 1000, saneMaxExp(now)]))
       if (shared > this.maxExpSeen) r = this.sized(kind, value, at, now, shared, opts.cause)
       await this.redis.set(this.key(kind, value), String(r.at), 'PX', r.expiresAt - Math.ceil(now))
-      await this.redis.publish(this.channel, JSON.stringify(r))
+      await this.announce(r)
     } catch (err) {
       if (opts.localOnFailure === true) this.apply(r)
       throw err
     }
     this.apply(r)
     return r
+  }
+
+  /**
+   * Publishes `r` and waits until the receivers PUBLISH counted (this replica's own subscriber among them) have
+   * confirmed it, at most ACK_TIMEOUT_MS. Rejects only when PUBLISH fails.
+   */
+  private async announce (r: Revocation): Promise<void> {
+    const redis = this.redis as Redis | Cluster
+    const id = randomBytes(12).toString('hex')
+    let confirmed = 0
+    let receivers = Infinity
+    let done = (): void => {}
+    const all = new Promise<void>((resolve) => { done = resolve })
+    this.pending.set(id, () => { if (++confirmed >= receivers) done() })
+    const timer = setTimeout(() => done(), ACK_TIMEOUT_MS)
+    try {
+      receivers = await redis.publish(this.channel, JSON.stringify({ ...r, id } satisfies Announcement))
+      if (confirmed >= receivers) done()
+      await all
+    } finally {
+      clearTimeout(timer)
+      this.pending.delete(id)
+    }
+    if (confirmed < receivers) {
+      this.opts.log.warn({ component: 'revocation', receivers, confirmed }, `revocation confirmed by ${confirmed} of ${receivers} receivers within ${ACK_TIMEOUT_MS} ms: the others apply it when the message or their next rescan reaches them`)
+    }
+  }
+
+  /** A received announcement: applied, then confirmed to its publisher. */
+  private receive (message: string): void {
+    try {
+      const r = JSON.parse(message) as Partial<Announcement>
+      const id = r.id
+      if (!isRevocation(r)) return
+      this.apply(r)
+      if (typeof id === 'string' && id.length <= 64) this.redis?.publish(this.ackChannel, id).catch(() => {})
+    } catch {}
+  }
+
+  /** Subscribes the subscriber's connection number `connection` (retried until that connection is gone), then rescans. */
+  private async listen (connection: number): Promise<void> {
+    const sub = this.subscriber
+    if (sub === undefined || this.closed || connection !== this.connection) return
+    try {
+      await sub.subscribe(this.channel, this.ackChannel)
+    } catch (err) {
+      this.opts.log.warn({ component: 'revocation', err: { message: (err as Error).message } }, 'revocation channel not subscribed yet; retrying')
+      setTimeout(() => { this.listen(connection).catch(() => {}) }, FIRST_LOAD_RETRY_MS).unref()
+      return
+    }
+    if (connection === this.connection) this.listeningOn = connection
+    // After SUBSCRIBE, not before: whatever was announced while this replica could not hear is in Redis by now.
+    await this.resync()
   }
 
   private sized (kind: RevocationKind, value: string, at: number, now: number, maxExp: number, cause: 'logout' | undefined): Revocation {
@@ -213,20 +306,21 @@ export class Revocations {
     this.subscriber = sub
     sub.on('error', () => {}) // the main client logs Redis outages
     sub.on('message', (channel: string, message: string) => {
-      if (channel !== this.channel) return
-      try {
-        const r = JSON.parse(message) as Partial<Revocation>
-        if (isRevocation(r)) this.apply(r)
-      } catch {}
+      if (channel === this.channel) this.receive(message)
+      else if (channel === this.ackChannel) this.pending.get(message)?.()
     })
-    sub.on('ready', () => { this.resync().catch(() => {}) })
-    // The main client may become ready after the subscriber (resync needs it): load then too.
-    redis.on('ready', () => { this.resync().catch(() => {}) })
+    // Every (re)connection subscribes anew and then rescans; readiness waits for it.
+    sub.on('ready', () => { this.listen(++this.connection).catch(() => {}) })
+    redis.on('ready', () => {
+      // The main client may become ready after the subscriber (resync needs it): load then too.
+      this.resync().catch(() => {})
+      // Redis is back: the subscriber need not wait out its own reconnect delay.
+      if (sub.status === 'reconnecting') sub.connect().catch(() => {})
+    })
     try {
       await sub.connect()
-      await sub.subscribe(this.channel)
     } catch (err) {
-      this.opts.log.warn({ component: 'revocation', err: { message: (err as Error).message } }, 'revocation channel not subscribed yet; will retry')
+      this.opts.log.warn({ component: 'revocation', err: { message: (err as Error).message } }, 'revocation channel not connected yet; will retry')
     }
     this.timer = setInterval(() => { this.resync().catch(() => {}) }, RESYNC_MS)
     this.timer.unref()

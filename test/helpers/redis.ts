@@ -63,7 +63,7 @@ export async function startRedisServer (port?: number, extraArgs: string[] = [])
   }
 }
 
-interface Teardown { teardown (fn: () => unknown): void }
+export interface Teardown { teardown (fn: () => unknown): void }
 
 /** A private redis-server (startRedisServer), the only kind a test may stop, freeze or kill; killed when `t` ends. */
 export async function ownRedis (t: Teardown, port?: number, extraArgs: string[] = []): Promise<RedisServer> {
