@@ -6,7 +6,11 @@
 //     revocation works;
 //   - revoking a `jti` closes only that token's connections; another token of the same user keeps working;
 //   - a replica started later loads the revocations from Redis;
-//   - a revocation that lands while an upgrade is waiting for the app still ends that connection.
+//   - a revocation that lands while an upgrade is waiting for the app still ends that connection;
+//   - "at once" holds against a slow link: the admin API answers only after every replica that received the
+//     announcement confirmed it (B behind a TCP proxy that delays Redis's replies by 300 ms);
+//   - a replica whose subscriber connection is cut (Redis still answering) is not ready, and has every revocation made
+//     meanwhile once it is ready again.
 // One RATE_LIMIT_KEY_PREFIX per gateway group on the shared Redis; only those keys are deleted.
 import { randomUUID } from 'node:crypto'
 import http, { type IncomingMessage } from 'node:http'
