@@ -216,6 +216,7 @@ function createShared (app: FastifyInstance, config: Config, metrics: Metrics, e
   })
   const revocations = new Revocations({
     redis,
+    announced: (result) => metrics.announcements.labels(result).inc(),
     keyPrefix: config.rateLimit.keyPrefix,
     minTtlMs: config.auth.revocationMinTtlMs,
     clockToleranceSec: config.auth.clockToleranceSec,

@@ -50,7 +50,8 @@ async function revoke (g: TestGateway, body: unknown, opts: { auth?: string | nu
 const M = {
   revokedCloses: 'resonance_ws_closes_total{reason="revoked"}',
   revokedWs: 'resonance_auth_failures_total{reason="revoked",transport="ws"}',
-  revokedHttp: 'resonance_auth_failures_total{reason="revoked",transport="http"}'
+  revokedHttp: 'resonance_auth_failures_total{reason="revoked",transport="http"}',
+  announced: (result: string) => `resonance_revocation_announcements_total{result="${result}"}`
 }
 
 // --- the admin API ---------------------------------------------------------------------------------------------------
@@ -297,6 +298,32 @@ t.test('the admin API answers once every replica has the revocation, even one wh
   t.equal(onB.status, 401, `B refuses the token once A has answered (A answered after ${took} ms)`)
   t.ok(took >= 300, `A's answer waited for B, whose copy of the announcement came 300 ms late (${took} ms)`)
   t.match(audits(b, { event: 'auth_failure', reason: 'revoked', transport: 'http', sub }), [{ status: 401 }], 'audited on B')
+  t.equal(await metric(a, M.announced('confirmed')), 1, 'A counts the announcement confirmed')
+  t.equal(await metric(a, M.announced('unconfirmed')), 0)
+})
+
+t.test('a receiver that never confirms (an older replica) holds the answer back 1 s at most: counted unconfirmed, logged', async (t) => {
+  const prefix = freshPrefix()
+  const a = await gateway(t, prefix)
+  const mute = rc.duplicate()
+  t.teardown(() => mute.disconnect())
+  const heard: string[] = []
+  mute.on('message', (_channel: string, message: string) => heard.push(message))
+  await mute.subscribe(`${prefix}revocations`)
+  const sub = randomSub('mute')
+  const old = await issuer.token({ sub })
+
+  const started = Date.now()
+  t.equal((await revoke(a, { sub })).status, 201, 'revoked all the same')
+  const took = Date.now() - started
+  t.ok(took >= 1000 && took < 3000, `answered after the 1 s wait (${took} ms)`)
+  t.match(JSON.parse(heard[0] ?? '{}'), { kind: 'sub', value: sub, at: Number, expiresAt: Number, id: /^[0-9a-f]{24}$/ }, 'the announcement on the wire: the revocation and its id')
+  t.equal(await metric(a, M.announced('unconfirmed')), 1, 'resonance_revocation_announcements_total{result="unconfirmed"}')
+  t.equal(await metric(a, M.announced('confirmed')), 0)
+  const warnings = a.logs().filter((l) => l.component === 'revocation' && l.level === 40)
+  t.equal(warnings.length, 1, 'one warning')
+  t.match(warnings[0], { msg: /confirmed by 1 of 2 receivers within 1000 ms/, receivers: 2, confirmed: 1 })
+  t.equal((await getAs(a, old)).status, 401, 'and in force on A')
 })
 
 t.test('a replica that cannot hear the revocation channel is not ready, and has caught up once it is ready again', async (t) => {

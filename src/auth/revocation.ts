@@ -41,6 +41,7 @@ import { randomBytes } from 'node:crypto'
 import type { Cluster, Redis } from 'ioredis'
 import type { FastifyBaseLogger } from 'fastify'
 import type { CheckResult } from '../observability/health.js'
+import type { AnnouncementResult } from '../observability/metrics.js'
 import { RedisScript } from '../redis-script.js'
 import type { Identity } from './identity.js'
 
@@ -107,6 +108,8 @@ return cur
 
 export interface RevocationOptions {
   redis: Redis | Cluster | undefined
+  /** Counts what came of each announcement (resonance_revocation_announcements_total). */
+  announced?: (result: AnnouncementResult) => void
   keyPrefix: string
   minTtlMs: number
   clockToleranceSec: number
@@ -256,10 +259,14 @@ export class Revocations {
       receivers = await redis.publish(this.channel, JSON.stringify({ ...r, id } satisfies Announcement))
       if (confirmed >= receivers) done()
       await all
+    } catch (err) {
+      this.opts.announced?.('failed')
+      throw err
     } finally {
       clearTimeout(timer)
       this.pending.delete(id)
     }
+    this.opts.announced?.(confirmed < receivers ? 'unconfirmed' : 'confirmed')
     if (confirmed < receivers) {
       this.opts.log.warn({ component: 'revocation', receivers, confirmed }, `revocation confirmed by ${confirmed} of ${receivers} receivers within ${ACK_TIMEOUT_MS} ms: the others apply it when the message or their next rescan reaches them`)
     }

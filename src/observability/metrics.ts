@@ -338,7 +338,14 @@ class StatusHistogram {
   }
 }
 
-/** Back-channel logouts received from the issuer (auth/logout.ts). */
+/**
+ * What came of this replica's revocation announcements (auth/revocation.ts): `confirmed` by every receiver Redis
+ * counted, `unconfirmed` (some did not confirm within the wait), `failed` (PUBLISH failed).
+ */
+export const ANNOUNCEMENT_RESULTS = ['confirmed', 'unconfirmed', 'failed'] as const
+export type AnnouncementResult = typeof ANNOUNCEMENT_RESULTS[number]
+
+/** Back-channel logouts received from the issuer (auth/logout.ts), and revocation announcements (auth/revocation.ts). */
 function logoutMetrics (registry: Registry) {
   const logouts = new Counter({
     name: 'resonance_backchannel_logouts_total',
@@ -347,5 +354,12 @@ function logoutMetrics (registry: Registry) {
     registers: [registry]
   })
   for (const r of LOGOUT_RESULTS) logouts.labels(r).inc(0)
-  return { logouts }
+  const announcements = new Counter({
+    name: 'resonance_revocation_announcements_total',
+    help: 'Revocations this replica announced to the others, by result: confirmed by every receiver, unconfirmed (some did not confirm within 1 s), failed (not published).',
+    labelNames: ['result'] as const,
+    registers: [registry]
+  })
+  for (const r of ANNOUNCEMENT_RESULTS) announcements.labels(r).inc(0)
+  return { logouts, announcements }
 }
