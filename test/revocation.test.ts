@@ -343,6 +343,8 @@ t.test('a replica that cannot hear the revocation channel is not ready, and has 
   t.equal((await revoke(a, { sub })).status, 201, 'revoked on A meanwhile')
   t.equal((await getAs(a, old)).status, 401, 'A refuses it')
 
+  // Slow replies from here on: the rescan after SUBSCRIBE takes a while, and B must not be ready before it is done.
+  proxy.replyDelayMs = 150
   proxy.release()
   await untilReady(b, 10_000, 'B ready again')
   t.equal((await getAs(b, old)).status, 401, 'B refuses the token revoked while it could not hear')

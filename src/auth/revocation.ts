@@ -283,20 +283,25 @@ export class Revocations {
     } catch {}
   }
 
-  /** Subscribes the subscriber's connection number `connection` (retried until that connection is gone), then rescans. */
+  /**
+   * Subscribes the subscriber's connection number `connection`, then rescans; only then does it count as listening
+   * (readiness). Retried every FIRST_LOAD_RETRY_MS until it succeeds or that connection is gone.
+   */
   private async listen (connection: number): Promise<void> {
     const sub = this.subscriber
     if (sub === undefined || this.closed || connection !== this.connection) return
     try {
       await sub.subscribe(this.channel, this.ackChannel)
+      // A rescan that starts after SUBSCRIBE, not one already running: whatever was announced while this replica could
+      // not hear is in Redis by now (the revoker stores before it publishes).
+      await this.resyncing?.catch(() => {})
+      await this.resync()
     } catch (err) {
-      this.opts.log.warn({ component: 'revocation', err: { message: (err as Error).message } }, 'revocation channel not subscribed yet; retrying')
+      this.opts.log.warn({ component: 'revocation', err: { message: (err as Error).message } }, 'revocation channel not subscribed and rescanned yet; retrying')
       setTimeout(() => { this.listen(connection).catch(() => {}) }, FIRST_LOAD_RETRY_MS).unref()
       return
     }
     if (connection === this.connection) this.listeningOn = connection
-    // After SUBSCRIBE, not before: whatever was announced while this replica could not hear is in Redis by now.
-    await this.resync()
   }
 
   private sized (kind: RevocationKind, value: string, at: number, now: number, maxExp: number, cause: 'logout' | undefined): Revocation {
