@@ -190,12 +190,8 @@ function denialMetrics (registry: Registry) {
 
 /** The issuer's key set: fetches, keys known, last success. */
 function jwksMetrics (registry: Registry) {
-  const jwksFetches = new Counter({
-    name: 'resonance_jwks_fetches_total',
-    help: 'JWKS (and discovery) fetches from the issuer, by result.',
-    labelNames: ['result'] as const,
-    registers: [registry]
-  })
+  const jwksFetches = closedSetCounter(registry, 'resonance_jwks_fetches_total',
+    'JWKS (and discovery) fetches from the issuer, by result.', 'result', JWKS_FETCH_RESULTS)
   const jwksKeys = new Gauge({
     name: 'resonance_jwks_keys',
     help: 'Signing keys currently known from the issuer JWKS.',
@@ -206,7 +202,6 @@ function jwksMetrics (registry: Registry) {
     help: 'Unix time of the last successful JWKS fetch.',
     registers: [registry]
   })
-  for (const r of JWKS_FETCH_RESULTS) jwksFetches.labels(r).inc(0)
   return { jwksFetches, jwksKeys, jwksLastSuccess }
 }
 
@@ -240,25 +235,17 @@ function wsMetrics (registry: Registry) {
     registers: [registry],
     collect () { for (const d of WS_DIRECTIONS) this.labels(d).inc(wsMessagesBy[d].take()) }
   })
-  const wsCloses = new Counter({
-    name: 'resonance_ws_closes_total',
-    help: 'Proxied WebSocket connections that ended, by reason.',
-    labelNames: ['reason'] as const,
-    registers: [registry]
-  })
+  const wsCloses = closedSetCounter(registry, 'resonance_ws_closes_total',
+    'Proxied WebSocket connections that ended, by reason.', 'reason', WS_CLOSE_REASONS)
   for (const d of WS_DIRECTIONS) wsMessages.labels(d).inc(0)
-  for (const r of WS_CLOSE_REASONS) wsCloses.labels(r).inc(0)
   return { wsConnections, wsMessages: wsMessagesBy, wsCloses }
 }
 
 /** The public listener's connections: refused at once, open now. */
 function connectionMetrics (registry: Registry) {
-  const connectionsRefused = new Counter({
-    name: 'resonance_connections_refused_total',
-    help: 'Client connections closed at once by the public listener: over MAX_CONNECTIONS (global) or over MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP (per_ip).',
-    labelNames: ['reason'] as const,
-    registers: [registry]
-  })
+  const connectionsRefused = closedSetCounter(registry, 'resonance_connections_refused_total',
+    'Client connections closed at once by the public listener: over MAX_CONNECTIONS (global) or over MAX_UNAUTHENTICATED_CONNECTIONS_PER_IP (per_ip).',
+    'reason', CONNECTION_REFUSAL_REASONS)
   // Read from the listener's own count at scrape time (connections.ts sets the source).
   let openConnections: () => number = () => 0
   const connectionsOpen = new Gauge({
@@ -267,7 +254,6 @@ function connectionMetrics (registry: Registry) {
     registers: [registry],
     collect () { this.set(openConnections()) }
   })
-  for (const r of CONNECTION_REFUSAL_REASONS) connectionsRefused.labels(r).inc(0)
   return {
     connectionsRefused,
     connectionsOpen,
@@ -347,19 +333,17 @@ export type AnnouncementResult = typeof ANNOUNCEMENT_RESULTS[number]
 
 /** Back-channel logouts received from the issuer (auth/logout.ts), and revocation announcements (auth/revocation.ts). */
 function logoutMetrics (registry: Registry) {
-  const logouts = new Counter({
-    name: 'resonance_backchannel_logouts_total',
-    help: 'Back-channel logout requests from the issuer, by result (accepted, or why the logout token was refused).',
-    labelNames: ['result'] as const,
-    registers: [registry]
-  })
-  for (const r of LOGOUT_RESULTS) logouts.labels(r).inc(0)
-  const announcements = new Counter({
-    name: 'resonance_revocation_announcements_total',
-    help: 'Revocations this replica announced to the others, by result: confirmed by every receiver, unconfirmed (some did not confirm within 1 s), failed (not published).',
-    labelNames: ['result'] as const,
-    registers: [registry]
-  })
-  for (const r of ANNOUNCEMENT_RESULTS) announcements.labels(r).inc(0)
+  const logouts = closedSetCounter(registry, 'resonance_backchannel_logouts_total',
+    'Back-channel logout requests from the issuer, by result (accepted, or why the logout token was refused).', 'result', LOGOUT_RESULTS)
+  const announcements = closedSetCounter(registry, 'resonance_revocation_announcements_total',
+    'Revocations this replica announced to the others, by result: confirmed by every receiver, unconfirmed (some did not confirm within 1 s), failed (not published).',
+    'result', ANNOUNCEMENT_RESULTS)
   return { logouts, announcements }
+}
+
+/** A counter over one label whose values are a closed set: every series exists from the start, at 0. */
+function closedSetCounter<L extends string> (registry: Registry, name: string, help: string, label: L, values: readonly string[]): Counter<L> {
+  const counter = new Counter({ name, help, labelNames: [label] as const, registers: [registry] })
+  for (const v of values) counter.labels(v).inc(0)
+  return counter
 }
