@@ -219,4 +219,14 @@ t.test('the image\'s Node for the cold-start rows: the version the Dockerfile na
   t.same(nodeImage.imageNode(file('c', `ARG NODE_IMAGE=node:${own}-bookworm-slim\n`)), { version: own, path: process.execPath },
     'this process\'s Node when it is the image\'s: nothing installed')
   t.throws(() => nodeImage.imageNode(file('d', 'FROM node:24\n')), /no ARG NODE_IMAGE=node:<x\.y\.z>/)
+  // npm install into a prefix it cannot create hangs without a word; the bench must fail instead.
+  const tmp = process.env.TMPDIR
+  process.env.TMPDIR = '/proc/no-such-dir'
+  try {
+    t.throws(() => nodeImage.imageNode(file('e', 'ARG NODE_IMAGE=node:0.0.1-bookworm-slim\n')), /cannot create \/proc\/no-such-dir\/bench-node-.*0\.0\.1 for Node 0\.0\.1 \(TMPDIR\)/,
+      'an unusable TMPDIR: an error naming it, not a hang')
+  } finally {
+    if (tmp === undefined) delete process.env.TMPDIR
+    else process.env.TMPDIR = tmp
+  }
 })

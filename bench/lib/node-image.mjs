@@ -6,9 +6,12 @@
 // (bin/node, no install script); one copy is kept per version in the
 // temporary directory.
 import { execFileSync } from 'node:child_process'
-import { existsSync, readFileSync } from 'node:fs'
+import { existsSync, mkdirSync, readFileSync } from 'node:fs'
 import os from 'node:os'
 import path from 'node:path'
+
+/** The registry download is ~30 MB; a stalled npm must not hang the whole bench. */
+const INSTALL_TIMEOUT_MS = 300_000
 
 /** The x.y.z of `ARG NODE_IMAGE=node:x.y.z-...` in `dockerfile`, or undefined. */
 export function imageNodeVersion (dockerfile) {
@@ -28,10 +31,19 @@ export function imageNode (dockerfile) {
   const dir = path.join(os.tmpdir(), `bench-${pkg}-${version}`)
   const bin = path.join(dir, 'node_modules', pkg, 'bin', 'node')
   if (!existsSync(bin)) {
+    // Where the temporary directory is unusable (e.g. TMPDIR=/proc/nope), npm 11 hangs without a word when it cannot
+    // create its --prefix, and so does Node 20's own mkdirSync(…, { recursive: true }): a plain mkdir fails at once.
     try {
-      execFileSync('npm', ['install', '--prefix', dir, '--no-save', '--no-package-lock', '--no-audit', '--no-fund', '--loglevel=error', `${pkg}@${version}`], { stdio: ['ignore', 'ignore', 'pipe'] })
+      mkdirSync(dir)
     } catch (err) {
-      throw new Error(`could not install Node ${version} (${pkg}@${version}) from the npm registry: ${String(err.stderr ?? err.message).trim()}`)
+      if (err.code !== 'EEXIST') throw new Error(`cannot create ${dir} for Node ${version} (TMPDIR): ${err.message}`)
+    }
+    try {
+      execFileSync('npm', ['install', '--prefix', dir, '--no-save', '--no-package-lock', '--no-audit', '--no-fund', '--loglevel=error', `${pkg}@${version}`],
+        { stdio: ['ignore', 'ignore', 'pipe'], timeout: INSTALL_TIMEOUT_MS })
+    } catch (err) {
+      const why = err.code === 'ETIMEDOUT' ? `no answer within ${INSTALL_TIMEOUT_MS / 1000} s` : String(err.stderr ?? err.message).trim()
+      throw new Error(`could not install Node ${version} (${pkg}@${version}) from the npm registry: ${why}`)
     }
   }
   const got = execFileSync(bin, ['--version'], { encoding: 'utf8' }).trim()
