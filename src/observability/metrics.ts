@@ -161,18 +161,10 @@ function denialMetrics (registry: Registry) {
     labelNames: ['reason', 'transport'] as const,
     registers: [registry]
   })
-  const forbidden = new Counter({
-    name: 'resonance_forbidden_total',
-    help: 'Authenticated requests refused with 403 because the caller lacks a required role.',
-    labelNames: ['transport'] as const,
-    registers: [registry]
-  })
-  const rateLimited = new Counter({
-    name: 'resonance_rate_limit_triggered_total',
-    help: 'Requests, upgrades and WebSocket messages refused by a rate limit.',
-    labelNames: ['transport'] as const,
-    registers: [registry]
-  })
+  const forbidden = closedSetCounter(registry, 'resonance_forbidden_total',
+    'Authenticated requests refused with 403 because the caller lacks a required role.', 'transport', TRANSPORTS)
+  const rateLimited = closedSetCounter(registry, 'resonance_rate_limit_triggered_total',
+    'Requests, upgrades and WebSocket messages refused by a rate limit.', 'transport', TRANSPORTS)
   const upstreamErrors = new Counter({
     name: 'resonance_upstream_errors_total',
     help: 'Failures talking to the app: connect (502), timeout (504), reset and other (502).',
@@ -181,8 +173,6 @@ function denialMetrics (registry: Registry) {
   })
   for (const t of TRANSPORTS) {
     for (const r of AUTH_FAILURE_REASONS) authFailures.labels(r, t).inc(0)
-    forbidden.labels(t).inc(0)
-    rateLimited.labels(t).inc(0)
     for (const k of UPSTREAM_ERROR_KINDS) upstreamErrors.labels(k, t).inc(0)
   }
   return { authFailures, forbidden, rateLimited, upstreamErrors }

@@ -25,6 +25,12 @@ export async function tcpProxy (t: Teardown, target: { host: string, port: numbe
   const links = new Set<Link>()
   let held: Link[] | undefined
 
+  function drop (link: Link): void {
+    link.client.destroy()
+    link.server?.destroy()
+    links.delete(link)
+  }
+
   function join (link: Link): void {
     const server = connect(target.port, target.host)
     link.server = server
@@ -34,7 +40,7 @@ export async function tcpProxy (t: Teardown, target: { host: string, port: numbe
       if (proxy.replyDelayMs <= 0) { link.client.write(chunk); return }
       setTimeout(() => { if (!link.client.destroyed) link.client.write(chunk) }, proxy.replyDelayMs)
     })
-    const end = (): void => { link.client.destroy(); server.destroy(); links.delete(link) }
+    const end = (): void => drop(link)
     server.on('error', end).on('close', end)
     link.client.on('close', end)
   }
@@ -61,9 +67,7 @@ export async function tcpProxy (t: Teardown, target: { host: string, port: numbe
       let n = 0
       for (const link of links) {
         if (!sent.test(link.sent)) continue
-        link.client.destroy()
-        link.server?.destroy()
-        links.delete(link)
+        drop(link)
         n++
       }
       return n
@@ -75,7 +79,7 @@ export async function tcpProxy (t: Teardown, target: { host: string, port: numbe
       for (const link of waiting) if (!link.client.destroyed) join(link)
     },
     async close () {
-      for (const link of links) { link.client.destroy(); link.server?.destroy() }
+      for (const link of links) drop(link)
       await new Promise<void>((resolve) => listener.close(() => resolve()))
     }
   }
